@@ -1,0 +1,330 @@
+//! Commands that talk to a running gateway.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use engram_proto::tonic::transport::{Channel, Endpoint};
+use engram_proto::tonic::{Code, Status};
+use engram_proto::v1 as pb;
+use engram_proto::v1::memory_service_client::MemoryServiceClient;
+
+use crate::output;
+
+#[derive(Debug, clap::Args)]
+pub struct Connection {
+    /// Address of the gateway.
+    #[arg(
+        long,
+        env = "ENGRAM_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    addr: String,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up on a call after this long.
+    #[arg(long, default_value = "30s", value_parser = engram_core::config::parse_duration, global = true)]
+    timeout: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ScopeArgs {
+    /// User the memories belong to.
+    #[arg(long, short = 'u')]
+    user: String,
+    /// Agent within the user's scope (optional).
+    #[arg(long, default_value = "")]
+    agent: String,
+    /// Session within the user's scope (optional).
+    #[arg(long, default_value = "")]
+    session: String,
+}
+
+impl ScopeArgs {
+    fn scope(&self) -> pb::Scope {
+        pb::Scope {
+            user_id: self.user.clone(),
+            agent_id: self.agent.clone(),
+            session_id: self.session.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    Fact,
+    Message,
+    Document,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    Hybrid,
+    Semantic,
+    Keyword,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RememberArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// What kind of memory these are.
+    #[arg(long, value_enum, default_value = "fact")]
+    kind: KindArg,
+    /// Who said it (for messages).
+    #[arg(long, default_value = "")]
+    role: String,
+    /// A tag (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    /// Metadata as key=value (repeatable).
+    #[arg(long = "meta", value_parser = parse_key_value)]
+    metadata: Vec<(String, String)>,
+    /// Importance from 0 to 1.
+    #[arg(long)]
+    importance: Option<f32>,
+    /// Reply only once the memories are indexed.
+    #[arg(long)]
+    sync: bool,
+    /// The memories' texts, one memory each.
+    #[arg(required = true)]
+    texts: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RecallArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// How many memories to return (1..=100).
+    #[arg(long, short = 'k', default_value_t = 5)]
+    top_k: u32,
+    #[arg(long, value_enum, default_value = "hybrid")]
+    mode: ModeArg,
+    /// Down-weight older memories: one this old scores half (e.g. 7d).
+    #[arg(long, value_parser = engram_core::config::parse_duration)]
+    half_life: Option<Duration>,
+    /// Drop hits scoring below this.
+    #[arg(long)]
+    min_score: Option<f32>,
+    /// Say why each hit ranks where it does.
+    #[arg(long)]
+    explain: bool,
+    /// The question or text to find memories for.
+    query: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// Memories per page.
+    #[arg(long, default_value_t = 100)]
+    page_size: u32,
+    /// Continue from a previous page.
+    #[arg(long, default_value = "")]
+    page_token: String,
+    /// Follow page tokens to the end.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ForgetArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Forget every memory of the scope given by --user (and --agent, --session).
+    #[arg(long, requires = "user", conflicts_with = "ids")]
+    all: bool,
+    /// User whose scope --all forgets.
+    #[arg(long, short = 'u')]
+    user: Option<String>,
+    #[arg(long, default_value = "")]
+    agent: String,
+    #[arg(long, default_value = "")]
+    session: String,
+    /// Ids of the memories to forget.
+    #[arg(required_unless_present = "all")]
+    ids: Vec<String>,
+}
+
+fn parse_key_value(value: &str) -> Result<(String, String), String> {
+    value
+        .split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{value:?} is not key=value"))
+}
+
+/// A failed command: what to print, and the exit code.
+pub struct Failure(Status);
+
+impl From<Status> for Failure {
+    fn from(status: Status) -> Self {
+        Self(status)
+    }
+}
+
+pub async fn run(command: impl Future<Output = Result<(), Failure>>) -> ExitCode {
+    match command.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(status)) => {
+            let hint = match status.code() {
+                Code::Unavailable => " (is the cluster running? start it with `engram up`)",
+                _ => "",
+            };
+            eprintln!("error: {:?}: {}{hint}", status.code(), status.message());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn connect(connection: &Connection) -> Result<MemoryServiceClient<Channel>, Failure> {
+    let endpoint = Endpoint::from_shared(connection.addr.clone())
+        .map_err(|e| Status::invalid_argument(format!("--addr {:?}: {e}", connection.addr)))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(connection.timeout);
+    let channel = endpoint.connect().await.map_err(|e| {
+        Status::unavailable(format!(
+            "cannot reach the gateway at {}: {e}",
+            connection.addr
+        ))
+    })?;
+    Ok(MemoryServiceClient::new(channel))
+}
+
+pub async fn remember(args: RememberArgs) -> Result<(), Failure> {
+    let mut client = connect(&args.connection).await?;
+    let metadata: BTreeMap<String, String> = args.metadata.into_iter().collect();
+    let kind = match args.kind {
+        KindArg::Fact => pb::Kind::Fact,
+        KindArg::Message => pb::Kind::Message,
+        KindArg::Document => pb::Kind::Document,
+    };
+    let memories = args
+        .texts
+        .iter()
+        .map(|text| pb::MemoryInput {
+            text: text.clone(),
+            kind: kind.into(),
+            role: args.role.clone(),
+            metadata: metadata.clone(),
+            tags: args.tags.clone(),
+            importance: args.importance.unwrap_or(0.0),
+            ..Default::default()
+        })
+        .collect();
+    let mode = if args.sync {
+        pb::WriteMode::Sync
+    } else {
+        pb::WriteMode::Unspecified
+    };
+    let response = client
+        .remember(pb::RememberRequest {
+            scope: Some(args.scope.scope()),
+            memories,
+            mode: mode.into(),
+            extract: false,
+        })
+        .await?
+        .into_inner();
+    output::remember(&response, &args.texts, args.connection.json);
+    Ok(())
+}
+
+pub async fn recall(args: RecallArgs) -> Result<(), Failure> {
+    let mut client = connect(&args.connection).await?;
+    let mode = match args.mode {
+        ModeArg::Hybrid => pb::SearchMode::Hybrid,
+        ModeArg::Semantic => pb::SearchMode::Semantic,
+        ModeArg::Keyword => pb::SearchMode::Keyword,
+    };
+    let response = client
+        .recall(pb::RecallRequest {
+            scope: Some(args.scope.scope()),
+            query: args.query.clone(),
+            top_k: args.top_k,
+            mode: mode.into(),
+            min_score: args.min_score,
+            recency_half_life: args.half_life.map(|d| engram_proto::prost_types::Duration {
+                seconds: d.as_secs() as i64,
+                nanos: d.subsec_nanos() as i32,
+            }),
+            explain: args.explain,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    output::recall(&response, args.connection.json);
+    Ok(())
+}
+
+pub async fn get(args: GetArgs) -> Result<(), Failure> {
+    let mut client = connect(&args.connection).await?;
+    let response = client
+        .get(pb::GetRequest {
+            ids: args.ids,
+            after_write_token: String::new(),
+        })
+        .await?
+        .into_inner();
+    output::get(&response, args.connection.json);
+    Ok(())
+}
+
+pub async fn list(args: ListArgs) -> Result<(), Failure> {
+    let mut client = connect(&args.connection).await?;
+    let mut page_token = args.page_token.clone();
+    loop {
+        let response = client
+            .list(pb::ListRequest {
+                scope: Some(args.scope.scope()),
+                filter: None,
+                page_size: args.page_size,
+                page_token,
+                after_write_token: String::new(),
+            })
+            .await?
+            .into_inner();
+        output::list(&response, args.connection.json);
+        if !args.all || response.next_page_token.is_empty() {
+            return Ok(());
+        }
+        page_token = response.next_page_token;
+    }
+}
+
+pub async fn forget(args: ForgetArgs) -> Result<(), Failure> {
+    let mut client = connect(&args.connection).await?;
+    let target = if args.all {
+        pb::forget_request::Target::Scope(pb::Scope {
+            user_id: args.user.unwrap_or_default(),
+            agent_id: args.agent,
+            session_id: args.session,
+        })
+    } else {
+        pb::forget_request::Target::Ids(pb::MemoryIds { ids: args.ids })
+    };
+    let response = client
+        .forget(pb::ForgetRequest {
+            target: Some(target),
+        })
+        .await?
+        .into_inner();
+    output::forget(&response, args.connection.json);
+    Ok(())
+}

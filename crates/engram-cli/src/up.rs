@@ -1,0 +1,144 @@
+//! `engram up`: the whole cluster in one process, for local development.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use engram_cli::cluster::{ClusterConfig, ClusterListeners, LocalCluster, ModelSource};
+use engram_core::config::{CommonArgs, shutdown_signal};
+use engram_core::{Error, Result};
+use engram_models::fetch;
+use engram_telemetry::LogConfig;
+
+#[derive(Debug, clap::Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    retrieval: engram_retrieval::RetrievalArgs,
+    #[command(flatten)]
+    embedding: engram_embedding::EmbeddingArgs,
+    #[command(flatten)]
+    gateway_listen: engram_gateway::Listen,
+    #[command(flatten)]
+    retrieval_listen: engram_retrieval::Listen,
+    #[command(flatten)]
+    ingestion_listen: engram_ingestion::Listen,
+    #[command(flatten)]
+    embedding_listen: engram_embedding::Listen,
+    #[command(flatten)]
+    common: CommonArgs,
+    #[command(flatten)]
+    log: LogConfig,
+}
+
+pub async fn run(args: UpArgs) -> ExitCode {
+    let UpArgs { log, common, .. } = &args;
+    let log = log.clone();
+    let common = common.clone();
+    engram_core::server::run_main(&log, common, |common| start(args, common)).await
+}
+
+async fn start(args: UpArgs, common: CommonArgs) -> Result<()> {
+    let started = Instant::now();
+    let model_dir = args
+        .embedding
+        .model_dir
+        .clone()
+        .unwrap_or_else(fetch::default_model_dir);
+    ensure_model(model_dir.clone()).await?;
+    std::fs::create_dir_all(&args.retrieval.data_dir).map_err(|e| {
+        Error::invalid(
+            "ENGRAM_DATA_DIR",
+            format!("cannot create {}: {e}", args.retrieval.data_dir.display()),
+        )
+    })?;
+    let listeners = ClusterListeners {
+        gateway: args.gateway_listen.bind().await?,
+        retrieval: args.retrieval_listen.bind().await?,
+        ingestion: args.ingestion_listen.bind().await?,
+        embedding: args.embedding_listen.bind().await?,
+    };
+    let config = ClusterConfig {
+        data_dir: args.retrieval.data_dir.clone(),
+        model: ModelSource::Dir(model_dir.clone()),
+        dimension: args.retrieval.dimension,
+        common,
+    };
+    let mut cluster = LocalCluster::start(config, listeners)?;
+    tokio::select! {
+        ready = cluster.wait_ready(Duration::from_secs(120)) => ready?,
+        () = shutdown_signal() => return cluster.shutdown().await,
+    }
+    print_banner(
+        &cluster,
+        &args.retrieval.data_dir,
+        &model_dir,
+        started.elapsed(),
+    );
+    tokio::select! {
+        () = shutdown_signal() => {
+            eprintln!("engram: stopping (draining in-flight requests)…");
+            cluster.shutdown().await?;
+            eprintln!("engram: stopped cleanly");
+            Ok(())
+        }
+        failed = cluster.stopped() => failed,
+    }
+}
+
+async fn ensure_model(dir: PathBuf) -> Result<()> {
+    tokio::task::spawn_blocking(move || fetch::ensure_model(&dir))
+        .await
+        .map_err(|e| Error::internal(format!("model fetch task failed: {e}")))?
+        .map_err(Error::from)
+}
+
+fn print_banner(
+    cluster: &LocalCluster,
+    data_dir: &std::path::Path,
+    model_dir: &std::path::Path,
+    took: Duration,
+) {
+    let a = cluster.addrs;
+    let admin = |addr: Option<std::net::SocketAddr>| {
+        addr.map_or_else(|| "-".to_string(), |a| format!("http://{a}"))
+    };
+    eprintln!();
+    eprintln!(
+        "engram is up in {:.1}s (authentication off: every caller is tenant `default`)",
+        took.as_secs_f64()
+    );
+    eprintln!(
+        "  {:<10} {:<22} admin (/healthz /readyz /metrics)",
+        "service", "gRPC"
+    );
+    eprintln!(
+        "  {:<10} {:<22} {}",
+        "gateway",
+        a.gateway,
+        admin(a.gateway_admin)
+    );
+    eprintln!(
+        "  {:<10} {:<22} {}",
+        "retrieval",
+        a.retrieval,
+        admin(a.retrieval_admin)
+    );
+    eprintln!(
+        "  {:<10} {:<22} {}",
+        "ingestion",
+        a.ingestion,
+        admin(a.ingestion_admin)
+    );
+    eprintln!(
+        "  {:<10} {:<22} {}",
+        "embedding",
+        a.embedding,
+        admin(a.embedding_admin)
+    );
+    eprintln!("  data   {}", data_dir.display());
+    eprintln!("  model  {}", model_dir.display());
+    eprintln!();
+    eprintln!("try: engram remember --user alice \"I adopted a cat named Miso\"");
+    eprintln!("     engram recall --user alice \"what pet do I have\"");
+    eprintln!("Ctrl-C stops the cluster.");
+}

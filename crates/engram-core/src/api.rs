@@ -1,0 +1,316 @@
+//! The contracts between engram's services, as plain Rust traits over domain types.
+//!
+//! Each service implements its trait; the gRPC adapters in [`crate::rpc`] expose an
+//! implementation over tonic and give callers a client that implements the same trait over a
+//! channel. A caller holds an `Arc<dyn Trait>` and does not care which one it has, so tests and
+//! `engram up` can wire services in-process or over the network alike.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::model::{
+    Filter, Memory, MemoryId, MemoryPatch, NewMemory, Scope, SearchMode, TenantId, WriteMode,
+};
+
+/// What an embedding is for; some models embed queries and documents differently.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Purpose {
+    Query,
+    #[default]
+    Document,
+}
+
+impl Purpose {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Purpose::Query => "query",
+            Purpose::Document => "document",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub model: String,
+    pub dimension: usize,
+    /// One per input text, in input order.
+    pub vectors: Vec<Vec<f32>>,
+}
+
+#[async_trait]
+pub trait Embedder: Send + Sync + 'static {
+    async fn embed(&self, texts: Vec<String>, purpose: Purpose) -> Result<Embeddings>;
+}
+
+/// Proof of a write that a read can wait for (read-your-writes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteToken {
+    /// The write was indexed before it was acknowledged: nothing to wait for.
+    Indexed,
+}
+
+impl WriteToken {
+    const PREFIX: &'static str = "wt1.";
+
+    pub fn encode(&self) -> String {
+        match self {
+            WriteToken::Indexed => format!("{}i", Self::PREFIX),
+        }
+    }
+
+    /// Parse a token a client sent back. Errors name no field; callers add it with `in_field`.
+    pub fn decode(token: &str) -> Result<Self> {
+        match token.strip_prefix(Self::PREFIX) {
+            Some("i") => Ok(WriteToken::Indexed),
+            _ => Err(Error::invalid(
+                "",
+                "not a write token issued by this cluster",
+            )),
+        }
+    }
+}
+
+impl fmt::Display for WriteToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.encode())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecallQuery {
+    pub scope: Scope,
+    pub query: String,
+    pub top_k: u32,
+    pub mode: SearchMode,
+    pub filter: Filter,
+    pub min_score: Option<f32>,
+    pub recency_half_life: Option<Duration>,
+    pub explain: bool,
+    pub after_write_token: Option<WriteToken>,
+    pub bypass_cache: bool,
+}
+
+impl RecallQuery {
+    pub fn new(scope: Scope, query: impl Into<String>, top_k: u32) -> Self {
+        Self {
+            scope,
+            query: query.into(),
+            top_k,
+            mode: SearchMode::Hybrid,
+            filter: Filter::default(),
+            min_score: None,
+            recency_half_life: None,
+            explain: false,
+            after_write_token: None,
+            bypass_cache: false,
+        }
+    }
+}
+
+/// Why a hit ranks where it does.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Explanation {
+    pub dense_rank: u32,
+    pub dense_score: f32,
+    pub keyword_rank: u32,
+    pub keyword_score: f32,
+    pub fused_score: f32,
+    pub recency_factor: f32,
+    pub importance_factor: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit {
+    pub memory: Memory,
+    pub score: f32,
+    pub explanation: Option<Explanation>,
+}
+
+/// Time spent per stage of a Recall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Timings {
+    pub embed: Duration,
+    pub dense: Duration,
+    pub keyword: Duration,
+    pub fusion: Duration,
+    pub total: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecallResult {
+    pub hits: Vec<Hit>,
+    pub cache_hit: bool,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GetQuery {
+    pub ids: Vec<MemoryId>,
+    pub after_write_token: Option<WriteToken>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GetResult {
+    /// Found memories, in request order.
+    pub memories: Vec<Memory>,
+    pub missing_ids: Vec<MemoryId>,
+}
+
+impl GetResult {
+    /// Order `found` as `requested` and list what is missing.
+    pub fn assemble(requested: &[MemoryId], mut found: Vec<Memory>) -> Self {
+        let mut memories = Vec::with_capacity(requested.len());
+        let mut missing_ids = Vec::new();
+        for id in requested {
+            match found.iter().position(|m| m.id == *id) {
+                Some(at) => memories.push(found.swap_remove(at)),
+                None => missing_ids.push(*id),
+            }
+        }
+        Self {
+            memories,
+            missing_ids,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListQuery {
+    pub scope: Scope,
+    pub filter: Filter,
+    pub page_size: u32,
+    /// The first id of the page to return.
+    pub page_token: Option<MemoryId>,
+    pub after_write_token: Option<WriteToken>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListPage {
+    pub memories: Vec<Memory>,
+    pub next_page_token: Option<MemoryId>,
+}
+
+/// A memory with the dense vector to index it under.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexedMemory {
+    pub memory: Memory,
+    pub dense: Vec<f32>,
+}
+
+/// One write to the index.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IndexOp {
+    Upsert(Box<IndexedMemory>),
+    DeleteIds(Vec<MemoryId>),
+    /// Delete every memory matching the scope (empty agent/session match any).
+    DeleteScope(Scope),
+}
+
+/// Writes applied in order, so a scope's operations keep the order they were made in.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct IndexWrites {
+    pub ops: Vec<IndexOp>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ApplyOutcome {
+    pub upserted: u64,
+    pub deleted: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateMatch {
+    pub id: MemoryId,
+    pub content_hash: String,
+    pub idempotency_key: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IndexStats {
+    pub memories: u64,
+    pub segments: u64,
+    pub indexed_vectors: u64,
+}
+
+#[async_trait]
+pub trait Index: Send + Sync + 'static {
+    async fn search(&self, tenant: &TenantId, query: RecallQuery) -> Result<RecallResult>;
+    async fn get(&self, tenant: &TenantId, query: GetQuery) -> Result<GetResult>;
+    async fn list(&self, tenant: &TenantId, query: ListQuery) -> Result<ListPage>;
+    /// Apply writes; returns once they are durable and searchable.
+    async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> Result<ApplyOutcome>;
+    /// Memories of exactly `scope` with one of these content hashes or idempotency keys.
+    async fn find_duplicates(
+        &self,
+        tenant: &TenantId,
+        scope: &Scope,
+        content_hashes: Vec<String>,
+        idempotency_keys: Vec<String>,
+    ) -> Result<Vec<DuplicateMatch>>;
+    /// Counts for one tenant, or for the whole index.
+    async fn stats(&self, tenant: Option<&TenantId>) -> Result<IndexStats>;
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RememberBatch {
+    pub scope: Scope,
+    pub memories: Vec<NewMemory>,
+    pub mode: WriteMode,
+    pub extract: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteStatus {
+    Created,
+    Duplicate,
+    Rejected,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteResult {
+    pub id: MemoryId,
+    pub status: WriteStatus,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RememberOutcome {
+    /// One per input, in input order.
+    pub results: Vec<WriteResult>,
+    pub write_token: WriteToken,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateCommand {
+    pub id: MemoryId,
+    pub patch: MemoryPatch,
+    pub mode: WriteMode,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdateOutcome {
+    pub memory: Memory,
+    pub write_token: WriteToken,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ForgetTarget {
+    Ids(Vec<MemoryId>),
+    Scope(Scope),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForgetOutcome {
+    pub forgotten: u64,
+    pub write_token: WriteToken,
+}
+
+#[async_trait]
+pub trait Ingestion: Send + Sync + 'static {
+    async fn submit(&self, tenant: &TenantId, batch: RememberBatch) -> Result<RememberOutcome>;
+    async fn update(&self, tenant: &TenantId, command: UpdateCommand) -> Result<UpdateOutcome>;
+    async fn forget(&self, tenant: &TenantId, target: ForgetTarget) -> Result<ForgetOutcome>;
+}

@@ -1,0 +1,112 @@
+//! Settings every service shares, and start-up checks that name the variable at fault.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::limits::Limits;
+
+/// Settings shared by every service. Each binary (and `engram up`, once for all four services)
+/// flattens these into its command line; every field has a flag and an `ENGRAM_*` variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub limits: Limits,
+    /// How long a stopping service waits for in-flight requests before it exits anyway.
+    #[arg(long, env = "ENGRAM_DRAIN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub drain_grace: Duration,
+    /// Timeout of a call from one engram service to another.
+    #[arg(long, env = "ENGRAM_INTERNAL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub internal_timeout: Duration,
+}
+
+impl CommonArgs {
+    /// Defaults for tests, without reading flags or the environment.
+    pub fn for_test() -> Self {
+        Self {
+            limits: Limits::default(),
+            drain_grace: Duration::from_secs(5),
+            internal_timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn check(&self) -> Result<()> {
+        self.limits.check()?;
+        if self.internal_timeout.is_zero() {
+            return Err(Error::invalid(
+                "ENGRAM_INTERNAL_TIMEOUT",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Durations like `250ms`, `30s` or `5m`.
+pub fn parse_duration(value: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|e| format!("{value:?} is not a duration like 250ms, 30s or 5m: {e}"))
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM, whichever comes first.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received SIGINT"),
+        () = terminate => tracing::info!("received SIGTERM"),
+    }
+}
+
+/// Declare a service's listen addresses as a `clap::Args` struct: `--<service>-listen` /
+/// `ENGRAM_<SERVICE>_LISTEN` for gRPC and `--<service>-admin-listen` /
+/// `ENGRAM_<SERVICE>_ADMIN_LISTEN` for the admin HTTP port, with the documented default ports.
+/// The same struct is flattened into the service's own binary and into `engram up`.
+#[macro_export]
+macro_rules! listen_args {
+    ($name:ident, $service:literal, $env:literal, $grpc_port:literal, $admin_port:literal) => {
+        #[derive(Debug, Clone, clap::Args)]
+        #[group(id = concat!($service, "-addresses"))]
+        pub struct $name {
+            #[doc = concat!("gRPC address of the ", $service, " service.")]
+            #[arg(
+                id = concat!($service, "-listen"),
+                long = concat!($service, "-listen"),
+                env = concat!("ENGRAM_", $env, "_LISTEN"),
+                default_value = concat!("127.0.0.1:", $grpc_port)
+            )]
+            pub listen: std::net::SocketAddr,
+            #[doc = concat!("Admin HTTP address (/healthz, /readyz, /metrics) of the ", $service, " service.")]
+            #[arg(
+                id = concat!($service, "-admin-listen"),
+                long = concat!($service, "-admin-listen"),
+                env = concat!("ENGRAM_", $env, "_ADMIN_LISTEN"),
+                default_value = concat!("127.0.0.1:", $admin_port)
+            )]
+            pub admin_listen: std::net::SocketAddr,
+        }
+
+        impl $name {
+            pub async fn bind(&self) -> $crate::Result<$crate::server::Listeners> {
+                $crate::server::Listeners::bind(self.listen, Some(self.admin_listen)).await
+            }
+        }
+    };
+}

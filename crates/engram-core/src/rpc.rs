@@ -1,0 +1,558 @@
+//! gRPC adapters for the internal service contracts of [`crate::api`].
+//!
+//! For each contract: a server adapter that exposes any implementation over tonic (it only
+//! validates and converts, then calls the trait), and a client that implements the same trait
+//! over a channel to a peer. Status codes cross each hop intact: a peer's INVALID_ARGUMENT with
+//! its field, or RESOURCE_EXHAUSTED with its retry hint, reaches the caller as it was sent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use engram_proto::internal::v1 as ipb;
+use engram_proto::tonic::transport::{Channel, Endpoint};
+use engram_proto::tonic::{Request, Response, Status};
+
+use crate::api::{
+    ApplyOutcome, DuplicateMatch, Embedder, Embeddings, ForgetOutcome, ForgetTarget, GetQuery,
+    GetResult, Index, IndexOp, IndexStats, IndexWrites, IndexedMemory, Ingestion, ListPage,
+    ListQuery, Purpose, RecallQuery, RecallResult, RememberBatch, RememberOutcome, UpdateCommand,
+    UpdateOutcome,
+};
+use crate::convert;
+use crate::error::{Error, Result};
+use crate::limits::Limits;
+use crate::model::{Scope, TenantId};
+use crate::validate;
+
+/// Largest message an internal server or client accepts: a full batch of maximal memories with
+/// their vectors.
+pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
+
+/// A lazily connecting channel to a peer service at `url` (for example
+/// `http://127.0.0.1:50052`). `setting` names the configuration it came from, for the error.
+pub fn channel(setting: &str, url: &str, request_timeout: Duration) -> Result<Channel> {
+    let endpoint = Endpoint::from_shared(url.to_string())
+        .map_err(|e| Error::invalid(setting, format!("{url:?} is not a valid URL: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(request_timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    Ok(endpoint.connect_lazy())
+}
+
+fn tenant(raw: &str) -> Result<TenantId> {
+    TenantId::parse(raw)
+}
+
+fn purpose_from_pb(value: i32) -> Result<Purpose> {
+    match ipb::Purpose::try_from(value) {
+        Ok(ipb::Purpose::Query) => Ok(Purpose::Query),
+        Ok(ipb::Purpose::Document | ipb::Purpose::Unspecified) => Ok(Purpose::Document),
+        Err(_) => Err(Error::invalid(
+            "purpose",
+            format!("unknown purpose {value}"),
+        )),
+    }
+}
+
+fn purpose_to_pb(purpose: Purpose) -> ipb::Purpose {
+    match purpose {
+        Purpose::Query => ipb::Purpose::Query,
+        Purpose::Document => ipb::Purpose::Document,
+    }
+}
+
+// ---- Embedder ----
+
+/// Serves an [`Embedder`] as `engram.internal.v1.Embedder`.
+pub fn embedder_server(
+    inner: Arc<dyn Embedder>,
+    limits: Limits,
+) -> ipb::embedder_server::EmbedderServer<EmbedderGrpc> {
+    ipb::embedder_server::EmbedderServer::new(EmbedderGrpc { inner, limits })
+        .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+}
+
+pub struct EmbedderGrpc {
+    inner: Arc<dyn Embedder>,
+    limits: Limits,
+}
+
+#[async_trait]
+impl ipb::embedder_server::Embedder for EmbedderGrpc {
+    async fn embed(
+        &self,
+        request: Request<ipb::EmbedRequest>,
+    ) -> Result<Response<ipb::EmbedResponse>, Status> {
+        let request = request.into_inner();
+        let purpose = purpose_from_pb(request.purpose)?;
+        if request.texts.is_empty() {
+            return Err(Error::invalid("texts", "at least one text is required").into());
+        }
+        if request.texts.len() > self.limits.max_batch {
+            return Err(Error::invalid(
+                "texts",
+                format!("at most {} texts per request", self.limits.max_batch),
+            )
+            .into());
+        }
+        if let Some(i) = request
+            .texts
+            .iter()
+            .position(|t| t.len() > self.limits.max_text_bytes)
+        {
+            return Err(Error::invalid(
+                format!("texts[{i}]"),
+                format!("over the limit of {} bytes", self.limits.max_text_bytes),
+            )
+            .into());
+        }
+        let embeddings = self.inner.embed(request.texts, purpose).await?;
+        Ok(Response::new(ipb::EmbedResponse {
+            embeddings: embeddings
+                .vectors
+                .into_iter()
+                .map(|values| ipb::Embedding { values })
+                .collect(),
+            model: embeddings.model,
+            dimension: u32::try_from(embeddings.dimension).unwrap_or(u32::MAX),
+        }))
+    }
+}
+
+/// An [`Embedder`] reached over gRPC.
+#[derive(Clone)]
+pub struct EmbedderClient {
+    client: ipb::embedder_client::EmbedderClient<Channel>,
+}
+
+impl EmbedderClient {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            client: ipb::embedder_client::EmbedderClient::new(channel)
+                .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
+        }
+    }
+}
+
+#[async_trait]
+impl Embedder for EmbedderClient {
+    async fn embed(&self, texts: Vec<String>, purpose: Purpose) -> Result<Embeddings> {
+        let expected = texts.len();
+        let response = self
+            .client
+            .clone()
+            .embed(ipb::EmbedRequest {
+                texts,
+                purpose: purpose_to_pb(purpose).into(),
+            })
+            .await?
+            .into_inner();
+        let dimension = response.dimension as usize;
+        if response.embeddings.len() != expected
+            || response
+                .embeddings
+                .iter()
+                .any(|e| e.values.len() != dimension)
+        {
+            return Err(Error::internal(format!(
+                "embedding service returned {} vectors for {expected} texts (model {}, dimension {dimension})",
+                response.embeddings.len(),
+                response.model
+            )));
+        }
+        Ok(Embeddings {
+            model: response.model,
+            dimension,
+            vectors: response.embeddings.into_iter().map(|e| e.values).collect(),
+        })
+    }
+}
+
+// ---- Index ----
+
+fn index_op_from_pb(op: ipb::IndexOp, tenant: &TenantId) -> Result<IndexOp> {
+    match op.op {
+        Some(ipb::index_op::Op::Upsert(upsert)) => {
+            let mut memory = convert::memory_from_pb(upsert.memory.unwrap_or_default(), tenant)
+                .map_err(|e| e.in_field("upsert"))?;
+            memory.idempotency_key = upsert.idempotency_key;
+            Ok(IndexOp::Upsert(Box::new(IndexedMemory {
+                memory,
+                dense: upsert.dense.map(|d| d.values).unwrap_or_default(),
+            })))
+        }
+        Some(ipb::index_op::Op::DeleteIds(list)) => list
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                validate::memory_id(id).map_err(|e| e.in_field(&format!("delete_ids.ids[{i}]")))
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(IndexOp::DeleteIds),
+        Some(ipb::index_op::Op::DeleteScope(scope)) => validate::write_scope(Some(&scope))
+            .map(IndexOp::DeleteScope)
+            .map_err(|e| e.in_field("delete_scope")),
+        None => Err(Error::invalid("op", "is required")),
+    }
+}
+
+fn index_op_to_pb(op: IndexOp) -> ipb::IndexOp {
+    let op = match op {
+        IndexOp::Upsert(u) => ipb::index_op::Op::Upsert(ipb::IndexedMemory {
+            memory: Some(convert::memory(&u.memory)),
+            dense: Some(ipb::Embedding { values: u.dense }),
+            idempotency_key: u.memory.idempotency_key,
+        }),
+        IndexOp::DeleteIds(ids) => ipb::index_op::Op::DeleteIds(engram_proto::v1::MemoryIds {
+            ids: ids.iter().map(ToString::to_string).collect(),
+        }),
+        IndexOp::DeleteScope(scope) => ipb::index_op::Op::DeleteScope(convert::scope(&scope)),
+    };
+    ipb::IndexOp { op: Some(op) }
+}
+
+/// Serves an [`Index`] as `engram.internal.v1.Index`.
+pub fn index_server(
+    inner: Arc<dyn Index>,
+    limits: Limits,
+) -> ipb::index_server::IndexServer<IndexGrpc> {
+    ipb::index_server::IndexServer::new(IndexGrpc { inner, limits })
+        .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+}
+
+pub struct IndexGrpc {
+    inner: Arc<dyn Index>,
+    limits: Limits,
+}
+
+#[async_trait]
+impl ipb::index_server::Index for IndexGrpc {
+    async fn search(
+        &self,
+        request: Request<ipb::SearchRequest>,
+    ) -> Result<Response<engram_proto::v1::RecallResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
+        let query = validate::recall(request.recall.unwrap_or_default(), &self.limits)?;
+        let result = self.inner.search(&tenant, query).await?;
+        Ok(Response::new(convert::recall_response(&result)))
+    }
+
+    async fn get(
+        &self,
+        request: Request<ipb::IndexGetRequest>,
+    ) -> Result<Response<engram_proto::v1::GetResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
+        let query = validate::get(request.get.unwrap_or_default(), &self.limits)?;
+        let result = self.inner.get(&tenant, query).await?;
+        Ok(Response::new(convert::get_response(&result)))
+    }
+
+    async fn list(
+        &self,
+        request: Request<ipb::IndexListRequest>,
+    ) -> Result<Response<engram_proto::v1::ListResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
+        let query = validate::list(request.list.unwrap_or_default(), &self.limits)?;
+        let page = self.inner.list(&tenant, query).await?;
+        Ok(Response::new(convert::list_response(&page)))
+    }
+
+    async fn apply(
+        &self,
+        request: Request<ipb::ApplyRequest>,
+    ) -> Result<Response<ipb::ApplyResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
+        let ops = request
+            .ops
+            .into_iter()
+            .enumerate()
+            .map(|(i, op)| {
+                index_op_from_pb(op, &tenant).map_err(|e| e.in_field(&format!("ops[{i}]")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let outcome = self.inner.apply(&tenant, IndexWrites { ops }).await?;
+        Ok(Response::new(ipb::ApplyResponse {
+            upserted: outcome.upserted,
+            deleted: outcome.deleted,
+        }))
+    }
+
+    async fn find_duplicates(
+        &self,
+        request: Request<ipb::FindDuplicatesRequest>,
+    ) -> Result<Response<ipb::FindDuplicatesResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
+        let scope = validate::write_scope(request.scope.as_ref())?;
+        let matches = self
+            .inner
+            .find_duplicates(
+                &tenant,
+                &scope,
+                request.content_hashes,
+                request.idempotency_keys,
+            )
+            .await?;
+        Ok(Response::new(ipb::FindDuplicatesResponse {
+            matches: matches
+                .into_iter()
+                .map(|m| ipb::DuplicateMatch {
+                    id: m.id.to_string(),
+                    content_hash: m.content_hash,
+                    idempotency_key: m.idempotency_key,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn stats(
+        &self,
+        request: Request<ipb::StatsRequest>,
+    ) -> Result<Response<ipb::StatsResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = if request.tenant.is_empty() {
+            None
+        } else {
+            Some(tenant(&request.tenant)?)
+        };
+        let stats = self.inner.stats(tenant.as_ref()).await?;
+        Ok(Response::new(ipb::StatsResponse {
+            memories: stats.memories,
+            segments: stats.segments,
+            indexed_vectors: stats.indexed_vectors,
+        }))
+    }
+}
+
+/// An [`Index`] reached over gRPC.
+#[derive(Clone)]
+pub struct IndexClient {
+    client: ipb::index_client::IndexClient<Channel>,
+}
+
+impl IndexClient {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            client: ipb::index_client::IndexClient::new(channel)
+                .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
+        }
+    }
+}
+
+#[async_trait]
+impl Index for IndexClient {
+    async fn search(&self, tenant: &TenantId, query: RecallQuery) -> Result<RecallResult> {
+        let response = self
+            .client
+            .clone()
+            .search(ipb::SearchRequest {
+                tenant: tenant.to_string(),
+                recall: Some(convert::recall_request(&query)),
+            })
+            .await?;
+        convert::recall_result_from_pb(response.into_inner(), tenant)
+    }
+
+    async fn get(&self, tenant: &TenantId, query: GetQuery) -> Result<GetResult> {
+        let response = self
+            .client
+            .clone()
+            .get(ipb::IndexGetRequest {
+                tenant: tenant.to_string(),
+                get: Some(convert::get_request(&query)),
+            })
+            .await?;
+        convert::get_result_from_pb(response.into_inner(), tenant)
+    }
+
+    async fn list(&self, tenant: &TenantId, query: ListQuery) -> Result<ListPage> {
+        let response = self
+            .client
+            .clone()
+            .list(ipb::IndexListRequest {
+                tenant: tenant.to_string(),
+                list: Some(convert::list_request(&query)),
+            })
+            .await?;
+        convert::list_page_from_pb(response.into_inner(), tenant)
+    }
+
+    async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> Result<ApplyOutcome> {
+        let request = ipb::ApplyRequest {
+            tenant: tenant.to_string(),
+            ops: writes.ops.into_iter().map(index_op_to_pb).collect(),
+        };
+        let response = self.client.clone().apply(request).await?.into_inner();
+        Ok(ApplyOutcome {
+            upserted: response.upserted,
+            deleted: response.deleted,
+        })
+    }
+
+    async fn find_duplicates(
+        &self,
+        tenant: &TenantId,
+        scope: &Scope,
+        content_hashes: Vec<String>,
+        idempotency_keys: Vec<String>,
+    ) -> Result<Vec<DuplicateMatch>> {
+        let response = self
+            .client
+            .clone()
+            .find_duplicates(ipb::FindDuplicatesRequest {
+                tenant: tenant.to_string(),
+                scope: Some(convert::scope(scope)),
+                content_hashes,
+                idempotency_keys,
+            })
+            .await?
+            .into_inner();
+        response
+            .matches
+            .into_iter()
+            .map(|m| {
+                Ok(DuplicateMatch {
+                    id: validate::memory_id(&m.id)?,
+                    content_hash: m.content_hash,
+                    idempotency_key: m.idempotency_key,
+                })
+            })
+            .collect()
+    }
+
+    async fn stats(&self, tenant: Option<&TenantId>) -> Result<IndexStats> {
+        let response = self
+            .client
+            .clone()
+            .stats(ipb::StatsRequest {
+                tenant: tenant.map(ToString::to_string).unwrap_or_default(),
+            })
+            .await?
+            .into_inner();
+        Ok(IndexStats {
+            memories: response.memories,
+            segments: response.segments,
+            indexed_vectors: response.indexed_vectors,
+        })
+    }
+}
+
+// ---- Ingestion ----
+
+/// Serves an [`Ingestion`] as `engram.internal.v1.Ingestion`.
+pub fn ingestion_server(
+    inner: Arc<dyn Ingestion>,
+    limits: Limits,
+) -> ipb::ingestion_server::IngestionServer<IngestionGrpc> {
+    ipb::ingestion_server::IngestionServer::new(IngestionGrpc { inner, limits })
+        .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+}
+
+pub struct IngestionGrpc {
+    inner: Arc<dyn Ingestion>,
+    limits: Limits,
+}
+
+#[async_trait]
+impl ipb::ingestion_server::Ingestion for IngestionGrpc {
+    async fn submit(
+        &self,
+        request: Request<ipb::SubmitRequest>,
+    ) -> Result<Response<engram_proto::v1::RememberResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
+        let batch = validate::remember(request.remember.unwrap_or_default(), &self.limits)?;
+        let outcome = self.inner.submit(&tenant, batch).await?;
+        Ok(Response::new(convert::remember_response(&outcome)))
+    }
+
+    async fn update(
+        &self,
+        request: Request<ipb::IngestUpdateRequest>,
+    ) -> Result<Response<engram_proto::v1::UpdateResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
+        let command = validate::update(request.update.unwrap_or_default(), &self.limits)?;
+        let outcome = self.inner.update(&tenant, command).await?;
+        Ok(Response::new(convert::update_response(&outcome)))
+    }
+
+    async fn forget(
+        &self,
+        request: Request<ipb::IngestForgetRequest>,
+    ) -> Result<Response<engram_proto::v1::ForgetResponse>, Status> {
+        let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
+        let target = validate::forget(request.forget.unwrap_or_default(), &self.limits)?;
+        let outcome = self.inner.forget(&tenant, target).await?;
+        Ok(Response::new(convert::forget_response(&outcome)))
+    }
+}
+
+/// An [`Ingestion`] reached over gRPC.
+#[derive(Clone)]
+pub struct IngestionClient {
+    client: ipb::ingestion_client::IngestionClient<Channel>,
+}
+
+impl IngestionClient {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            client: ipb::ingestion_client::IngestionClient::new(channel)
+                .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
+        }
+    }
+}
+
+#[async_trait]
+impl Ingestion for IngestionClient {
+    async fn submit(&self, tenant: &TenantId, batch: RememberBatch) -> Result<RememberOutcome> {
+        let response = self
+            .client
+            .clone()
+            .submit(ipb::SubmitRequest {
+                tenant: tenant.to_string(),
+                remember: Some(convert::remember_request(&batch)),
+            })
+            .await?;
+        convert::remember_outcome_from_pb(response.into_inner())
+    }
+
+    async fn update(&self, tenant: &TenantId, command: UpdateCommand) -> Result<UpdateOutcome> {
+        let response = self
+            .client
+            .clone()
+            .update(ipb::IngestUpdateRequest {
+                tenant: tenant.to_string(),
+                update: Some(convert::update_request(&command)),
+            })
+            .await?;
+        convert::update_outcome_from_pb(response.into_inner(), tenant)
+    }
+
+    async fn forget(&self, tenant: &TenantId, target: ForgetTarget) -> Result<ForgetOutcome> {
+        let response = self
+            .client
+            .clone()
+            .forget(ipb::IngestForgetRequest {
+                tenant: tenant.to_string(),
+                forget: Some(convert::forget_request(&target)),
+            })
+            .await?;
+        convert::forget_outcome_from_pb(response.into_inner())
+    }
+}

@@ -1,0 +1,245 @@
+//! How every engram service runs: bound listeners in, gRPC (with health, reflection and the
+//! metrics layer) and the admin HTTP port out, until a shutdown signal, then a drain.
+//!
+//! Server-side layers, outermost first: metrics → the service. (Trace context, auth and load
+//! shedding join this stack in the gateway.)
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use engram_proto::tonic::service::Routes;
+use engram_proto::tonic::transport::Server;
+use engram_proto::tonic::transport::server::TcpIncoming;
+use engram_telemetry::{GrpcMetricsLayer, Health, Metrics};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic_health::ServingStatus;
+
+use crate::error::{Error, Result};
+
+/// The sockets a service serves on, bound before the service starts so that a port conflict
+/// is reported at once and tests can bind port 0 and learn the port.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    /// `None` disables the admin HTTP server.
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Bind both addresses; errors name the address that could not be bound.
+    pub async fn bind(grpc: SocketAddr, admin: Option<SocketAddr>) -> Result<Self> {
+        let grpc = bind(grpc).await?;
+        let admin = match admin {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        Ok(Self { grpc, admin })
+    }
+
+    /// Both on free loopback ports.
+    pub async fn ephemeral() -> Result<Self> {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::bind(loopback, Some(loopback)).await
+    }
+
+    pub fn grpc_addr(&self) -> Result<SocketAddr> {
+        self.grpc.local_addr().map_err(Error::internal)
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(|l| l.local_addr().ok())
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::unavailable(format!("cannot listen on {addr}: {e}")))
+}
+
+/// One running service's shared parts: its readiness and metrics, and its admin server.
+#[derive(Debug)]
+pub struct ServiceRuntime {
+    name: &'static str,
+    health: Health,
+    metrics: Metrics,
+    admin_stop: Option<oneshot::Sender<()>>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ServiceRuntime {
+    /// Start the admin server (if a listener is given) reporting "starting" until [`Self::serve`].
+    pub fn start(name: &'static str, admin: Option<TcpListener>) -> Self {
+        let health = Health::new();
+        let metrics = Metrics::new();
+        let (admin_stop, admin_task) = match admin {
+            Some(listener) => {
+                let (stop, stopped) = oneshot::channel::<()>();
+                let (health, metrics) = (health.clone(), metrics.clone());
+                let task = tokio::spawn(async move {
+                    let shutdown = async move {
+                        let _ = stopped.await;
+                    };
+                    if let Err(e) =
+                        engram_telemetry::admin::serve(listener, health, metrics, shutdown).await
+                    {
+                        tracing::error!(service = name, error = %e, "admin server failed");
+                    }
+                });
+                (Some(stop), Some(task))
+            }
+            None => (None, None),
+        };
+        Self {
+            name,
+            health,
+            metrics,
+            admin_stop,
+            admin_task,
+        }
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serve `routes` (plus health and reflection) on `listener` until `shutdown` completes,
+    /// then stop accepting, let in-flight requests finish for up to `drain_grace`, and stop the
+    /// admin server. `health_names` are the gRPC service names reported by the health service.
+    pub async fn serve(
+        mut self,
+        routes: Routes,
+        health_names: &[&'static str],
+        listener: TcpListener,
+        drain_grace: Duration,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(engram_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(Error::internal)?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(engram_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(Error::internal)?;
+        let routes = routes
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        // Mirror readiness into the gRPC health service for every name (and "" for the server).
+        let mut readiness = self.health.subscribe();
+        let names: Vec<&'static str> = std::iter::once("")
+            .chain(health_names.iter().copied())
+            .collect();
+        let health_task = tokio::spawn(async move {
+            loop {
+                let status = if readiness.borrow_and_update().is_ok() {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                };
+                for name in &names {
+                    reporter.set_service_status(*name, status).await;
+                }
+                if readiness.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+
+        let local = listener.local_addr().ok();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (draining_tx, draining_rx) = oneshot::channel::<()>();
+        let health = self.health.clone();
+        let name = self.name;
+        let signal = async move {
+            shutdown.await;
+            tracing::info!(service = name, "shutting down: draining in-flight requests");
+            health.set_not_ready("draining");
+            let _ = draining_tx.send(());
+        };
+        let server = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .layer(GrpcMetricsLayer::new(&self.metrics))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, signal);
+
+        self.health.set_ready();
+        tracing::info!(service = self.name, addr = ?local, "serving gRPC");
+        let grace_elapsed = async move {
+            if draining_rx.await.is_ok() {
+                tokio::time::sleep(drain_grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let result = tokio::select! {
+            result = server => result.map_err(|e| Error::unavailable(format!("{} gRPC server failed: {e}", self.name))),
+            () = grace_elapsed => {
+                tracing::warn!(service = self.name, grace = ?drain_grace, "drain grace period elapsed with requests still in flight");
+                Ok(())
+            }
+        };
+        self.health.set_not_ready("stopped");
+        health_task.abort();
+        self.stop_admin().await;
+        result
+    }
+
+    async fn stop_admin(&mut self) {
+        if let Some(stop) = self.admin_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.admin_task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for ServiceRuntime {
+    fn drop(&mut self) {
+        if let Some(stop) = self.admin_stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// The body of every service binary's `main`: set up logging, check the shared settings, run,
+/// and turn the outcome into an exit code (0 after a clean drain, 1 on an error, 2 on bad
+/// configuration), printing the error where an operator will see it.
+pub async fn run_main<F, Fut>(
+    log: &engram_telemetry::LogConfig,
+    common: crate::config::CommonArgs,
+    run: F,
+) -> std::process::ExitCode
+where
+    F: FnOnce(crate::config::CommonArgs) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    if let Err(e) = engram_telemetry::init_logging(log) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    if let Err(e) = common.check() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    match run(common).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "exiting after an error");
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,1072 @@
+//! [`VectorStore`] on the embedded qdrant-edge engine.
+//!
+//! The engine is synchronous, so every call runs on tokio's blocking pool (reads bounded by a
+//! semaphore so a burst of queries cannot spawn a thread each). Its `flush` asserts that no
+//! update holds the WAL and that the segment holder is not being swapped, panicking otherwise:
+//! updates and flushes are serialised by `write_lock`, and a flush that meets an optimiser's
+//! brief segment swap is retried. Optimisation runs in the background beside both; queries take
+//! no lock of ours and keep being served throughout.
+//!
+//! qdrant-edge 0.7.2 writes a WAL but does not replay it when a shard is loaded, so a write is
+//! durable only once the segments are flushed: [`VectorStore::apply`] flushes before it returns.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexOp, IndexWrites, IndexedMemory};
+use engram_core::model::{Memory, MemoryId, Scope, TenantId};
+use parking_lot::{MappedRwLockReadGuard, Mutex, RwLock, RwLockReadGuard};
+use qdrant_edge::{
+    CountRequest, CreateIndex, Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard,
+    EdgeVectorParams, FieldIndexOperations, Filter, IntegerIndexParams, KeywordIndexParams,
+    NamedQuery, PayloadFieldSchema, PayloadSchemaParams, PayloadSchemaType, PointId,
+    PointInsertOperations, PointOperations, PointStructPersisted, QueryEnum, QueryRequest, Record,
+    ScoringQuery, ScrollRequest, UpdateOperation, VectorInternal, VectorPersisted,
+    VectorStructPersisted, WithPayloadInterface, WithVector,
+};
+use tokio::sync::{Semaphore, oneshot};
+
+use crate::error::{StoreError, StoreResult};
+use crate::{ScoredMemory, Selection, StoreInfo, VectorStore, filter, payload};
+
+/// Name of the dense vector in the shard.
+pub const DENSE: &str = "dense";
+
+#[derive(Debug, Clone)]
+pub struct EdgeStoreConfig {
+    /// Directory of the shard; created if missing.
+    pub path: PathBuf,
+    /// Dimension of the dense vectors (the embedding model's).
+    pub dimension: usize,
+    /// How often the background loop flushes writes not yet on disk.
+    pub flush_interval: Duration,
+    /// How often the background loop lets the engine merge and index segments.
+    pub optimize_interval: Duration,
+    /// Engine reads running at once; more wait.
+    pub max_concurrent_reads: usize,
+    /// Size (KB of vectors) above which a segment gets an HNSW index; the engine's default
+    /// when `None`.
+    pub indexing_threshold_kb: Option<usize>,
+}
+
+impl EdgeStoreConfig {
+    pub fn new(path: impl Into<PathBuf>, dimension: usize) -> Self {
+        Self {
+            path: path.into(),
+            dimension,
+            flush_interval: Duration::from_secs(1),
+            optimize_interval: Duration::from_secs(10),
+            max_concurrent_reads: std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(4),
+            indexing_threshold_kb: None,
+        }
+    }
+}
+
+struct Inner {
+    /// `None` once closed; taken out so the engine is dropped where its flush-on-drop cannot
+    /// panic an async worker.
+    shard: RwLock<Option<EdgeShard>>,
+    write_lock: Mutex<()>,
+    /// Writes applied since the last flush.
+    dirty: AtomicBool,
+    closed: AtomicBool,
+    dimension: usize,
+}
+
+pub struct EdgeStore {
+    inner: Arc<Inner>,
+    reads: Arc<Semaphore>,
+    background: Mutex<Option<(oneshot::Sender<()>, tokio::task::JoinHandle<()>)>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EdgeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn engine(operation: &'static str) -> impl Fn(qdrant_edge::OperationError) -> StoreError {
+    move |e| StoreError::Engine {
+        operation,
+        message: e.to_string(),
+    }
+}
+
+/// Payload indexes the store keeps: the tenant as the tenant key, every field reads filter on.
+fn payload_indexes() -> Vec<(&'static str, PayloadFieldSchema)> {
+    let keyword = || PayloadFieldSchema::FieldType(PayloadSchemaType::Keyword);
+    let range = || {
+        PayloadFieldSchema::FieldParams(PayloadSchemaParams::Integer(IntegerIndexParams {
+            lookup: Some(false),
+            range: Some(true),
+            ..Default::default()
+        }))
+    };
+    vec![
+        (
+            payload::TENANT,
+            PayloadFieldSchema::FieldParams(PayloadSchemaParams::Keyword(KeywordIndexParams {
+                is_tenant: Some(true),
+                ..Default::default()
+            })),
+        ),
+        (payload::USER_ID, keyword()),
+        (payload::AGENT_ID, keyword()),
+        (payload::SESSION_ID, keyword()),
+        (payload::SCOPE_KEY, keyword()),
+        (payload::KIND, keyword()),
+        (payload::TAGS, keyword()),
+        (payload::ENTITIES, keyword()),
+        (payload::METADATA_KV, keyword()),
+        (payload::CONTENT_HASH, keyword()),
+        (payload::IDEMPOTENCY_KEY, keyword()),
+        (payload::EVENT_TIME, range()),
+        (payload::CREATED_AT, range()),
+    ]
+}
+
+fn open_shard(config: &EdgeStoreConfig) -> StoreResult<EdgeShard> {
+    let (path, dimension) = (config.path.as_path(), config.dimension);
+    let open_error = |reason: String| StoreError::Open {
+        path: path.display().to_string(),
+        reason,
+    };
+    let in_use = |e: qdrant_edge::OperationError| {
+        let message = e.to_string();
+        if message.contains("WouldBlock") {
+            open_error(
+                "it is in use by another engram process (its write-ahead log is locked)".into(),
+            )
+        } else {
+            open_error(message)
+        }
+    };
+    let shard = if path.join("edge_config.json").exists() {
+        let shard = EdgeShard::load(path, None).map_err(in_use)?;
+        let existing = shard.config().vectors.get(DENSE).map(|v| v.size);
+        if existing != Some(dimension) {
+            return Err(open_error(format!(
+                "it holds {}-dimensional vectors but the embedding model produces {dimension}; \
+                 use a new data directory or re-index with the original model",
+                existing.map_or_else(|| "no dense".to_string(), |d| d.to_string())
+            )));
+        }
+        shard
+    } else {
+        std::fs::create_dir_all(path).map_err(|e| open_error(e.to_string()))?;
+        let edge_config = EdgeConfig::builder()
+            .vector(
+                DENSE,
+                EdgeVectorParams::builder(dimension, Distance::Cosine).build(),
+            )
+            .on_disk_payload(true)
+            .optimizers(EdgeOptimizersConfig {
+                indexing_threshold: config.indexing_threshold_kb,
+                ..Default::default()
+            })
+            .build();
+        EdgeShard::new(path, edge_config).map_err(in_use)?
+    };
+    let existing = shard.info().payload_schema;
+    for (field, schema) in payload_indexes() {
+        let name = field
+            .parse()
+            .map_err(|_| open_error(format!("invalid payload field {field}")))?;
+        if existing.contains_key(&name) {
+            continue;
+        }
+        shard
+            .update(UpdateOperation::FieldIndexOperation(
+                FieldIndexOperations::CreateIndex(CreateIndex {
+                    field_name: name,
+                    field_schema: Some(schema),
+                }),
+            ))
+            .map_err(|e| open_error(format!("creating the index on {field}: {e}")))?;
+    }
+    catch_panic("flush", || shard.flush())?;
+    Ok(shard)
+}
+
+impl EdgeStore {
+    /// Open the shard at `config.path` (creating it if missing) and start the background
+    /// flush and optimisation loop.
+    pub async fn open(config: EdgeStoreConfig) -> StoreResult<Self> {
+        let started = Instant::now();
+        let open_config = config.clone();
+        let shard = tokio::task::spawn_blocking(move || open_shard(&open_config))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let points = shard.info().points_count;
+        let inner = Arc::new(Inner {
+            shard: RwLock::new(Some(shard)),
+            write_lock: Mutex::new(()),
+            dirty: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            dimension: config.dimension,
+        });
+        tracing::info!(
+            path = %config.path.display(),
+            points,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "opened the embedded vector store"
+        );
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(background(inner.clone(), config.clone(), stopped));
+        Ok(Self {
+            inner,
+            reads: Arc::new(Semaphore::new(config.max_concurrent_reads.max(1))),
+            background: Mutex::new(Some((stop, task))),
+            path: config.path,
+        })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&Inner) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let _permit = self.reads.acquire().await.map_err(|_| StoreError::Closed)?;
+        self.blocking(operation, f).await
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(&Inner) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| StoreError::Task(format!("{operation}: {e}")))?
+    }
+}
+
+/// Flush on an interval when there are unflushed writes, and optimise segments on another.
+async fn background(inner: Arc<Inner>, config: EdgeStoreConfig, mut stop: oneshot::Receiver<()>) {
+    let mut flush = tokio::time::interval(config.flush_interval);
+    let mut optimize = tokio::time::interval(config.optimize_interval);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    optimize.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = flush.tick() => {
+                if inner.dirty.load(Ordering::Acquire) {
+                    let inner = inner.clone();
+                    match tokio::task::spawn_blocking(move || inner.flush()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "periodic index flush failed"),
+                        Err(e) => tracing::error!(error = %e, "periodic index flush task failed"),
+                    }
+                }
+            }
+            _ = optimize.tick() => {
+                let inner = inner.clone();
+                match tokio::task::spawn_blocking(move || inner.optimize()).await {
+                    Ok(Ok(true)) => tracing::debug!("optimised index segments"),
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "index optimisation failed"),
+                    Err(e) => tracing::error!(error = %e, "index optimisation task failed"),
+                }
+            }
+        }
+    }
+}
+
+/// Run an engine call that reports some failures by panicking (its flush does), as an error.
+fn catch_panic<T>(operation: &'static str, f: impl FnOnce() -> T) -> StoreResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the engine panicked".to_string());
+        StoreError::Engine { operation, message }
+    })
+}
+
+impl Inner {
+    fn shard(&self) -> StoreResult<MappedRwLockReadGuard<'_, EdgeShard>> {
+        RwLockReadGuard::try_map(self.shard.read(), Option::as_ref).map_err(|_| StoreError::Closed)
+    }
+
+    fn flush(&self) -> StoreResult<()> {
+        const ATTEMPTS: u32 = 5;
+        let _write = self.write_lock.lock();
+        let shard = self.shard()?;
+        self.dirty.store(false, Ordering::Release);
+        let mut attempt = 1;
+        loop {
+            match catch_panic("flush", || shard.flush()) {
+                Ok(()) => return Ok(()),
+                // The optimiser swapping segments holds the lock the flush asserts is free.
+                Err(e) if attempt < ATTEMPTS && e.to_string().contains("lock acquired") => {
+                    std::thread::sleep(Duration::from_millis(2 * u64::from(attempt)));
+                    attempt += 1;
+                }
+                Err(e) => {
+                    self.dirty.store(true, Ordering::Release);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Flush and drop the engine; later calls fail with [`StoreError::Closed`].
+    fn close(&self) -> StoreResult<()> {
+        let flushed = self.flush();
+        let shard = self.shard.write().take();
+        self.closed.store(true, Ordering::Release);
+        // Dropping flushes again, and panics if that fails.
+        catch_panic("close", move || drop(shard))?;
+        flushed
+    }
+
+    fn optimize(&self) -> StoreResult<bool> {
+        let optimized = self.shard()?.optimize().map_err(engine("optimize"))?;
+        if optimized {
+            self.dirty.store(true, Ordering::Release);
+        }
+        Ok(optimized)
+    }
+
+    fn apply(&self, tenant: &TenantId, ops: Vec<IndexOp>) -> StoreResult<ApplyOutcome> {
+        let mut outcome = ApplyOutcome::default();
+        {
+            let _write = self.write_lock.lock();
+            let mut pending_upserts: Vec<PointStructPersisted> = Vec::new();
+            for op in ops {
+                match op {
+                    IndexOp::Upsert(indexed) => {
+                        pending_upserts.push(self.point(tenant, *indexed)?);
+                        continue;
+                    }
+                    IndexOp::DeleteIds(ids) => {
+                        outcome.upserted += self.upsert(&mut pending_upserts)?;
+                        outcome.deleted += self.delete(filter::ids(tenant, &ids))?;
+                    }
+                    IndexOp::DeleteScope(scope) => {
+                        outcome.upserted += self.upsert(&mut pending_upserts)?;
+                        outcome.deleted += self.delete(filter::scope(tenant, &scope))?;
+                    }
+                }
+            }
+            outcome.upserted += self.upsert(&mut pending_upserts)?;
+            self.dirty.store(true, Ordering::Release);
+        }
+        // Durable before acknowledged: the engine does not replay its WAL on load.
+        self.flush()?;
+        Ok(outcome)
+    }
+
+    fn point(
+        &self,
+        tenant: &TenantId,
+        indexed: IndexedMemory,
+    ) -> StoreResult<PointStructPersisted> {
+        let IndexedMemory { memory, dense } = indexed;
+        if memory.tenant != *tenant {
+            return Err(StoreError::TenantMismatch {
+                id: memory.id.to_string(),
+                expected: tenant.to_string(),
+                actual: memory.tenant.to_string(),
+            });
+        }
+        if dense.len() != self.dimension {
+            return Err(StoreError::DimensionMismatch {
+                id: memory.id.to_string(),
+                expected: self.dimension,
+                got: dense.len(),
+            });
+        }
+        Ok(PointStructPersisted {
+            id: filter::point_id(memory.id),
+            vector: VectorStructPersisted::Named(HashMap::from([(
+                DENSE.to_string(),
+                VectorPersisted::from(VectorInternal::Dense(dense)),
+            )])),
+            payload: Some(payload::to_payload(&memory)),
+        })
+    }
+
+    fn upsert(&self, points: &mut Vec<PointStructPersisted>) -> StoreResult<u64> {
+        if points.is_empty() {
+            return Ok(0);
+        }
+        let points = std::mem::take(points);
+        let count = points.len() as u64;
+        self.shard()?
+            .update(UpdateOperation::PointOperation(
+                PointOperations::UpsertPoints(PointInsertOperations::PointsList(points)),
+            ))
+            .map_err(engine("upsert"))?;
+        Ok(count)
+    }
+
+    fn delete(&self, filter: Filter) -> StoreResult<u64> {
+        let matching = self.count(filter.clone())?;
+        if matching > 0 {
+            self.shard()?
+                .update(UpdateOperation::PointOperation(
+                    PointOperations::DeletePointsByFilter(filter),
+                ))
+                .map_err(engine("delete"))?;
+        }
+        Ok(matching)
+    }
+
+    fn count(&self, filter: Filter) -> StoreResult<u64> {
+        self.shard()?
+            .count(CountRequest {
+                filter: Some(filter),
+                exact: true,
+            })
+            .map(|n| n as u64)
+            .map_err(engine("count"))
+    }
+
+    fn scroll(
+        &self,
+        filter: Filter,
+        limit: usize,
+        start: Option<PointId>,
+    ) -> StoreResult<(Vec<Record>, Option<PointId>)> {
+        self.shard()?
+            .scroll(ScrollRequest {
+                offset: start,
+                limit: Some(limit),
+                filter: Some(filter),
+                with_payload: Some(WithPayloadInterface::Bool(true)),
+                with_vector: WithVector::Bool(false),
+                order_by: None,
+            })
+            .map_err(engine("scroll"))
+    }
+}
+
+fn record_memory(id: PointId, payload: Option<&qdrant_edge::Payload>) -> StoreResult<Memory> {
+    let uuid = match id {
+        PointId::Uuid(uuid) => uuid,
+        PointId::NumId(n) => {
+            return Err(StoreError::CorruptPayload {
+                id: n.to_string(),
+                reason: "numeric point id; engram writes UUIDs".into(),
+            });
+        }
+    };
+    let payload = payload.ok_or_else(|| StoreError::CorruptPayload {
+        id: uuid.to_string(),
+        reason: "no payload".into(),
+    })?;
+    payload::from_payload(uuid, payload)
+}
+
+fn memory_id(id: PointId) -> StoreResult<MemoryId> {
+    match id {
+        PointId::Uuid(uuid) => Ok(MemoryId::from_uuid(uuid)),
+        PointId::NumId(n) => Err(StoreError::CorruptPayload {
+            id: n.to_string(),
+            reason: "numeric point id; engram writes UUIDs".into(),
+        }),
+    }
+}
+
+#[async_trait]
+impl VectorStore for EdgeStore {
+    fn dimension(&self) -> usize {
+        self.inner.dimension
+    }
+
+    async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> StoreResult<ApplyOutcome> {
+        let tenant = tenant.clone();
+        self.blocking("apply", move |inner| inner.apply(&tenant, writes.ops))
+            .await
+    }
+
+    async fn search_dense(
+        &self,
+        selection: &Selection,
+        vector: Vec<f32>,
+        limit: usize,
+    ) -> StoreResult<Vec<ScoredMemory>> {
+        if vector.len() != self.inner.dimension {
+            return Err(StoreError::DimensionMismatch {
+                id: "(query)".into(),
+                expected: self.inner.dimension,
+                got: vector.len(),
+            });
+        }
+        let filter = filter::selection(selection);
+        self.read("search", move |inner| {
+            let points = inner
+                .shard()?
+                .query(QueryRequest {
+                    prefetches: vec![],
+                    query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
+                        query: VectorInternal::Dense(vector),
+                        using: Some(DENSE.to_string()),
+                    }))),
+                    filter: Some(filter),
+                    score_threshold: None,
+                    limit,
+                    offset: 0,
+                    params: None,
+                    with_vector: WithVector::Bool(false),
+                    with_payload: WithPayloadInterface::Bool(true),
+                })
+                .map_err(engine("search"))?;
+            points
+                .into_iter()
+                .map(|p| {
+                    Ok(ScoredMemory {
+                        memory: record_memory(p.id, p.payload.as_ref())?,
+                        score: p.score,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn get(&self, tenant: &TenantId, ids: &[MemoryId]) -> StoreResult<Vec<Memory>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let filter = filter::ids(tenant, ids);
+        let limit = ids.len();
+        self.read("get", move |inner| {
+            let (records, _) = inner.scroll(filter, limit, None)?;
+            records
+                .into_iter()
+                .map(|r| record_memory(r.id, r.payload.as_ref()))
+                .collect()
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        selection: &Selection,
+        limit: usize,
+        start: Option<MemoryId>,
+    ) -> StoreResult<(Vec<Memory>, Option<MemoryId>)> {
+        let filter = filter::selection(selection);
+        self.read("list", move |inner| {
+            let (records, next) = inner.scroll(filter, limit, start.map(filter::point_id))?;
+            let memories = records
+                .into_iter()
+                .map(|r| record_memory(r.id, r.payload.as_ref()))
+                .collect::<StoreResult<Vec<_>>>()?;
+            Ok((memories, next.map(memory_id).transpose()?))
+        })
+        .await
+    }
+
+    async fn find_duplicates(
+        &self,
+        tenant: &TenantId,
+        scope: &Scope,
+        content_hashes: Vec<String>,
+        idempotency_keys: Vec<String>,
+    ) -> StoreResult<Vec<DuplicateMatch>> {
+        if content_hashes.is_empty() && idempotency_keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Each hash or key can match at most a few memories; bound the scan generously.
+        let limit = (content_hashes.len() + idempotency_keys.len()) * 4;
+        let filter = filter::duplicates(tenant, scope, &content_hashes, &idempotency_keys);
+        self.read("find_duplicates", move |inner| {
+            let (records, _) = inner.scroll(filter, limit, None)?;
+            records
+                .into_iter()
+                .map(|r| {
+                    let memory = record_memory(r.id, r.payload.as_ref())?;
+                    Ok(DuplicateMatch {
+                        id: memory.id,
+                        content_hash: memory.content_hash,
+                        idempotency_key: memory.idempotency_key,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn count(&self, tenant: Option<&TenantId>) -> StoreResult<u64> {
+        let filter = tenant.map(filter::tenant_only);
+        self.read("count", move |inner| match filter {
+            Some(filter) => inner.count(filter),
+            None => Ok(inner.shard()?.info().points_count as u64),
+        })
+        .await
+    }
+
+    async fn info(&self) -> StoreResult<StoreInfo> {
+        self.read("info", |inner| {
+            let info = inner.shard()?.info();
+            Ok(StoreInfo {
+                points: info.points_count as u64,
+                segments: info.segments_count as u64,
+                indexed_vectors: info.indexed_vectors_count as u64,
+            })
+        })
+        .await
+    }
+
+    async fn close(&self) -> StoreResult<()> {
+        let background = self.background.lock().take();
+        if let Some((stop, task)) = background {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.close())
+            .await
+            .map_err(|e| StoreError::Task(format!("close: {e}")))??;
+        tracing::info!(path = %self.path.display(), "vector store flushed and closed");
+        Ok(())
+    }
+}
+
+impl Drop for EdgeStore {
+    fn drop(&mut self) {
+        if let Some((stop, task)) = self.background.lock().take() {
+            let _ = stop.send(());
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Not closed (a crash path, or a test that failed): flush what we can, never panic.
+        if let Some(shard) = self.shard.get_mut().take()
+            && let Err(e) = catch_panic("drop", move || drop(shard))
+        {
+            tracing::error!(error = %e, "the vector store could not be flushed when dropped");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engram_core::model::{Filter, Kind, NewMemory, Timestamp};
+    use std::path::Path;
+
+    const DIM: usize = 8;
+
+    fn tenant(name: &str) -> TenantId {
+        TenantId::parse(name).unwrap()
+    }
+
+    fn unit(axis: usize) -> Vec<f32> {
+        let mut v = vec![0.0; DIM];
+        v[axis % DIM] = 1.0;
+        v
+    }
+
+    fn memory(tenant_id: &TenantId, user: &str, text: &str) -> Memory {
+        Memory::from_input(
+            MemoryId::new_time_ordered(),
+            tenant_id.clone(),
+            Scope::user(user),
+            NewMemory::text(text),
+            Timestamp::now(),
+        )
+    }
+
+    fn upsert(memory: &Memory, axis: usize) -> IndexOp {
+        IndexOp::Upsert(Box::new(IndexedMemory {
+            memory: memory.clone(),
+            dense: unit(axis),
+        }))
+    }
+
+    fn selection(tenant_id: &TenantId, user: &str) -> Selection {
+        Selection {
+            tenant: tenant_id.clone(),
+            scope: Scope::user(user),
+            filter: Filter::default(),
+        }
+    }
+
+    async fn open(dir: &Path) -> EdgeStore {
+        EdgeStore::open(EdgeStoreConfig::new(dir.join("index"), DIM))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn search_is_confined_to_tenant_and_user() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let (a, b) = (tenant("a"), tenant("b"));
+        let mine = memory(&a, "alice", "mine");
+        let other_user = memory(&a, "bob", "bob's");
+        let other_tenant = memory(&b, "alice", "other tenant");
+        store
+            .apply(
+                &a,
+                IndexWrites {
+                    ops: vec![upsert(&mine, 1), upsert(&other_user, 1)],
+                },
+            )
+            .await
+            .unwrap();
+        store
+            .apply(
+                &b,
+                IndexWrites {
+                    ops: vec![upsert(&other_tenant, 1)],
+                },
+            )
+            .await
+            .unwrap();
+        let hits = store
+            .search_dense(&selection(&a, "alice"), unit(1), 10)
+            .await
+            .unwrap();
+        assert_eq!(hits.len(), 1);
+        assert_eq!(
+            hits[0].memory,
+            Memory {
+                state: engram_core::model::MemoryState::Indexed,
+                ..mine.clone()
+            }
+        );
+        // Ids of another tenant are invisible, and cannot be deleted from here.
+        assert!(store.get(&a, &[other_tenant.id]).await.unwrap().is_empty());
+        let outcome = store
+            .apply(
+                &a,
+                IndexWrites {
+                    ops: vec![IndexOp::DeleteIds(vec![other_tenant.id])],
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome.deleted, 0);
+        assert_eq!(store.get(&b, &[other_tenant.id]).await.unwrap().len(), 1);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn writes_apply_in_order_and_list_pages_in_creation_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let t = tenant("t");
+        let first: Vec<Memory> = (0..5)
+            .map(|i| memory(&t, "u", &format!("old {i}")))
+            .collect();
+        let later = memory(&t, "u", "after the forget");
+        let mut ops: Vec<IndexOp> = first.iter().map(|m| upsert(m, 0)).collect();
+        ops.push(IndexOp::DeleteScope(Scope::user("u")));
+        ops.push(upsert(&later, 0));
+        let outcome = store.apply(&t, IndexWrites { ops }).await.unwrap();
+        assert_eq!((outcome.upserted, outcome.deleted), (6, 5));
+        let (all, next) = store.list(&selection(&t, "u"), 10, None).await.unwrap();
+        assert_eq!(all.iter().map(|m| m.id).collect::<Vec<_>>(), vec![later.id]);
+        assert_eq!(next, None);
+
+        let more: Vec<Memory> = (0..7).map(|i| memory(&t, "v", &format!("m{i}"))).collect();
+        store
+            .apply(
+                &t,
+                IndexWrites {
+                    ops: more.iter().map(|m| upsert(m, 2)).collect(),
+                },
+            )
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut start = None;
+        loop {
+            let (page, next) = store.list(&selection(&t, "v"), 3, start).await.unwrap();
+            seen.extend(page.into_iter().map(|m| m.id));
+            match next {
+                Some(next) => start = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, more.iter().map(|m| m.id).collect::<Vec<_>>());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn filters_select_by_kind_tags_and_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let t = tenant("t");
+        let mut fact = memory(&t, "u", "fact");
+        fact.tags = vec!["x".into(), "y".into()];
+        fact.event_time = Timestamp::from_micros(1_000);
+        let mut message = memory(&t, "u", "message");
+        message.kind = Kind::Message;
+        message.tags = vec!["x".into()];
+        message.event_time = Timestamp::from_micros(2_000);
+        message.metadata.insert("source.app".into(), "chat".into());
+        store
+            .apply(
+                &t,
+                IndexWrites {
+                    ops: vec![upsert(&fact, 0), upsert(&message, 0)],
+                },
+            )
+            .await
+            .unwrap();
+        let find = |filter: Filter| {
+            let store = &store;
+            let t = t.clone();
+            async move {
+                let hits = store
+                    .search_dense(
+                        &Selection {
+                            tenant: t,
+                            scope: Scope::user("u"),
+                            filter,
+                        },
+                        unit(0),
+                        10,
+                    )
+                    .await
+                    .unwrap();
+                let mut texts: Vec<String> = hits.into_iter().map(|h| h.memory.text).collect();
+                texts.sort();
+                texts
+            }
+        };
+        assert_eq!(
+            find(Filter {
+                kinds: vec![Kind::Message],
+                ..Default::default()
+            })
+            .await,
+            ["message"]
+        );
+        assert_eq!(
+            find(Filter {
+                tags_all: vec!["x".into(), "y".into()],
+                ..Default::default()
+            })
+            .await,
+            ["fact"]
+        );
+        assert_eq!(
+            find(Filter {
+                tags_any: vec!["y".into(), "z".into()],
+                ..Default::default()
+            })
+            .await,
+            ["fact"]
+        );
+        assert_eq!(
+            find(Filter {
+                event_after: Some(Timestamp::from_micros(1_500)),
+                ..Default::default()
+            })
+            .await,
+            ["message"]
+        );
+        assert_eq!(
+            find(Filter {
+                event_before: Some(Timestamp::from_micros(2_000)),
+                ..Default::default()
+            })
+            .await,
+            ["fact"]
+        );
+        assert_eq!(
+            find(Filter {
+                metadata_equals: [("source.app".to_string(), "chat".to_string())].into(),
+                ..Default::default()
+            })
+            .await,
+            ["message"]
+        );
+        store.close().await.unwrap();
+    }
+
+    const CRASH_DIR: &str = "ENGRAM_STORE_TEST_CRASH_DIR";
+
+    /// Runs only as the child of `acknowledged_writes_survive_a_crash`: write, then die
+    /// without closing anything.
+    #[tokio::test]
+    async fn crash_child_writes_then_aborts() {
+        let Ok(dir) = std::env::var(CRASH_DIR) else {
+            return;
+        };
+        let store = open(Path::new(&dir)).await;
+        let t = tenant("t");
+        let m = memory(&t, "u", "durable");
+        store
+            .apply(
+                &t,
+                IndexWrites {
+                    ops: vec![upsert(&m, 3)],
+                },
+            )
+            .await
+            .unwrap();
+        println!("acknowledged={}", m.id);
+        std::process::abort();
+    }
+
+    #[tokio::test]
+    async fn acknowledged_writes_survive_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "edge::tests::crash_child_writes_then_aborts",
+                "--nocapture",
+            ])
+            .env(CRASH_DIR, dir.path())
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "the child was meant to abort");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let id: MemoryId = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("acknowledged="))
+            .unwrap_or_else(|| panic!("child did not acknowledge a write: {stdout}"))
+            .parse()
+            .unwrap();
+        let store = open(dir.path()).await;
+        let t = tenant("t");
+        assert_eq!(store.get(&t, &[id]).await.unwrap().len(), 1);
+        assert_eq!(store.count(Some(&t)).await.unwrap(), 1);
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn vectors_of_another_dimension_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tenant("t");
+        let store = open(dir.path()).await;
+        let wrong = IndexOp::Upsert(Box::new(IndexedMemory {
+            memory: memory(&t, "u", "x"),
+            dense: vec![1.0; DIM + 1],
+        }));
+        let err = store
+            .apply(&t, IndexWrites { ops: vec![wrong] })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::DimensionMismatch { .. }), "{err}");
+        assert_eq!(store.count(Some(&t)).await.unwrap(), 0);
+        store.close().await.unwrap();
+        drop(store);
+        let err = EdgeStore::open(EdgeStoreConfig::new(dir.path().join("index"), DIM * 2))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("8-dimensional"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_second_opener_gets_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let err = EdgeStore::open(EdgeStoreConfig::new(dir.path().join("index"), DIM))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_and_queries_continue_while_segments_are_optimised() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EdgeStoreConfig::new(dir.path().join("index"), DIM);
+        config.indexing_threshold_kb = Some(1);
+        config.optimize_interval = Duration::from_millis(5);
+        let store = Arc::new(EdgeStore::open(config).await.unwrap());
+        let t = tenant("t");
+        let writer = {
+            let (store, t) = (store.clone(), t.clone());
+            tokio::spawn(async move {
+                let mut written = 0u64;
+                for round in 0..40 {
+                    let batch: Vec<IndexOp> = (0..50)
+                        .map(|i| upsert(&memory(&t, "u", &format!("m {round} {i}")), i))
+                        .collect();
+                    written += store
+                        .apply(&t, IndexWrites { ops: batch })
+                        .await
+                        .unwrap()
+                        .upserted;
+                }
+                written
+            })
+        };
+        let mut searches = 0;
+        while !writer.is_finished() {
+            store
+                .search_dense(&selection(&t, "u"), unit(1), 5)
+                .await
+                .unwrap();
+            searches += 1;
+        }
+        let written = writer.await.unwrap();
+        assert!(searches > 0);
+        assert_eq!(store.count(Some(&t)).await.unwrap(), written);
+        let info = store.info().await.unwrap();
+        assert!(
+            info.indexed_vectors > 0,
+            "the optimiser never indexed a segment: {info:?}"
+        );
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_found_within_the_exact_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let t = tenant("t");
+        let mut m = memory(&t, "u", "same text");
+        m.idempotency_key = "key-1".into();
+        store
+            .apply(
+                &t,
+                IndexWrites {
+                    ops: vec![upsert(&m, 0)],
+                },
+            )
+            .await
+            .unwrap();
+        let by_hash = store
+            .find_duplicates(&t, &Scope::user("u"), vec![m.content_hash.clone()], vec![])
+            .await
+            .unwrap();
+        assert_eq!(by_hash.iter().map(|d| d.id).collect::<Vec<_>>(), vec![m.id]);
+        let by_key = store
+            .find_duplicates(&t, &Scope::user("u"), vec![], vec!["key-1".into()])
+            .await
+            .unwrap();
+        assert_eq!(by_key.len(), 1);
+        let other_scope = Scope {
+            session_id: "s".into(),
+            ..Scope::user("u")
+        };
+        assert!(
+            store
+                .find_duplicates(&t, &other_scope, vec![m.content_hash.clone()], vec![])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        store.close().await.unwrap();
+    }
+}

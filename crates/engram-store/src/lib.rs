@@ -1,0 +1,90 @@
+//! The vector store behind the retrieval service.
+//!
+//! [`VectorStore`] is what retrieval needs from an index: ordered batches of writes that are
+//! durable when they return, dense search within a tenant and scope, reads by id and by scope
+//! in time order, and the lookups de-duplication needs. [`EdgeStore`] implements it with the
+//! embedded qdrant-edge engine: one shard on disk, every engine call on the blocking pool, a
+//! background loop that flushes and optimises segments while queries keep being served.
+//!
+//! Tenancy is enforced here as well as at the edge: every read and delete is filtered by the
+//! tenant inside the engine, never only after the fact.
+
+mod edge;
+mod error;
+mod filter;
+mod payload;
+
+use async_trait::async_trait;
+use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexWrites};
+use engram_core::model::{Filter, Memory, MemoryId, Scope, TenantId};
+
+pub use edge::{EdgeStore, EdgeStoreConfig};
+pub use error::{StoreError, StoreResult};
+
+/// Which memories a read covers: a tenant, a scope (empty agent or session match any) and a
+/// filter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub tenant: TenantId,
+    pub scope: Scope,
+    pub filter: Filter,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredMemory {
+    pub memory: Memory,
+    pub score: f32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreInfo {
+    pub points: u64,
+    pub segments: u64,
+    pub indexed_vectors: u64,
+}
+
+#[async_trait]
+pub trait VectorStore: Send + Sync + 'static {
+    /// Dimension of the dense vectors this store indexes.
+    fn dimension(&self) -> usize;
+
+    /// Apply writes in order; when this returns they are on disk and visible to reads.
+    async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> StoreResult<ApplyOutcome>;
+
+    /// The `limit` memories of `selection` nearest to `vector`, best first.
+    async fn search_dense(
+        &self,
+        selection: &Selection,
+        vector: Vec<f32>,
+        limit: usize,
+    ) -> StoreResult<Vec<ScoredMemory>>;
+
+    /// Memories of `tenant` with these ids (in no particular order; missing ones are absent).
+    async fn get(&self, tenant: &TenantId, ids: &[MemoryId]) -> StoreResult<Vec<Memory>>;
+
+    /// Up to `limit` memories of `selection` in id (creation) order, starting at `start`;
+    /// returns the id the next page starts at, if any.
+    async fn list(
+        &self,
+        selection: &Selection,
+        limit: usize,
+        start: Option<MemoryId>,
+    ) -> StoreResult<(Vec<Memory>, Option<MemoryId>)>;
+
+    /// Memories of exactly `scope` with one of these content hashes or idempotency keys.
+    async fn find_duplicates(
+        &self,
+        tenant: &TenantId,
+        scope: &Scope,
+        content_hashes: Vec<String>,
+        idempotency_keys: Vec<String>,
+    ) -> StoreResult<Vec<DuplicateMatch>>;
+
+    /// Number of memories of a tenant, or of the whole store.
+    async fn count(&self, tenant: Option<&TenantId>) -> StoreResult<u64>;
+
+    async fn info(&self) -> StoreResult<StoreInfo>;
+
+    /// Stop background work and write everything to disk.
+    async fn close(&self) -> StoreResult<()>;
+}

@@ -1,0 +1,251 @@
+//! A service's Prometheus registry and the gRPC server metrics layer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Metric, Registry};
+
+/// Latency buckets in seconds from 50 µs to about 6.5 s, doubling: engram's fast paths are
+/// sub-millisecond and its slow ones (model calls) take seconds.
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.000_05, 2.0, 18)
+}
+
+/// One service's metrics registry. Cheap to clone; components register their series at
+/// construction and `/metrics` encodes them.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    registry: Arc<Mutex<Registry>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        self.registry.lock().register(name, help, metric);
+    }
+
+    /// The registry in the Prometheus text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry.lock());
+        out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_service: String,
+    grpc_method: String,
+    grpc_code: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_service: String,
+    grpc_method: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
+}
+
+/// Tower layer recording, for every request a server handles, `grpc_server_started_total` and
+/// `grpc_server_handling_seconds` (by service and method) and `grpc_server_handled_total` (by
+/// service, method and status code). Started minus handled is the number in flight.
+#[derive(Clone)]
+pub struct GrpcMetricsLayer {
+    started: Family<MethodLabels, Counter>,
+    handled: Family<HandledLabels, Counter>,
+    handling: HistogramFamily<MethodLabels>,
+}
+
+impl GrpcMetricsLayer {
+    pub fn new(metrics: &Metrics) -> Self {
+        let started = Family::<MethodLabels, Counter>::default();
+        let handled = Family::<HandledLabels, Counter>::default();
+        let handling: HistogramFamily<MethodLabels> =
+            Family::new_with_constructor(latency_histogram);
+        metrics.register(
+            "grpc_server_started",
+            "RPCs started on the server",
+            started.clone(),
+        );
+        metrics.register(
+            "grpc_server_handled",
+            "RPCs completed on the server, by status code",
+            handled.clone(),
+        );
+        metrics.register(
+            "grpc_server_handling_seconds",
+            "Time to handle an RPC on the server, until its response headers",
+            handling.clone(),
+        );
+        Self {
+            started,
+            handled,
+            handling,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+    layer: GrpcMetricsLayer,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcMetrics<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let (service, method) = split_path(request.uri().path());
+        let layer = self.layer.clone();
+        let labels = MethodLabels {
+            grpc_service: service,
+            grpc_method: method,
+        };
+        layer.started.get_or_create(&labels).inc();
+        let started = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let result = response.await;
+            let code = match &result {
+                // Errors carry their status in the headers (trailers-only responses); a
+                // response without one succeeded or streams its status in the trailers.
+                Ok(response) => response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .and_then(|code| CODE_NAMES.get(code).copied())
+                    .unwrap_or("OK"),
+                Err(_) => "Unavailable",
+            };
+            let elapsed = started.elapsed();
+            layer
+                .handling
+                .get_or_create(&labels)
+                .observe(elapsed.as_secs_f64());
+            layer
+                .handled
+                .get_or_create(&HandledLabels {
+                    grpc_service: labels.grpc_service,
+                    grpc_method: labels.grpc_method,
+                    grpc_code: code,
+                })
+                .inc();
+            result
+        })
+    }
+}
+
+/// `/engram.v1.MemoryService/Recall` → (`engram.v1.MemoryService`, `Recall`).
+fn split_path(path: &str) -> (String, String) {
+    let path = path.trim_start_matches('/');
+    match path.split_once('/') {
+        Some((service, method)) => (service.to_string(), method.to_string()),
+        None => (path.to_string(), String::new()),
+    }
+}
+
+/// gRPC status code names, indexed by code.
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use tower::{Layer as _, Service as _};
+
+    #[tokio::test]
+    async fn counts_requests_by_code() {
+        let metrics = Metrics::new();
+        let mut service = GrpcMetricsLayer::new(&metrics).layer(tower::service_fn(
+            |request: http::Request<()>| async move {
+                let mut response = http::Response::new(());
+                if request.uri().path().ends_with("Bad") {
+                    response
+                        .headers_mut()
+                        .insert("grpc-status", http::HeaderValue::from_static("3"));
+                }
+                Ok::<_, Infallible>(response)
+            },
+        ));
+        for path in ["/pkg.Svc/Good", "/pkg.Svc/Bad", "/pkg.Svc/Bad"] {
+            let request = http::Request::builder().uri(path).body(()).unwrap();
+            service.call(request).await.unwrap();
+        }
+        let text = metrics.encode();
+        assert!(text.contains(
+            r#"grpc_server_handled_total{grpc_service="pkg.Svc",grpc_method="Bad",grpc_code="InvalidArgument"} 2"#
+        ), "{text}");
+        assert!(text.contains(
+            r#"grpc_server_handled_total{grpc_service="pkg.Svc",grpc_method="Good",grpc_code="OK"} 1"#
+        ), "{text}");
+        assert!(
+            text.contains(
+                r#"grpc_server_handling_seconds_count{grpc_service="pkg.Svc",grpc_method="Good"} 1"#
+            ),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,196 @@
+//! The retrieval service: owns the index, answers reads, and applies the writes ingestion
+//! hands it.
+//!
+//! A Recall passes through the gRPC adapter (`engram_core::rpc::index_server`, which validates
+//! it), then [`Retrieval::search`]: the query is embedded by the embedding service, the dense
+//! search runs in the store filtered by tenant and scope, and hits are rescored by recency and
+//! importance. Writes arrive as ordered [`IndexWrites`] and are durable when `apply` returns.
+
+mod search;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use engram_core::api::{
+    ApplyOutcome, DuplicateMatch, Embedder, GetQuery, GetResult, Index, IndexStats, IndexWrites,
+    ListPage, ListQuery, RecallQuery, RecallResult,
+};
+use engram_core::config::CommonArgs;
+use engram_core::model::{Scope, TenantId};
+use engram_core::server::{Listeners, ServiceRuntime};
+use engram_core::{Result, rpc};
+use engram_proto::tonic::service::Routes;
+use engram_store::{EdgeStore, EdgeStoreConfig, Selection, VectorStore};
+
+pub use search::SearchMetrics;
+
+pub const SERVICE_NAME: &str = "retrieval";
+
+engram_core::listen_args!(Listen, "retrieval", "RETRIEVAL", "50052", "9092");
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetrievalArgs {
+    /// Directory for engram's data; the index lives in `<data-dir>/index`.
+    #[arg(long = "data-dir", env = "ENGRAM_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Dimension of the embedding model's vectors; the index is created for it and refuses
+    /// vectors of any other size.
+    #[arg(
+        long = "vector-dimension",
+        env = "ENGRAM_VECTOR_DIMENSION",
+        default_value_t = 384
+    )]
+    pub dimension: usize,
+}
+
+/// Where retrieval finds the services it calls (its own binary only; `engram up` wires these).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetrievalPeers {
+    /// URL of the embedding service.
+    #[arg(
+        long = "embedding-url",
+        env = "ENGRAM_EMBEDDING_URL",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    pub embedding_url: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub index_dir: PathBuf,
+    /// Dimension of the embedding model's vectors.
+    pub dimension: usize,
+    pub embedding_url: String,
+    pub common: CommonArgs,
+}
+
+impl Config {
+    pub fn from_args(args: &RetrievalArgs, peers: &RetrievalPeers, common: CommonArgs) -> Self {
+        Self {
+            index_dir: args.data_dir.join("index"),
+            dimension: args.dimension,
+            embedding_url: peers.embedding_url.clone(),
+            common,
+        }
+    }
+
+    pub fn for_test(data_dir: &std::path::Path, embedding_url: String) -> Self {
+        Self {
+            index_dir: data_dir.join("index"),
+            dimension: 384,
+            embedding_url,
+            common: CommonArgs::for_test(),
+        }
+    }
+}
+
+/// Serve the index in `config.index_dir` until `shutdown`; the store is flushed before return.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
+    let store =
+        Arc::new(EdgeStore::open(EdgeStoreConfig::new(&config.index_dir, config.dimension)).await?);
+    let embedder = Arc::new(rpc::EmbedderClient::new(rpc::channel(
+        "ENGRAM_EMBEDDING_URL",
+        &config.embedding_url,
+        config.common.internal_timeout,
+    )?));
+    let retrieval = Arc::new(Retrieval::new(store.clone(), embedder, runtime.metrics()));
+    let routes = Routes::new(rpc::index_server(retrieval, config.common.limits.clone()));
+    let served = runtime
+        .serve(
+            routes,
+            &["engram.internal.v1.Index"],
+            listeners.grpc,
+            config.common.drain_grace,
+            shutdown,
+        )
+        .await;
+    let closed = store.close().await;
+    served?;
+    closed?;
+    Ok(())
+}
+
+/// [`Index`] over a vector store and an embedder for queries.
+pub struct Retrieval {
+    store: Arc<dyn VectorStore>,
+    embedder: Arc<dyn Embedder>,
+    metrics: SearchMetrics,
+}
+
+impl Retrieval {
+    pub fn new(
+        store: Arc<dyn VectorStore>,
+        embedder: Arc<dyn Embedder>,
+        metrics: &engram_telemetry::Metrics,
+    ) -> Self {
+        Self {
+            store,
+            embedder,
+            metrics: SearchMetrics::new(metrics),
+        }
+    }
+}
+
+#[async_trait]
+impl Index for Retrieval {
+    async fn search(&self, tenant: &TenantId, query: RecallQuery) -> Result<RecallResult> {
+        search::search(self, tenant, query).await
+    }
+
+    async fn get(&self, tenant: &TenantId, query: GetQuery) -> Result<GetResult> {
+        let found = self.store.get(tenant, &query.ids).await?;
+        Ok(GetResult::assemble(&query.ids, found))
+    }
+
+    async fn list(&self, tenant: &TenantId, query: ListQuery) -> Result<ListPage> {
+        let selection = Selection {
+            tenant: tenant.clone(),
+            scope: query.scope,
+            filter: query.filter,
+        };
+        let (memories, next) = self
+            .store
+            .list(&selection, query.page_size as usize, query.page_token)
+            .await?;
+        Ok(ListPage {
+            memories,
+            next_page_token: next,
+        })
+    }
+
+    async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> Result<ApplyOutcome> {
+        Ok(self.store.apply(tenant, writes).await?)
+    }
+
+    async fn find_duplicates(
+        &self,
+        tenant: &TenantId,
+        scope: &Scope,
+        content_hashes: Vec<String>,
+        idempotency_keys: Vec<String>,
+    ) -> Result<Vec<DuplicateMatch>> {
+        Ok(self
+            .store
+            .find_duplicates(tenant, scope, content_hashes, idempotency_keys)
+            .await?)
+    }
+
+    async fn stats(&self, tenant: Option<&TenantId>) -> Result<IndexStats> {
+        let info = self.store.info().await?;
+        let memories = match tenant {
+            Some(tenant) => self.store.count(Some(tenant)).await?,
+            None => info.points,
+        };
+        Ok(IndexStats {
+            memories,
+            segments: info.segments,
+            indexed_vectors: info.indexed_vectors,
+        })
+    }
+}
