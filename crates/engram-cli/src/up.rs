@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use engram_cli::cluster::{ClusterConfig, ClusterListeners, LocalCluster, ModelSource};
 use engram_core::config::{CommonArgs, shutdown_signal};
+use engram_core::server::ListenAddrs as _;
 use engram_core::{Error, Result};
 use engram_models::fetch;
 use engram_telemetry::LogConfig;

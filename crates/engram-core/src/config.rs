@@ -103,10 +103,46 @@ macro_rules! listen_args {
             pub admin_listen: std::net::SocketAddr,
         }
 
-        impl $name {
-            pub async fn bind(&self) -> $crate::Result<$crate::server::Listeners> {
-                $crate::server::Listeners::bind(self.listen, Some(self.admin_listen)).await
+        impl $crate::server::ListenAddrs for $name {
+            fn addrs(&self) -> (std::net::SocketAddr, std::net::SocketAddr) {
+                (self.listen, self.admin_listen)
             }
         }
     };
+}
+
+/// Where the embedding service is (for the services that call it).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EmbeddingUrl {
+    /// URL of the embedding service.
+    #[arg(
+        long = "embedding-url",
+        env = "ENGRAM_EMBEDDING_URL",
+        default_value = "http://127.0.0.1:50054"
+    )]
+    pub embedding_url: String,
+}
+
+/// Where the retrieval service is (for the services that call it).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RetrievalUrl {
+    /// URL of the retrieval service.
+    #[arg(
+        long = "retrieval-url",
+        env = "ENGRAM_RETRIEVAL_URL",
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub retrieval_url: String,
+}
+
+/// Where the ingestion service is (for the gateway).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestionUrl {
+    /// URL of the ingestion service.
+    #[arg(
+        long = "ingestion-url",
+        env = "ENGRAM_INGESTION_URL",
+        default_value = "http://127.0.0.1:50053"
+    )]
+    pub ingestion_url: String,
 }

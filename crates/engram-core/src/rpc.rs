@@ -130,6 +130,11 @@ pub struct EmbedderClient {
 }
 
 impl EmbedderClient {
+    /// A client that connects to `url` on first use; `setting` names where the URL came from.
+    pub fn connect_lazy(setting: &str, url: &str, timeout: Duration) -> Result<Self> {
+        Ok(Self::new(channel(setting, url, timeout)?))
+    }
+
     pub fn new(channel: Channel) -> Self {
         Self {
             client: ipb::embedder_client::EmbedderClient::new(channel)
@@ -342,6 +347,11 @@ pub struct IndexClient {
 }
 
 impl IndexClient {
+    /// A client that connects to `url` on first use; `setting` names where the URL came from.
+    pub fn connect_lazy(setting: &str, url: &str, timeout: Duration) -> Result<Self> {
+        Ok(Self::new(channel(setting, url, timeout)?))
+    }
+
     pub fn new(channel: Channel) -> Self {
         Self {
             client: ipb::index_client::IndexClient::new(channel)
@@ -509,6 +519,11 @@ pub struct IngestionClient {
 }
 
 impl IngestionClient {
+    /// A client that connects to `url` on first use; `setting` names where the URL came from.
+    pub fn connect_lazy(setting: &str, url: &str, timeout: Duration) -> Result<Self> {
+        Ok(Self::new(channel(setting, url, timeout)?))
+    }
+
     pub fn new(channel: Channel) -> Self {
         Self {
             client: ipb::ingestion_client::IngestionClient::new(channel)

@@ -214,8 +214,74 @@ impl Drop for ServiceRuntime {
     }
 }
 
-/// The body of every service binary's `main`: set up logging, check the shared settings, run,
-/// and turn the outcome into an exit code (0 after a clean drain, 1 on an error, 2 on bad
+/// A service's gRPC and admin addresses (declared with [`crate::listen_args!`]).
+pub trait ListenAddrs {
+    fn addrs(&self) -> (SocketAddr, SocketAddr);
+
+    /// Bind both; errors name the address that could not be bound.
+    fn bind(&self) -> impl Future<Output = Result<Listeners>> + Send {
+        let (grpc, admin) = self.addrs();
+        Listeners::bind(grpc, Some(admin))
+    }
+}
+
+/// The command line of a service binary: its addresses, its own settings, the shared ones
+/// and logging.
+#[derive(Debug, clap::Parser)]
+pub struct ServiceCli<L: clap::Args, A: clap::Args> {
+    #[command(flatten)]
+    pub listen: L,
+    #[command(flatten)]
+    pub args: A,
+    #[command(flatten)]
+    pub common: crate::config::CommonArgs,
+    #[command(flatten)]
+    pub log: engram_telemetry::LogConfig,
+}
+
+impl<L: clap::Args, A: clap::Args> ServiceCli<L, A> {
+    pub fn command(name: &'static str, about: &'static str) -> clap::Command {
+        <Self as clap::CommandFactory>::command()
+            .name(name)
+            .bin_name(name)
+            .about(about)
+            .version(env!("CARGO_PKG_VERSION"))
+    }
+}
+
+/// `main` of a service binary: parse `ServiceCli<L, A>`, bind, and serve with `serve` until
+/// SIGINT or SIGTERM; see [`run_main`] for exit codes.
+pub async fn service_main<L, A, F, Fut>(
+    name: &'static str,
+    about: &'static str,
+    serve: F,
+) -> std::process::ExitCode
+where
+    L: clap::Args + ListenAddrs,
+    A: clap::Args,
+    F: FnOnce(A, crate::config::CommonArgs, Listeners) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let matches = ServiceCli::<L, A>::command(name, about).get_matches();
+    let cli = match <ServiceCli<L, A> as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    let ServiceCli {
+        listen,
+        args,
+        common,
+        log,
+    } = cli;
+    run_main(&log, common, |common| async move {
+        let listeners = listen.bind().await?;
+        serve(args, common, listeners).await
+    })
+    .await
+}
+
+/// The body of every binary's `main`: set up logging, check the shared settings, run, and
+/// turn the outcome into an exit code (0 after a clean drain, 1 on an error, 2 on bad
 /// configuration), printing the error where an operator will see it.
 pub async fn run_main<F, Fut>(
     log: &engram_telemetry::LogConfig,
@@ -242,4 +308,36 @@ where
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// The whole `main.rs` of a service binary: `main` runs [`service_main`] with the service's
+/// listen addresses, its settings, how to build its config and how to serve it; a test checks
+/// the command line is well formed.
+#[macro_export]
+macro_rules! service_binary {
+    (name: $name:literal, about: $about:literal, listen: $listen:ty, args: $args:ty, config: $config:path, serve: $serve:path $(,)?) => {
+        #[tokio::main]
+        async fn main() -> std::process::ExitCode {
+            $crate::server::service_main::<$listen, $args, _, _>(
+                $name,
+                $about,
+                |args, common, listeners| {
+                    $serve(
+                        $config(args, common),
+                        listeners,
+                        $crate::config::shutdown_signal(),
+                    )
+                },
+            )
+            .await
+        }
+
+        #[cfg(test)]
+        mod command_line {
+            #[test]
+            fn is_well_formed() {
+                $crate::server::ServiceCli::<$listen, $args>::command($name, $about).debug_assert();
+            }
+        }
+    };
 }

@@ -38,12 +38,9 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn from_args(args: &EmbeddingArgs, common: CommonArgs) -> Self {
+    pub fn from_args(args: EmbeddingArgs, common: CommonArgs) -> Self {
         Self {
-            model_dir: args
-                .model_dir
-                .clone()
-                .unwrap_or_else(fetch::default_model_dir),
+            model_dir: args.model_dir.unwrap_or_else(fetch::default_model_dir),
             common,
         }
     }

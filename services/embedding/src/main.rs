@@ -1,46 +1,10 @@
-//! `engram-embedding`: the embedding service as its own process.
+//! `engram-embedding`: engram's embedding service, as its own process.
 
-use clap::Parser;
-use engram_core::config::{CommonArgs, shutdown_signal};
-use engram_embedding::{Config, EmbeddingArgs, Listen, serve};
-use engram_telemetry::LogConfig;
-
-#[derive(Parser)]
-#[command(
-    name = "engram-embedding",
-    version,
-    about = "engram's embedding service"
-)]
-struct Cli {
-    #[command(flatten)]
-    listen: Listen,
-    #[command(flatten)]
-    service: EmbeddingArgs,
-    #[command(flatten)]
-    common: CommonArgs,
-    #[command(flatten)]
-    log: LogConfig,
-}
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    engram_core::server::run_main(&cli.log, cli.common, |common| async move {
-        let listeners = cli.listen.bind().await?;
-        serve(
-            Config::from_args(&cli.service, common),
-            listeners,
-            shutdown_signal(),
-        )
-        .await
-    })
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn command_line_is_well_formed() {
-        <super::Cli as clap::CommandFactory>::command().debug_assert();
-    }
+engram_core::service_binary! {
+    name: "engram-embedding",
+    about: "engram's embedding service",
+    listen: engram_embedding::Listen,
+    args: engram_embedding::EmbeddingArgs,
+    config: engram_embedding::Config::from_args,
+    serve: engram_embedding::serve,
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use engram_core::api::{Index, Ingestion};
-use engram_core::config::CommonArgs;
+use engram_core::config::{CommonArgs, IngestionUrl, RetrievalUrl};
 use engram_core::model::TenantId;
 use engram_core::server::{Listeners, ServiceRuntime};
 use engram_core::{Limits, Result, convert, rpc, validate};
@@ -29,20 +29,10 @@ engram_core::listen_args!(Listen, "gateway", "GATEWAY", "50051", "9091");
 /// these).
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayPeers {
-    /// URL of the retrieval service.
-    #[arg(
-        long = "retrieval-url",
-        env = "ENGRAM_RETRIEVAL_URL",
-        default_value = "http://127.0.0.1:50052"
-    )]
-    pub retrieval_url: String,
-    /// URL of the ingestion service.
-    #[arg(
-        long = "ingestion-url",
-        env = "ENGRAM_INGESTION_URL",
-        default_value = "http://127.0.0.1:50053"
-    )]
-    pub ingestion_url: String,
+    #[command(flatten)]
+    pub retrieval: RetrievalUrl,
+    #[command(flatten)]
+    pub ingestion: IngestionUrl,
 }
 
 #[derive(Debug, Clone)]
@@ -53,19 +43,11 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn from_args(peers: &GatewayPeers, common: CommonArgs) -> Self {
+    pub fn from_args(peers: GatewayPeers, common: CommonArgs) -> Self {
         Self {
-            retrieval_url: peers.retrieval_url.clone(),
-            ingestion_url: peers.ingestion_url.clone(),
+            retrieval_url: peers.retrieval.retrieval_url,
+            ingestion_url: peers.ingestion.ingestion_url,
             common,
-        }
-    }
-
-    pub fn for_test(retrieval_url: String, ingestion_url: String) -> Self {
-        Self {
-            retrieval_url,
-            ingestion_url,
-            common: CommonArgs::for_test(),
         }
     }
 }
@@ -77,16 +59,16 @@ pub async fn serve(
 ) -> Result<()> {
     let runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
     let timeout = config.common.internal_timeout;
-    let index = Arc::new(rpc::IndexClient::new(rpc::channel(
+    let index = Arc::new(rpc::IndexClient::connect_lazy(
         "ENGRAM_RETRIEVAL_URL",
         &config.retrieval_url,
         timeout,
-    )?));
-    let ingestion = Arc::new(rpc::IngestionClient::new(rpc::channel(
+    )?);
+    let ingestion = Arc::new(rpc::IngestionClient::connect_lazy(
         "ENGRAM_INGESTION_URL",
         &config.ingestion_url,
         timeout,
-    )?));
+    )?);
     tracing::warn!(
         "authentication is off: every caller is the tenant `default`; do not expose this gateway beyond a trusted network"
     );

@@ -19,7 +19,7 @@ use engram_core::api::{
     Ingestion, Purpose, RememberBatch, RememberOutcome, UpdateCommand, UpdateOutcome, WriteResult,
     WriteStatus, WriteToken,
 };
-use engram_core::config::CommonArgs;
+use engram_core::config::{CommonArgs, EmbeddingUrl, RetrievalUrl};
 use engram_core::model::{Memory, MemoryId, TenantId, Timestamp, content_hash};
 use engram_core::server::{Listeners, ServiceRuntime};
 use engram_core::{Error, Result, rpc};
@@ -32,20 +32,10 @@ engram_core::listen_args!(Listen, "ingestion", "INGESTION", "50053", "9093");
 /// Where ingestion finds the services it calls (its own binary only; `engram up` wires these).
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestionPeers {
-    /// URL of the embedding service.
-    #[arg(
-        long = "embedding-url",
-        env = "ENGRAM_EMBEDDING_URL",
-        default_value = "http://127.0.0.1:50054"
-    )]
-    pub embedding_url: String,
-    /// URL of the retrieval service.
-    #[arg(
-        long = "retrieval-url",
-        env = "ENGRAM_RETRIEVAL_URL",
-        default_value = "http://127.0.0.1:50052"
-    )]
-    pub retrieval_url: String,
+    #[command(flatten)]
+    pub embedding: EmbeddingUrl,
+    #[command(flatten)]
+    pub retrieval: RetrievalUrl,
 }
 
 #[derive(Debug, Clone)]
@@ -56,19 +46,11 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn from_args(peers: &IngestionPeers, common: CommonArgs) -> Self {
+    pub fn from_args(peers: IngestionPeers, common: CommonArgs) -> Self {
         Self {
-            embedding_url: peers.embedding_url.clone(),
-            retrieval_url: peers.retrieval_url.clone(),
+            embedding_url: peers.embedding.embedding_url,
+            retrieval_url: peers.retrieval.retrieval_url,
             common,
-        }
-    }
-
-    pub fn for_test(embedding_url: String, retrieval_url: String) -> Self {
-        Self {
-            embedding_url,
-            retrieval_url,
-            common: CommonArgs::for_test(),
         }
     }
 }
@@ -80,16 +62,16 @@ pub async fn serve(
 ) -> Result<()> {
     let runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
     let timeout = config.common.internal_timeout;
-    let embedder = Arc::new(rpc::EmbedderClient::new(rpc::channel(
+    let embedder = Arc::new(rpc::EmbedderClient::connect_lazy(
         "ENGRAM_EMBEDDING_URL",
         &config.embedding_url,
         timeout,
-    )?));
-    let index = Arc::new(rpc::IndexClient::new(rpc::channel(
+    )?);
+    let index = Arc::new(rpc::IndexClient::connect_lazy(
         "ENGRAM_RETRIEVAL_URL",
         &config.retrieval_url,
         timeout,
-    )?));
+    )?);
     let pipeline = Arc::new(Pipeline::new(embedder, index));
     let routes = Routes::new(rpc::ingestion_server(
         pipeline,

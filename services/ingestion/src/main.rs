@@ -1,42 +1,10 @@
-//! `engram-ingestion`: the ingestion service as its own process.
+//! `engram-ingestion`: engram's ingestion service, as its own process.
 
-use clap::Parser;
-use engram_core::config::{CommonArgs, shutdown_signal};
-use engram_ingestion::{Config, IngestionPeers, Listen, serve};
-use engram_telemetry::LogConfig;
-
-#[derive(Parser)]
-#[command(
-    name = "engram-ingestion",
-    version,
-    about = "engram's ingestion service"
-)]
-struct Cli {
-    #[command(flatten)]
-    listen: Listen,
-    #[command(flatten)]
-    peers: IngestionPeers,
-    #[command(flatten)]
-    common: CommonArgs,
-    #[command(flatten)]
-    log: LogConfig,
-}
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    engram_core::server::run_main(&cli.log, cli.common, |common| async move {
-        let listeners = cli.listen.bind().await?;
-        let config = Config::from_args(&cli.peers, common);
-        serve(config, listeners, shutdown_signal()).await
-    })
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn command_line_is_well_formed() {
-        <super::Cli as clap::CommandFactory>::command().debug_assert();
-    }
+engram_core::service_binary! {
+    name: "engram-ingestion",
+    about: "engram's ingestion service",
+    listen: engram_ingestion::Listen,
+    args: engram_ingestion::IngestionPeers,
+    config: engram_ingestion::Config::from_args,
+    serve: engram_ingestion::serve,
 }

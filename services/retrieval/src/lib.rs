@@ -16,7 +16,7 @@ use engram_core::api::{
     ApplyOutcome, DuplicateMatch, Embedder, GetQuery, GetResult, Index, IndexStats, IndexWrites,
     ListPage, ListQuery, RecallQuery, RecallResult,
 };
-use engram_core::config::CommonArgs;
+use engram_core::config::{CommonArgs, EmbeddingUrl};
 use engram_core::model::{Scope, TenantId};
 use engram_core::server::{Listeners, ServiceRuntime};
 use engram_core::{Result, rpc};
@@ -44,16 +44,14 @@ pub struct RetrievalArgs {
     pub dimension: usize,
 }
 
-/// Where retrieval finds the services it calls (its own binary only; `engram up` wires these).
+/// The settings of the `engram-retrieval` binary: its own, and where the embedding service
+/// is (`engram up` wires that itself).
 #[derive(Debug, Clone, clap::Args)]
-pub struct RetrievalPeers {
-    /// URL of the embedding service.
-    #[arg(
-        long = "embedding-url",
-        env = "ENGRAM_EMBEDDING_URL",
-        default_value = "http://127.0.0.1:50054"
-    )]
-    pub embedding_url: String,
+pub struct BinaryArgs {
+    #[command(flatten)]
+    pub service: RetrievalArgs,
+    #[command(flatten)]
+    pub embedding: EmbeddingUrl,
 }
 
 #[derive(Debug, Clone)]
@@ -66,21 +64,12 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn from_args(args: &RetrievalArgs, peers: &RetrievalPeers, common: CommonArgs) -> Self {
+    pub fn from_args(args: BinaryArgs, common: CommonArgs) -> Self {
         Self {
-            index_dir: args.data_dir.join("index"),
-            dimension: args.dimension,
-            embedding_url: peers.embedding_url.clone(),
+            index_dir: args.service.data_dir.join("index"),
+            dimension: args.service.dimension,
+            embedding_url: args.embedding.embedding_url,
             common,
-        }
-    }
-
-    pub fn for_test(data_dir: &std::path::Path, embedding_url: String) -> Self {
-        Self {
-            index_dir: data_dir.join("index"),
-            dimension: 384,
-            embedding_url,
-            common: CommonArgs::for_test(),
         }
     }
 }
@@ -94,11 +83,11 @@ pub async fn serve(
     let runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
     let store =
         Arc::new(EdgeStore::open(EdgeStoreConfig::new(&config.index_dir, config.dimension)).await?);
-    let embedder = Arc::new(rpc::EmbedderClient::new(rpc::channel(
+    let embedder = Arc::new(rpc::EmbedderClient::connect_lazy(
         "ENGRAM_EMBEDDING_URL",
         &config.embedding_url,
         config.common.internal_timeout,
-    )?));
+    )?);
     let retrieval = Arc::new(Retrieval::new(store.clone(), embedder, runtime.metrics()));
     let routes = Routes::new(rpc::index_server(retrieval, config.common.limits.clone()));
     let served = runtime

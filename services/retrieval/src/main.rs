@@ -1,44 +1,10 @@
-//! `engram-retrieval`: the retrieval service as its own process.
+//! `engram-retrieval`: engram's retrieval service, as its own process.
 
-use clap::Parser;
-use engram_core::config::{CommonArgs, shutdown_signal};
-use engram_retrieval::{Config, Listen, RetrievalArgs, RetrievalPeers, serve};
-use engram_telemetry::LogConfig;
-
-#[derive(Parser)]
-#[command(
-    name = "engram-retrieval",
-    version,
-    about = "engram's retrieval service"
-)]
-struct Cli {
-    #[command(flatten)]
-    listen: Listen,
-    #[command(flatten)]
-    service: RetrievalArgs,
-    #[command(flatten)]
-    peers: RetrievalPeers,
-    #[command(flatten)]
-    common: CommonArgs,
-    #[command(flatten)]
-    log: LogConfig,
-}
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    engram_core::server::run_main(&cli.log, cli.common, |common| async move {
-        let listeners = cli.listen.bind().await?;
-        let config = Config::from_args(&cli.service, &cli.peers, common);
-        serve(config, listeners, shutdown_signal()).await
-    })
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn command_line_is_well_formed() {
-        <super::Cli as clap::CommandFactory>::command().debug_assert();
-    }
+engram_core::service_binary! {
+    name: "engram-retrieval",
+    about: "engram's retrieval service",
+    listen: engram_retrieval::Listen,
+    args: engram_retrieval::BinaryArgs,
+    config: engram_retrieval::Config::from_args,
+    serve: engram_retrieval::serve,
 }
