@@ -1,8 +1,6 @@
 //! The cluster's spine, end to end through the gateway: remember, recall, get, list, forget,
 //! restart, and refusal of bad input.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use engram_proto::prost_types::{FieldMask, Timestamp};
 use engram_proto::tonic::transport::Channel;
 use engram_proto::tonic::{Code, Status};

@@ -1,0 +1,7 @@
+//! Cluster tests: all four services in this process over real gRPC (see `engram_tests::Sandbox`).
+//! One test binary with a module per area, so the large binary is linked once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod operations;
+mod spine;
