@@ -1,21 +1,27 @@
 //! The test sandbox: all four engram services started in the test process on port-0 listeners
-//! over real gRPC, with a temporary data directory and the real local model (loaded once per
-//! test process and shared by every sandbox).
+//! over real gRPC, with a temporary data directory, a private `redis-server` on a free port,
+//! and the real local model (loaded once per test process and shared by every sandbox) — or a
+//! [`FakeProvider`] standing in for an external embedding API.
 
+pub mod fake_provider;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use engram_cli::cluster::{
-    ClusterAddrs, ClusterConfig, ClusterListeners, LocalCluster, ModelSource,
-};
+use engram_cli::cluster::{ClusterAddrs, ClusterConfig, ClusterListeners, LocalCluster};
+use engram_cli::redis::{Persistence, RedisProcess};
 use engram_core::config::CommonArgs;
+use engram_embedding::{KeySource, ProviderConfig};
 use engram_models::EmbeddingProvider;
 use engram_proto::tonic::transport::Channel;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 pub use engram_proto::v1 as pb;
+pub use fake_provider::{Behavior, FakeProvider};
 
 static MODEL: OnceCell<Arc<dyn EmbeddingProvider>> = OnceCell::const_new();
 
@@ -23,45 +29,121 @@ static MODEL: OnceCell<Arc<dyn EmbeddingProvider>> = OnceCell::const_new();
 pub async fn shared_model() -> Arc<dyn EmbeddingProvider> {
     MODEL
         .get_or_init(|| async {
-            let dir = engram_embedding::Config::for_test().model_dir;
-            let model: Arc<dyn EmbeddingProvider> = engram_embedding::load_local_model(dir)
-                .await
-                .unwrap_or_else(|e| panic!("the local model is needed by the tests: {e}"));
+            let dir = engram_embedding::Config::for_test()
+                .model_dir()
+                .cloned()
+                .unwrap_or_else(engram_models::fetch::default_model_dir);
+            let model: Arc<dyn EmbeddingProvider> =
+                engram_embedding::load_local_model(dir, engram_models::LocalOptions::default())
+                    .await
+                    .unwrap_or_else(|e| panic!("the local model is needed by the tests: {e}"));
             model
         })
         .await
         .clone()
 }
 
+/// How to start a sandbox.
+pub struct Options {
+    /// Start a private Redis (append-only when `persistent`).
+    pub redis: bool,
+    pub persistent_redis: bool,
+    /// Embedding settings; the provider is the shared local model unless `fake` is set.
+    pub embedding: engram_embedding::Config,
+    /// Embed with this fake external provider instead of the local model.
+    pub fake: Option<FakeProvider>,
+    pub common: CommonArgs,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            redis: true,
+            persistent_redis: false,
+            embedding: engram_embedding::Config::for_test(),
+            fake: None,
+            common: CommonArgs::for_test(),
+        }
+    }
+}
+
+impl Options {
+    /// Embed through `fake` as an OpenAI-compatible provider with `policy`.
+    pub fn with_fake(
+        fake: &FakeProvider,
+        dimension: usize,
+        policy: engram_resilience::Policy,
+    ) -> Self {
+        let mut options = Self::default();
+        options.embedding.provider = ProviderConfig::OpenAi {
+            base_url: fake.url(),
+            model: "fake-embedding".into(),
+            key: KeySource::None,
+            policy,
+        };
+        options.embedding.batch.max_batches_in_flight = policy.max_concurrency;
+        options.common.vector_dimension = dimension;
+        options.fake = Some(fake.clone());
+        options
+    }
+}
+
 pub struct Sandbox {
     pub addrs: ClusterAddrs,
     cluster: Option<LocalCluster>,
+    redis: Option<RedisProcess>,
     data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
 }
 
 impl Sandbox {
-    /// A cluster on a fresh temporary data directory.
+    /// A cluster on a fresh temporary data directory, with a private Redis.
     pub async fn start() -> Self {
-        let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("temporary directory: {e}"));
-        let mut sandbox = Self::start_in(temp.path()).await;
-        sandbox._temp = Some(temp);
-        sandbox
+        Self::start_with(None, Options::default()).await
     }
 
     /// A cluster on `data_dir`, which outlives it (to test restarts).
     pub async fn start_in(data_dir: &Path) -> Self {
-        Self::start_with(data_dir, CommonArgs::for_test()).await
+        Self::start_with(Some(data_dir), Options::default()).await
     }
 
-    pub async fn start_with(data_dir: &Path, common: CommonArgs) -> Self {
+    pub async fn start_with(data_dir: Option<&Path>, options: Options) -> Self {
+        let temp = match data_dir {
+            Some(_) => None,
+            None => {
+                Some(tempfile::tempdir().unwrap_or_else(|e| panic!("temporary directory: {e}")))
+            }
+        };
+        let data_dir = data_dir
+            .or(temp.as_ref().map(|t| t.path()))
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let mut common = options.common;
+        let redis = if options.redis {
+            let persistence = if options.persistent_redis {
+                Persistence::AppendOnly
+            } else {
+                Persistence::None
+            };
+            let redis = RedisProcess::start(&data_dir.join("redis"), None, persistence)
+                .await
+                .unwrap_or_else(|e| panic!("starting redis-server: {e}"));
+            common.redis_url = Some(redis.url());
+            Some(redis)
+        } else {
+            None
+        };
+        let provider = match options.fake {
+            Some(_) => None,
+            None => Some(shared_model().await),
+        };
         let listeners = ClusterListeners::ephemeral()
             .await
             .unwrap_or_else(|e| panic!("binding listeners: {e}"));
         let config = ClusterConfig {
-            data_dir: data_dir.to_path_buf(),
-            model: ModelSource::Provider(shared_model().await),
-            dimension: engram_models::LOCAL_DIMENSION,
+            data_dir: data_dir.clone(),
+            embedding: options.embedding,
+            provider,
             common,
         };
         let mut cluster = LocalCluster::start(config, listeners)
@@ -73,13 +155,21 @@ impl Sandbox {
         Self {
             addrs: cluster.addrs,
             cluster: Some(cluster),
-            data_dir: data_dir.to_path_buf(),
-            _temp: None,
+            redis,
+            data_dir,
+            _temp: temp,
         }
     }
 
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
+    }
+
+    /// The sandbox's private Redis.
+    pub fn redis(&mut self) -> &mut RedisProcess {
+        self.redis
+            .as_mut()
+            .unwrap_or_else(|| panic!("this sandbox was started without redis"))
     }
 
     /// A client of the gateway's public API.
@@ -97,5 +187,44 @@ impl Sandbox {
                 .await
                 .unwrap_or_else(|e| panic!("cluster did not stop cleanly: {e}"));
         }
+        if let Some(redis) = &mut self.redis {
+            redis.stop().await;
+        }
     }
+}
+
+/// `GET path` over plain HTTP/1.0: status and body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("writing to {addr}: {e}"));
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .unwrap_or_else(|e| panic!("reading from {addr}: {e}"));
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The value of the Prometheus sample whose line starts with `series` (name and labels).
+pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let (_, body) = http_get(admin, "/metrics").await;
+    body.lines()
+        .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
 }

@@ -40,20 +40,14 @@ impl ClusterListeners {
     }
 }
 
-/// Where the embedding service gets its model.
-#[derive(Clone)]
-pub enum ModelSource {
-    /// Load (fetching first if missing) the local model from this directory.
-    Dir(PathBuf),
-    /// An already loaded provider, shared (tests load the model once per process).
-    Provider(Arc<dyn EmbeddingProvider>),
-}
-
 #[derive(Clone)]
 pub struct ClusterConfig {
     pub data_dir: PathBuf,
-    pub model: ModelSource,
-    pub dimension: usize,
+    /// The embedding service's settings (its `common` is replaced by [`Self::common`]).
+    pub embedding: engram_embedding::Config,
+    /// An already built provider to use instead of building one from `embedding.provider`
+    /// (tests share one loaded model, or point at a fake provider).
+    pub provider: Option<Arc<dyn EmbeddingProvider>>,
     pub common: CommonArgs,
 }
 
@@ -127,22 +121,17 @@ impl LocalCluster {
         };
         let common = config.common;
         let embedding_config = engram_embedding::Config {
-            model_dir: match &config.model {
-                ModelSource::Dir(dir) => dir.clone(),
-                ModelSource::Provider(_) => PathBuf::new(),
-            },
             common: common.clone(),
+            ..config.embedding
         };
         let embedding = RunningService::spawn(engram_embedding::SERVICE_NAME, |stop| {
             let listeners = listeners.embedding;
-            let model = config.model;
+            let provider = config.provider;
             async move {
                 let stop = stop.cancelled_owned();
-                match model {
-                    ModelSource::Dir(_) => {
-                        engram_embedding::serve(embedding_config, listeners, stop).await
-                    }
-                    ModelSource::Provider(provider) => {
+                match provider {
+                    None => engram_embedding::serve(embedding_config, listeners, stop).await,
+                    Some(provider) => {
                         engram_embedding::serve_with_provider(
                             provider,
                             embedding_config,
@@ -157,7 +146,7 @@ impl LocalCluster {
 
         let retrieval_config = engram_retrieval::Config {
             index_dir: config.data_dir.join("index"),
-            dimension: config.dimension,
+            dimension: common.vector_dimension,
             embedding_url: url(addrs.embedding),
             common: common.clone(),
         };

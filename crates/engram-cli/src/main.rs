@@ -69,17 +69,7 @@ fn main() -> ExitCode {
     if let Command::Model(ModelCommand::Fetch { dir }) = cli.command {
         return fetch_model(dir);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
+    engram_core::server::main_entry(|| async move {
         match cli.command {
             Command::Up(args) => up::run(*args).await,
             Command::Remember(args) => client::run(client::remember(args)).await,

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use engram_cli::cluster::{ClusterConfig, ClusterListeners, LocalCluster, ModelSource};
+use engram_cli::cluster::{ClusterConfig, ClusterListeners, LocalCluster};
+use engram_cli::redis::{Persistence, RedisProcess};
 use engram_core::config::{CommonArgs, shutdown_signal};
 use engram_core::server::ListenAddrs as _;
 use engram_core::{Error, Result};
@@ -25,6 +26,9 @@ pub struct UpArgs {
     ingestion_listen: engram_ingestion::Listen,
     #[command(flatten)]
     embedding_listen: engram_embedding::Listen,
+    /// Port of the local Redis that `engram up` starts when ENGRAM_REDIS_URL is not set.
+    #[arg(long = "redis-port", env = "ENGRAM_REDIS_PORT", default_value_t = 6380)]
+    redis_port: u16,
     #[command(flatten)]
     common: CommonArgs,
     #[command(flatten)]
@@ -38,20 +42,32 @@ pub async fn run(args: UpArgs) -> ExitCode {
     engram_core::server::run_main(&log, common, |common| start(args, common)).await
 }
 
-async fn start(args: UpArgs, common: CommonArgs) -> Result<()> {
+async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
     let started = Instant::now();
-    let model_dir = args
-        .embedding
-        .model_dir
-        .clone()
-        .unwrap_or_else(fetch::default_model_dir);
-    ensure_model(model_dir.clone()).await?;
-    std::fs::create_dir_all(&args.retrieval.data_dir).map_err(|e| {
+    let data_dir = args.retrieval.data_dir.clone();
+    let embedding = engram_embedding::Config::from_args(args.embedding.clone(), common.clone());
+    if let Some(dir) = embedding.model_dir() {
+        ensure_model(dir.clone()).await?;
+    }
+    std::fs::create_dir_all(&data_dir).map_err(|e| {
         Error::invalid(
             "ENGRAM_DATA_DIR",
-            format!("cannot create {}: {e}", args.retrieval.data_dir.display()),
+            format!("cannot create {}: {e}", data_dir.display()),
         )
     })?;
+    let mut redis = match &common.redis_url {
+        Some(_) => None,
+        None => {
+            let redis = RedisProcess::start(
+                &data_dir.join("redis"),
+                Some(args.redis_port),
+                Persistence::AppendOnly,
+            )
+            .await?;
+            common.redis_url = Some(redis.url());
+            Some(redis)
+        }
+    };
     let listeners = ClusterListeners {
         gateway: args.gateway_listen.bind().await?,
         retrieval: args.retrieval_listen.bind().await?,
@@ -59,27 +75,38 @@ async fn start(args: UpArgs, common: CommonArgs) -> Result<()> {
         embedding: args.embedding_listen.bind().await?,
     };
     let config = ClusterConfig {
-        data_dir: args.retrieval.data_dir.clone(),
-        model: ModelSource::Dir(model_dir.clone()),
-        dimension: args.retrieval.dimension,
-        common,
+        data_dir: data_dir.clone(),
+        embedding,
+        provider: None,
+        common: common.clone(),
     };
     let mut cluster = LocalCluster::start(config, listeners)?;
+    let outcome = serve_until_stopped(&mut cluster, &common, &data_dir, started).await;
+    let stopped = cluster.shutdown().await;
+    if let Some(redis) = &mut redis {
+        redis.stop().await;
+    }
+    outcome?;
+    stopped?;
+    eprintln!("engram: stopped cleanly");
+    Ok(())
+}
+
+/// Serve until Ctrl-C/SIGTERM (`Ok`) or until a service fails (`Err`).
+async fn serve_until_stopped(
+    cluster: &mut LocalCluster,
+    common: &CommonArgs,
+    data_dir: &std::path::Path,
+    started: Instant,
+) -> Result<()> {
     tokio::select! {
         ready = cluster.wait_ready(Duration::from_secs(120)) => ready?,
-        () = shutdown_signal() => return cluster.shutdown().await,
+        () = shutdown_signal() => return Ok(()),
     }
-    print_banner(
-        &cluster,
-        &args.retrieval.data_dir,
-        &model_dir,
-        started.elapsed(),
-    );
+    print_banner(cluster, common, data_dir, started.elapsed());
     tokio::select! {
         () = shutdown_signal() => {
             eprintln!("engram: stopping (draining in-flight requests)…");
-            cluster.shutdown().await?;
-            eprintln!("engram: stopped cleanly");
             Ok(())
         }
         failed = cluster.stopped() => failed,
@@ -95,8 +122,8 @@ async fn ensure_model(dir: PathBuf) -> Result<()> {
 
 fn print_banner(
     cluster: &LocalCluster,
+    common: &CommonArgs,
     data_dir: &std::path::Path,
-    model_dir: &std::path::Path,
     took: Duration,
 ) {
     let a = cluster.addrs;
@@ -137,7 +164,7 @@ fn print_banner(
         admin(a.embedding_admin)
     );
     eprintln!("  data   {}", data_dir.display());
-    eprintln!("  model  {}", model_dir.display());
+    eprintln!("  redis  {}", common.redis_url.as_deref().unwrap_or("-"));
     eprintln!();
     eprintln!("try: engram remember --user alice \"I adopted a cat named Miso\"");
     eprintln!("     engram recall --user alice \"what pet do I have\"");

@@ -17,6 +17,14 @@ pub struct CommonArgs {
     /// Timeout of a call from one engram service to another.
     #[arg(long, env = "ENGRAM_INTERNAL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub internal_timeout: Duration,
+    /// Redis for caches (and the write log), e.g. `redis://127.0.0.1:6379/0`. Unset: caches
+    /// are in-process only. `engram up` starts its own Redis when this is unset.
+    #[arg(long, env = "ENGRAM_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Dimension of the embedding model's vectors. The index is created for it and refuses
+    /// others; the embedding service checks every provider answer against it.
+    #[arg(long, env = "ENGRAM_VECTOR_DIMENSION", default_value_t = 384)]
+    pub vector_dimension: usize,
 }
 
 impl CommonArgs {
@@ -26,6 +34,8 @@ impl CommonArgs {
             limits: Limits::default(),
             drain_grace: Duration::from_secs(5),
             internal_timeout: Duration::from_secs(30),
+            redis_url: None,
+            vector_dimension: 384,
         }
     }
 

@@ -7,7 +7,8 @@
 
 use std::time::Duration;
 
-use engram_proto::tonic::{Code, Status};
+pub use engram_proto::tonic::Code;
+use engram_proto::tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 /// Metadata key carrying the retry hint of RESOURCE_EXHAUSTED and UNAVAILABLE, in milliseconds.

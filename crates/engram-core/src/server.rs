@@ -310,6 +310,41 @@ where
     }
 }
 
+/// Run `main` of an engram binary: configure the process, start the async runtime, run.
+///
+/// CPU inference (candle) runs fastest with one single-threaded worker per core rather than
+/// one worker spreading each forward pass over the cores: on the 2-core reference machine,
+/// 221–226 sentences/s against 181 (see BENCHMARKS.md). candle reads `RAYON_NUM_THREADS` and
+/// `CANDLE_NUM_THREADS` from the environment, so they are set here to 1 — unless the operator
+/// set them — before any thread exists. qdrant-edge sizes its own thread pools and is not
+/// affected.
+pub fn main_entry<F, Fut>(run: F) -> std::process::ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = std::process::ExitCode>,
+{
+    for var in ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"] {
+        if std::env::var_os(var).is_none() {
+            #[allow(unsafe_code)]
+            // SAFETY: this runs first thing in `main`, before the runtime or any other thread
+            // is started, so nothing can read or write the environment concurrently.
+            unsafe {
+                std::env::set_var(var, "1");
+            }
+        }
+    }
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The whole `main.rs` of a service binary: `main` runs [`service_main`] with the service's
 /// listen addresses, its settings, how to build its config and how to serve it; a test checks
 /// the command line is well formed.

@@ -1,4 +1,5 @@
 use engram_core::Error;
+use engram_resilience::CallError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -8,14 +9,26 @@ pub enum ModelError {
     Load { dir: String, reason: String },
     #[error("embedding model {model} failed: {reason}")]
     Inference { model: String, reason: String },
+    #[error("embedding model {model} has {queued} texts queued already")]
+    Overloaded { model: String, queued: usize },
     #[error("embedding model {model} is shutting down")]
     Closed { model: String },
+    #[error("{setting}: {reason}")]
+    Config { setting: String, reason: String },
+    #[error(transparent)]
+    Provider(#[from] CallError),
 }
 
 impl From<ModelError> for Error {
     fn from(e: ModelError) -> Self {
         match e {
+            ModelError::Provider(call) => Error::from(call),
             ModelError::Closed { .. } => Error::unavailable(e.to_string()),
+            ModelError::Overloaded { .. } => Error::ResourceExhausted {
+                reason: e.to_string(),
+                retry_after: Some(std::time::Duration::from_millis(50)),
+            },
+            ModelError::Config { setting, reason } => Error::invalid(setting, reason),
             ModelError::Fetch { .. } | ModelError::Load { .. } => {
                 Error::FailedPrecondition(e.to_string())
             }

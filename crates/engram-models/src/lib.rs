@@ -1,17 +1,24 @@
-//! Embedding models.
+//! Embedding models behind one trait, [`EmbeddingProvider`]:
 //!
-//! [`EmbeddingProvider`] is one source of vectors: the local all-MiniLM-L6-v2 running on candle
-//! ([`LocalEmbedder`]), and later remote OpenAI-compatible APIs. [`fetch`] puts the local
-//! model's weights on the machine the first time they are needed.
+//! - [`LocalEmbedder`]: all-MiniLM-L6-v2 on candle, on a dedicated inference thread fed by a
+//!   bounded queue (never on the async runtime); [`fetch`] puts its weights on the machine.
+//! - [`OpenAiEmbedder`]: any OpenAI-compatible `/v1/embeddings` endpoint (OpenAI, HF
+//!   text-embeddings-inference, vLLM, Ollama), every call through `engram-resilience`, every
+//!   response checked (count, order, dimension, finite values) before it is used.
 
 mod error;
 pub mod fetch;
 mod local;
+mod openai;
 
 use async_trait::async_trait;
+use engram_core::api::Purpose;
 
 pub use error::ModelError;
-pub use local::{DIMENSION as LOCAL_DIMENSION, LocalEmbedder, MODEL_ID as LOCAL_MODEL_ID};
+pub use local::{
+    DIMENSION as LOCAL_DIMENSION, LocalEmbedder, LocalOptions, MODEL_ID as LOCAL_MODEL_ID,
+};
+pub use openai::{ApiKey, OpenAiConfig, OpenAiEmbedder};
 
 /// A source of text embeddings.
 #[async_trait]
@@ -19,6 +26,10 @@ pub trait EmbeddingProvider: Send + Sync + 'static {
     /// Identifies the model, e.g. `all-MiniLM-L6-v2`; part of embedding cache keys.
     fn model_id(&self) -> &str;
     fn dimension(&self) -> usize;
-    /// One unit-length vector per text, in input order.
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// One vector of [`Self::dimension`] per text, in input order.
+    async fn embed(
+        &self,
+        texts: Vec<String>,
+        purpose: Purpose,
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
 }

@@ -1,15 +1,24 @@
 //! all-MiniLM-L6-v2 on candle: BERT, mean pooling over the attention mask, L2 normalisation —
 //! the same recipe as sentence-transformers, so vectors match the published model's.
+//!
+//! Inference runs on dedicated threads — one worker per core, each running one forward pass
+//! at a time single-threaded (see `engram_core::server::main_entry`), never on the async
+//! runtime. A request's texts are sorted by length and cut into forward batches of similar
+//! lengths, so padding stays small and the workers share a large request. The queue is
+//! bounded in texts; a request that would overfill it is refused at once
+//! (RESOURCE_EXHAUSTED) rather than waiting behind an ever longer queue.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 
 use async_trait::async_trait;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
+use engram_core::api::Purpose;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::EmbeddingProvider;
 use crate::error::ModelError;
@@ -18,13 +27,53 @@ pub const MODEL_ID: &str = "all-MiniLM-L6-v2";
 pub const DIMENSION: usize = 384;
 /// sentence-transformers' `max_seq_length` for this model; longer texts are truncated.
 const MAX_TOKENS: usize = 256;
-/// Texts per forward pass: bounds padding waste and peak memory.
-const MAX_MODEL_BATCH: usize = 32;
+/// Texts waiting for or in inference, at most.
+const QUEUE_CAPACITY: usize = 4096;
+
+type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, ModelError>>;
+
+/// One forward pass for a worker.
+struct Job {
+    texts: Vec<String>,
+    reply: Reply,
+}
+
+/// How the local model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalOptions {
+    /// Inference threads (0: one per core).
+    pub workers: usize,
+    /// Most texts per forward pass: bounds padding waste and peak memory. A request of fewer
+    /// than `workers * max_batch` texts is shared evenly between the workers.
+    pub max_batch: usize,
+}
+
+impl LocalOptions {
+    /// The number of workers `workers` stands for.
+    pub fn resolved_workers(&self) -> usize {
+        match self.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self {
+            workers: 0,
+            max_batch: 32,
+        }
+    }
+}
 
 pub struct LocalEmbedder {
     model: Arc<Model>,
-    /// One forward pass at a time: candle already spreads a pass over the cores.
-    running: Arc<Semaphore>,
+    jobs: mpsc::Sender<Job>,
+    /// Texts admitted and not yet embedded; bounded by `QUEUE_CAPACITY`.
+    queued: Arc<AtomicUsize>,
+    max_batch: usize,
+    workers: usize,
 }
 
 struct Model {
@@ -43,7 +92,7 @@ impl std::fmt::Debug for LocalEmbedder {
 impl LocalEmbedder {
     /// Load from a directory holding `config.json`, `tokenizer.json` and `model.safetensors`.
     /// Blocking (reads about 90 MB); call it off the async runtime.
-    pub fn load(dir: &Path) -> Result<Self, ModelError> {
+    pub fn load(dir: &Path, options: LocalOptions) -> Result<Self, ModelError> {
         let load_error = |reason: String| ModelError::Load {
             dir: dir.display().to_string(),
             reason,
@@ -76,37 +125,97 @@ impl LocalEmbedder {
             .map_err(|e| load_error(format!("model.safetensors: {e}")))?;
         let bert =
             BertModel::load(vb, &config).map_err(|e| load_error(format!("BERT weights: {e}")))?;
+        let model = Arc::new(Model { bert, tokenizer });
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        let queued = Arc::new(AtomicUsize::new(0));
+        for n in 0..options.resolved_workers() {
+            let (model, queue, queued) = (model.clone(), queue.clone(), queued.clone());
+            std::thread::Builder::new()
+                .name(format!("engram-inference-{n}"))
+                .spawn(move || {
+                    // Ends when the embedder (the only sender) is dropped.
+                    loop {
+                        let job = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(Job { texts, reply }) = job else {
+                            return;
+                        };
+                        // A caller that went away does not need its vectors.
+                        if !reply.is_closed() {
+                            let _ = reply.send(model.forward_batch(&texts));
+                        }
+                        queued.fetch_sub(texts.len(), Ordering::AcqRel);
+                    }
+                })
+                .map_err(|e| load_error(format!("cannot start an inference thread: {e}")))?;
+        }
         Ok(Self {
-            model: Arc::new(Model { bert, tokenizer }),
-            running: Arc::new(Semaphore::new(1)),
+            model,
+            jobs,
+            queued,
+            max_batch: options.max_batch.max(1),
+            workers: options.resolved_workers(),
         })
     }
 
-    /// Embed on the calling thread. Texts are sorted by length and run in batches of similar
-    /// lengths so padding stays small; results come back in input order.
+    /// Reserve queue room for `n` texts, or refuse.
+    fn admit(&self, n: usize) -> Result<(), ModelError> {
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+                // One request larger than the queue still runs when the queue is empty.
+                (queued == 0 || queued + n <= QUEUE_CAPACITY).then_some(queued + n)
+            })
+            .map(drop)
+            .map_err(|queued| ModelError::Overloaded {
+                model: MODEL_ID.to_string(),
+                queued,
+            })
+    }
+
+    /// Embed on the calling thread (benchmarks, tests), batched as [`EmbeddingProvider::embed`]
+    /// does; results come back in input order.
     pub fn embed_blocking(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.model.embed(texts)
+        let (order, batches) = length_sorted_batches(texts, self.max_batch);
+        let vectors = batches
+            .iter()
+            .map(|batch| self.model.forward_batch(batch))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(in_input_order(&order, vectors.into_iter().flatten()))
     }
 }
 
+/// The input positions sorted by text length, and the texts in that order cut into batches.
+fn length_sorted_batches(texts: &[String], max_batch: usize) -> (Vec<usize>, Vec<Vec<String>>) {
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| texts[i].len());
+    let batches = order
+        .chunks(max_batch)
+        .map(|chunk| chunk.iter().map(|&i| texts[i].clone()).collect())
+        .collect();
+    (order, batches)
+}
+
+/// Put vectors produced in `order` back into input order.
+fn in_input_order(order: &[usize], vectors: impl Iterator<Item = Vec<f32>>) -> Vec<Vec<f32>> {
+    let mut out = vec![Vec::new(); order.len()];
+    for (&i, vector) in order.iter().zip(vectors) {
+        out[i] = vector;
+    }
+    out
+}
+
 impl Model {
-    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let mut order: Vec<usize> = (0..texts.len()).collect();
-        order.sort_by_key(|&i| texts[i].len());
-        let mut out = vec![Vec::new(); texts.len()];
-        for chunk in order.chunks(MAX_MODEL_BATCH) {
-            let batch: Vec<&str> = chunk.iter().map(|&i| texts[i].as_str()).collect();
-            let vectors = self
-                .forward(&batch)
-                .map_err(|reason| ModelError::Inference {
-                    model: MODEL_ID.to_string(),
-                    reason,
-                })?;
-            for (&i, vector) in chunk.iter().zip(vectors) {
-                out[i] = vector;
-            }
-        }
-        Ok(out)
+    /// One forward pass over texts of similar lengths.
+    fn forward_batch(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let batch: Vec<&str> = texts.iter().map(String::as_str).collect();
+        self.forward(&batch)
+            .map_err(|reason| ModelError::Inference {
+                model: MODEL_ID.to_string(),
+                reason,
+            })
     }
 
     fn forward(&self, batch: &[&str]) -> Result<Vec<Vec<f32>>, String> {
@@ -157,22 +266,38 @@ impl EmbeddingProvider for LocalEmbedder {
         DIMENSION
     }
 
-    async fn embed(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, ModelError> {
-        let _permit =
-            self.running
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| ModelError::Closed {
+    /// all-MiniLM-L6-v2 embeds queries and documents alike.
+    async fn embed(
+        &self,
+        texts: Vec<String>,
+        _purpose: Purpose,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.admit(texts.len())?;
+        // Enough forward passes that every worker has a share of a large request.
+        let per_pass = self.max_batch.min(texts.len().div_ceil(self.workers));
+        let (order, batches) = length_sorted_batches(&texts, per_pass);
+        let mut answers = Vec::with_capacity(batches.len());
+        for texts in batches {
+            let (reply, answer) = oneshot::channel();
+            if self.jobs.send(Job { texts, reply }).is_err() {
+                return Err(ModelError::Closed {
                     model: MODEL_ID.to_string(),
-                })?;
-        let model = self.model.clone();
-        tokio::task::spawn_blocking(move || model.embed(&texts))
-            .await
-            .map_err(|e| ModelError::Inference {
+                });
+            }
+            answers.push(answer);
+        }
+        let mut vectors = Vec::with_capacity(texts.len());
+        for answer in answers {
+            let batch = answer.await.map_err(|_| ModelError::Inference {
                 model: MODEL_ID.to_string(),
-                reason: format!("inference task failed: {e}"),
-            })?
+                reason: "the inference thread stopped".to_string(),
+            })??;
+            vectors.extend(batch);
+        }
+        Ok(in_input_order(&order, vectors.into_iter()))
     }
 }
 
@@ -186,7 +311,7 @@ mod tests {
             .map(std::path::PathBuf::from)
             .unwrap_or_else(fetch::default_model_dir);
         fetch::ensure_model(&dir).unwrap();
-        LocalEmbedder::load(&dir).unwrap()
+        LocalEmbedder::load(&dir, LocalOptions::default()).unwrap()
     }
 
     fn cosine(a: &[f32], b: &[f32]) -> f32 {
@@ -224,6 +349,52 @@ mod tests {
             let similarity = cosine(&single[0], &batched[i]);
             assert!(similarity > 0.9999, "text {i}: cosine {similarity}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_workers_return_each_text_its_own_vector_in_input_order() {
+        let dir = std::env::var_os("ENGRAM_MODEL_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(fetch::default_model_dir);
+        fetch::ensure_model(&dir).unwrap();
+        let model = LocalEmbedder::load(
+            &dir,
+            LocalOptions {
+                workers: 2,
+                max_batch: 3,
+            },
+        )
+        .unwrap();
+        let texts: Vec<String> = (0..17)
+            .map(|i| format!("{} item {i}", "longer and longer ".repeat((i * 5) % 11)))
+            .collect();
+        let pooled = model.embed(texts.clone(), Purpose::Document).await.unwrap();
+        let direct = model.embed_blocking(&texts).unwrap();
+        assert_eq!(pooled.len(), texts.len());
+        for (i, (a, b)) in pooled.iter().zip(&direct).enumerate() {
+            assert!(cosine(a, b) > 0.9999, "text {i}");
+        }
+        assert!(
+            model
+                .embed(Vec::new(), Purpose::Query)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(model.queued.load(Ordering::Acquire), 0, "the queue drains");
+    }
+
+    #[test]
+    fn a_full_queue_refuses_at_once() {
+        let model = model();
+        model.queued.store(QUEUE_CAPACITY - 1, Ordering::Release);
+        assert!(matches!(
+            model.admit(2),
+            Err(ModelError::Overloaded { queued, .. }) if queued == QUEUE_CAPACITY - 1
+        ));
+        model.admit(1).unwrap();
+        model.queued.store(0, Ordering::Release);
+        model.admit(QUEUE_CAPACITY * 2).unwrap();
     }
 
     #[test]

@@ -34,14 +34,6 @@ pub struct RetrievalArgs {
     /// Directory for engram's data; the index lives in `<data-dir>/index`.
     #[arg(long = "data-dir", env = "ENGRAM_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// Dimension of the embedding model's vectors; the index is created for it and refuses
-    /// vectors of any other size.
-    #[arg(
-        long = "vector-dimension",
-        env = "ENGRAM_VECTOR_DIMENSION",
-        default_value_t = 384
-    )]
-    pub dimension: usize,
 }
 
 /// The settings of the `engram-retrieval` binary: its own, and where the embedding service
@@ -67,7 +59,7 @@ impl Config {
     pub fn from_args(args: BinaryArgs, common: CommonArgs) -> Self {
         Self {
             index_dir: args.service.data_dir.join("index"),
-            dimension: args.service.dimension,
+            dimension: common.vector_dimension,
             embedding_url: args.embedding.embedding_url,
             common,
         }

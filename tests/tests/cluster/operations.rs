@@ -4,8 +4,7 @@
 use std::net::SocketAddr;
 
 use engram_proto::tonic::transport::Channel;
-use engram_tests::{Sandbox, pb};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use engram_tests::{Sandbox, http_get, pb};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -38,22 +37,6 @@ async fn listed_services(addr: SocketAddr) -> Vec<String> {
         }
         other => panic!("unexpected reflection response {other:?}"),
     }
-}
-
-async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test]

@@ -1,0 +1,252 @@
+//! A fake model provider for tests: a real HTTP/1.1 server on a free port speaking the OpenAI
+//! embeddings protocol (`POST /v1/embeddings`), scriptable request by request. It stands only
+//! for the external API; everything on engram's side of the wire is real.
+//!
+//! Each request takes the next scripted [`Behavior`] (or the default one) and answers with it.
+//! `Ok` answers with a deterministic unit vector per input ([`FakeProvider::vector_for`]), so a
+//! test can check that each caller got the vector of its own text.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How the fake answers one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Behavior {
+    /// 200 with one vector per input.
+    Ok,
+    /// An HTTP error status, with `Retry-After: <seconds>` if given.
+    Status {
+        status: u16,
+        retry_after: Option<u64>,
+    },
+    /// Accept the request and never answer.
+    Hang,
+    /// 200 with a body that is not an embeddings response.
+    Malformed,
+    /// 200 with vectors of this dimension.
+    WrongDimension(usize),
+    /// Close the connection without answering.
+    Drop,
+}
+
+struct State {
+    dimension: usize,
+    script: VecDeque<Behavior>,
+    default: Behavior,
+    latency: Duration,
+    /// Texts whose requests always fail with 500.
+    poison: HashSet<String>,
+    /// The inputs of every request received, in order.
+    requests: Vec<Vec<String>>,
+}
+
+#[derive(Clone)]
+pub struct FakeProvider {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeProvider {
+    pub async fn start(dimension: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("fake provider: bind: {e}"));
+        let addr = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("fake provider: address: {e}"));
+        let state = Arc::new(Mutex::new(State {
+            dimension,
+            script: VecDeque::new(),
+            default: Behavior::Ok,
+            latency: Duration::ZERO,
+            poison: HashSet::new(),
+            requests: Vec::new(),
+        }));
+        let serving = state.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve_connection(stream, serving.clone()));
+            }
+        });
+        Self { addr, state }
+    }
+
+    /// The base URL to configure, e.g. `http://127.0.0.1:4242/v1`.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// Answer the next request (after those already scripted) this way.
+    pub fn then(&self, behavior: Behavior) -> &Self {
+        self.state.lock().script.push_back(behavior);
+        self
+    }
+
+    /// How requests are answered once the script is used up.
+    pub fn set_default(&self, behavior: Behavior) {
+        self.state.lock().default = behavior;
+    }
+
+    /// Added before every answer.
+    pub fn set_latency(&self, latency: Duration) {
+        self.state.lock().latency = latency;
+    }
+
+    /// Every request containing this text fails with 500.
+    pub fn poison(&self, text: &str) {
+        self.state.lock().poison.insert(text.to_string());
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.state.lock().requests.len()
+    }
+
+    /// The inputs of every request so far.
+    pub fn requests(&self) -> Vec<Vec<String>> {
+        self.state.lock().requests.clone()
+    }
+
+    /// The vector this fake returns for `text`: unit length, derived from its SHA-256.
+    pub fn vector_for(text: &str, dimension: usize) -> Vec<f32> {
+        let mut values = Vec::with_capacity(dimension);
+        let mut block = 0u32;
+        while values.len() < dimension {
+            let digest = Sha256::new()
+                .chain_update(text.as_bytes())
+                .chain_update(block.to_le_bytes())
+                .finalize();
+            values.extend(digest.iter().map(|b| f32::from(*b) / 127.5 - 1.0));
+            block += 1;
+        }
+        values.truncate(dimension);
+        let norm = values
+            .iter()
+            .map(|v| v * v)
+            .sum::<f32>()
+            .sqrt()
+            .max(f32::EPSILON);
+        values.iter().map(|v| v / norm).collect()
+    }
+}
+
+/// Requests on one keep-alive connection.
+async fn serve_connection(mut stream: TcpStream, state: Arc<Mutex<State>>) {
+    let mut buffer = Vec::new();
+    loop {
+        let Some(body) = read_request(&mut stream, &mut buffer).await else {
+            return;
+        };
+        let inputs: Vec<String> = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("input").cloned())
+            .and_then(|v| serde_json::from_value(v).ok())
+            .unwrap_or_default();
+        let (behavior, latency, dimension) = {
+            let mut state = state.lock();
+            state.requests.push(inputs.clone());
+            let poisoned = inputs.iter().any(|i| state.poison.contains(i));
+            let scripted = state.script.pop_front();
+            let behavior = if poisoned {
+                Behavior::Status {
+                    status: 500,
+                    retry_after: None,
+                }
+            } else {
+                scripted.unwrap_or_else(|| state.default.clone())
+            };
+            (behavior, state.latency, state.dimension)
+        };
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        let response = match behavior {
+            Behavior::Ok => ok(&inputs, dimension),
+            Behavior::WrongDimension(wrong) => ok(&inputs, wrong),
+            Behavior::Malformed => http(200, "application/json", "{\"data\": \"not a list\"", None),
+            Behavior::Status {
+                status,
+                retry_after,
+            } => http(
+                status,
+                "application/json",
+                "{\"error\":{\"message\":\"scripted failure\"}}",
+                retry_after,
+            ),
+            Behavior::Hang => {
+                std::future::pending::<()>().await;
+                return;
+            }
+            Behavior::Drop => return,
+        };
+        if stream.write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn ok(inputs: &[String], dimension: usize) -> String {
+    let data: Vec<_> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            json!({"object": "embedding", "index": index, "embedding": FakeProvider::vector_for(text, dimension)})
+        })
+        .collect();
+    let body = json!({"object": "list", "data": data, "model": "fake-embedding", "usage": {"prompt_tokens": 0, "total_tokens": 0}});
+    http(200, "application/json", &body.to_string(), None)
+}
+
+fn http(status: u16, content_type: &str, body: &str, retry_after: Option<u64>) -> String {
+    let retry_after = retry_after
+        .map(|s| format!("Retry-After: {s}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "HTTP/1.1 {status} Fake\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{retry_after}\r\n{body}",
+        body.len()
+    )
+}
+
+/// Read one request (head and `Content-Length` body); `None` when the client closed.
+async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let head_end = loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+    let length: usize = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    while buffer.len() < head_end + length {
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+    }
+    let body = buffer[head_end..head_end + length].to_vec();
+    buffer.drain(..head_end + length);
+    Some(body)
+}

@@ -1,0 +1,399 @@
+//! The embedding service against a fake OpenAI-compatible provider (a real HTTP server) and a
+//! real Redis: caching, micro-batching, and calm behaviour when the provider misbehaves.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engram_cache::{Redis, RedisConfig};
+use engram_cli::redis::{Persistence, RedisProcess};
+use engram_core::api::{Embedder, Purpose};
+use engram_core::config::CommonArgs;
+use engram_core::error::Code;
+use engram_embedding::EmbeddingService;
+use engram_models::{EmbeddingProvider, OpenAiConfig, OpenAiEmbedder};
+use engram_resilience::{BreakerConfig, OutboundMetrics, Policy};
+use engram_telemetry::Metrics;
+use engram_tests::{Behavior, FakeProvider, Options, Sandbox, pb};
+
+const DIM: usize = 8;
+
+fn fast_policy() -> Policy {
+    Policy {
+        attempt_timeout: Duration::from_millis(500),
+        deadline: Duration::from_secs(5),
+        max_attempts: 3,
+        min_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        breaker: BreakerConfig {
+            consecutive_failures: 3,
+            cooldown: Duration::from_secs(60),
+            ..BreakerConfig::default()
+        },
+        max_concurrency: 4,
+        bulkhead_wait: Duration::from_millis(100),
+    }
+}
+
+struct Harness {
+    service: EmbeddingService,
+    fake: FakeProvider,
+    metrics: Metrics,
+    redis: Option<RedisProcess>,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness(
+    policy: Policy,
+    batch: engram_embedding::batcher::BatchConfig,
+    redis: bool,
+) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeProvider::start(DIM).await;
+    let metrics = Metrics::new();
+    let provider: Arc<dyn EmbeddingProvider> = Arc::new(
+        OpenAiEmbedder::new(
+            OpenAiConfig {
+                base_url: fake.url(),
+                model: "fake-embedding".into(),
+                api_key: None,
+                dimension: DIM,
+                max_inputs_per_request: 256,
+                policy,
+            },
+            &OutboundMetrics::new(&metrics),
+        )
+        .unwrap(),
+    );
+    let redis_process = if redis {
+        Some(
+            RedisProcess::start(&dir.path().join("redis"), None, Persistence::None)
+                .await
+                .unwrap(),
+        )
+    } else {
+        None
+    };
+    let redis_handle = redis_process.as_ref().map(|r| {
+        Redis::connect(
+            RedisConfig {
+                outage_backoff: Duration::from_millis(200),
+                ..RedisConfig::new(r.url())
+            },
+            &metrics,
+        )
+        .unwrap()
+    });
+    let config = engram_embedding::Config {
+        batch,
+        common: CommonArgs {
+            vector_dimension: DIM,
+            ..CommonArgs::for_test()
+        },
+        ..engram_embedding::Config::for_test()
+    };
+    Harness {
+        service: EmbeddingService::new(provider, &config, redis_handle, &metrics),
+        fake,
+        metrics,
+        redis: redis_process,
+        _dir: dir,
+    }
+}
+
+fn batching(
+    max_texts: usize,
+    queue: usize,
+    in_flight: usize,
+) -> engram_embedding::batcher::BatchConfig {
+    engram_embedding::batcher::BatchConfig {
+        max_texts,
+        max_wait: Duration::from_millis(2),
+        queue_capacity: queue,
+        max_batches_in_flight: in_flight,
+    }
+}
+
+fn sample(metrics: &Metrics, series: &str) -> f64 {
+    metrics
+        .encode()
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn embed(service: &EmbeddingService, texts: &[&str]) -> engram_core::Result<Vec<Vec<f32>>> {
+    service
+        .embed(
+            texts.iter().map(|t| t.to_string()).collect(),
+            Purpose::Document,
+        )
+        .await
+        .map(|e| e.vectors)
+}
+
+#[tokio::test]
+async fn a_text_reaches_the_provider_once_then_comes_from_the_cache_levels() {
+    let h = harness(fast_policy(), batching(64, 64, 1), true).await;
+    let first = embed(&h.service, &["I adopted a cat named Miso"])
+        .await
+        .unwrap();
+    let again = embed(&h.service, &["I adopted a cat named Miso"])
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    assert_eq!(
+        first[0],
+        FakeProvider::vector_for("I adopted a cat named Miso", DIM)
+    );
+    assert_eq!(h.fake.request_count(), 1);
+
+    h.service.clear_local_cache().await;
+    let from_redis = embed(&h.service, &["I adopted a cat named Miso"])
+        .await
+        .unwrap();
+    assert_eq!(from_redis, first);
+    assert_eq!(
+        h.fake.request_count(),
+        1,
+        "served from Redis, not the provider"
+    );
+    assert_eq!(
+        sample(
+            &h.metrics,
+            r#"engram_cache_requests_total{cache="embeddings",level="redis",result="hit"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn embedding_carries_on_without_redis_and_uses_it_again_when_it_returns() {
+    let mut h = harness(fast_policy(), batching(64, 64, 1), true).await;
+    embed(&h.service, &["before the outage"]).await.unwrap();
+
+    h.redis.as_mut().unwrap().kill().await;
+    // No errors while Redis is gone: new texts go to the provider, known ones to the first level.
+    embed(&h.service, &["during the outage"]).await.unwrap();
+    embed(&h.service, &["before the outage"]).await.unwrap();
+    assert_eq!(sample(&h.metrics, "engram_redis_available"), 0.0);
+
+    h.redis.as_mut().unwrap().restart().await.unwrap();
+    // Redis is tried again once the outage backoff has passed.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    embed(&h.service, &["after the outage"]).await.unwrap();
+    assert_eq!(sample(&h.metrics, "engram_redis_available"), 1.0);
+    h.service.clear_local_cache().await;
+    let requests = h.fake.request_count();
+    embed(&h.service, &["after the outage"]).await.unwrap();
+    assert_eq!(
+        h.fake.request_count(),
+        requests,
+        "the second level answered again"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_calls_share_provider_batches_and_each_gets_its_own_vector() {
+    let h = Arc::new(harness(fast_policy(), batching(64, 256, 1), false).await);
+    h.fake.set_latency(Duration::from_millis(50));
+    let calls: Vec<_> = (0..48)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let text = format!("sentence number {i}");
+                let vectors = embed(&h.service, &[&text]).await.unwrap();
+                (text, vectors)
+            })
+        })
+        .collect();
+    for call in calls {
+        let (text, vectors) = call.await.unwrap();
+        assert_eq!(
+            vectors,
+            vec![FakeProvider::vector_for(&text, DIM)],
+            "{text}"
+        );
+    }
+    let requests = h.fake.requests();
+    assert!(
+        requests.len() < 48 / 4,
+        "{} provider calls for 48 texts",
+        requests.len()
+    );
+    assert_eq!(requests.iter().map(Vec::len).sum::<usize>(), 48);
+}
+
+#[tokio::test]
+async fn a_full_queue_is_refused_with_a_retry_hint() {
+    let h = Arc::new(harness(fast_policy(), batching(1, 1, 1), false).await);
+    h.fake.set_latency(Duration::from_millis(300));
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move { embed(&h.service, &[&format!("text {i}")]).await })
+        })
+        .collect();
+    let mut refused = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => {}
+            Err(engram_core::Error::ResourceExhausted { retry_after, .. }) => {
+                assert!(retry_after.is_some());
+                refused += 1;
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+    }
+    assert!(refused > 0, "nothing was refused");
+    assert_eq!(
+        sample(&h.metrics, "engram_embed_rejected_total"),
+        refused as f64
+    );
+}
+
+#[tokio::test]
+async fn a_failing_provider_opens_the_breaker_and_is_not_called_while_open() {
+    let policy = Policy {
+        max_attempts: 1,
+        ..fast_policy()
+    };
+    let h = harness(policy, batching(64, 64, 1), false).await;
+    h.fake.set_default(Behavior::Status {
+        status: 500,
+        retry_after: None,
+    });
+    for i in 0..3 {
+        let err = embed(&h.service, &[&format!("t{i}")]).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(
+            err.to_string()
+                .contains("embedding provider fake-embedding answered 500"),
+            "{err}"
+        );
+    }
+    let err = embed(&h.service, &["t3"]).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.to_string().contains("circuit is open"), "{err}");
+    assert_eq!(
+        h.fake.request_count(),
+        3,
+        "an open circuit does not call the provider"
+    );
+    assert_eq!(
+        sample(
+            &h.metrics,
+            r#"engram_circuit_breaker_state{provider="embedding provider fake-embedding"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_429_is_retried_after_its_retry_after_and_a_400_is_not_retried() {
+    let h = harness(fast_policy(), batching(64, 64, 1), false).await;
+    h.fake.then(Behavior::Status {
+        status: 429,
+        retry_after: Some(1),
+    });
+    let started = Instant::now();
+    embed(&h.service, &["rate limited once"]).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "retried after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(h.fake.request_count(), 2);
+
+    h.fake.then(Behavior::Status {
+        status: 400,
+        retry_after: None,
+    });
+    let err = embed(&h.service, &["bad request"]).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert_eq!(h.fake.request_count(), 3, "a 400 is not retried");
+}
+
+#[tokio::test]
+async fn hangs_and_dropped_connections_are_retried() {
+    let h = harness(fast_policy(), batching(64, 64, 1), false).await;
+    h.fake.then(Behavior::Hang).then(Behavior::Drop);
+    let vectors = embed(&h.service, &["eventually"]).await.unwrap();
+    assert_eq!(vectors[0], FakeProvider::vector_for("eventually", DIM));
+    assert_eq!(h.fake.request_count(), 3);
+
+    h.fake.set_default(Behavior::Hang);
+    let err = embed(&h.service, &["never"]).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    assert!(
+        err.to_string()
+            .contains("timed out after 500ms (attempt 3/3)"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn wrong_dimensions_and_malformed_bodies_are_clear_errors_and_nothing_is_cached() {
+    let h = harness(fast_policy(), batching(64, 64, 1), true).await;
+    h.fake.then(Behavior::WrongDimension(5));
+    let err = embed(&h.service, &["some text"]).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "embedding provider fake-embedding sent an invalid response: 5-dimensional vectors, expected 8 (attempt 1/3)"
+    );
+    h.fake.then(Behavior::Malformed);
+    let err = embed(&h.service, &["some text"]).await.unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the body is not an embeddings response"),
+        "{err}"
+    );
+
+    // Nothing was cached: the provider is asked again, and this time answers properly.
+    let vectors = embed(&h.service, &["some text"]).await.unwrap();
+    assert_eq!(vectors[0], FakeProvider::vector_for("some text", DIM));
+    assert_eq!(h.fake.request_count(), 3);
+}
+
+#[tokio::test]
+async fn a_provider_of_the_wrong_dimension_indexes_nothing() {
+    let fake = FakeProvider::start(DIM).await;
+    fake.set_default(Behavior::WrongDimension(DIM * 2));
+    let sandbox = Sandbox::start_with(None, Options::with_fake(&fake, DIM, fast_policy())).await;
+    let mut client = sandbox.client().await;
+    let scope = Some(pb::Scope {
+        user_id: "wendy".into(),
+        ..Default::default()
+    });
+    let status = client
+        .remember(pb::RememberRequest {
+            scope: scope.clone(),
+            memories: vec![pb::MemoryInput {
+                text: "I like tea".into(),
+                ..Default::default()
+            }],
+            mode: pb::WriteMode::Sync.into(),
+            extract: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), engram_proto::tonic::Code::Unavailable);
+    assert!(
+        status
+            .message()
+            .contains("16-dimensional vectors, expected 8"),
+        "{}",
+        status.message()
+    );
+    let listed = client
+        .list(pb::ListRequest {
+            scope,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.memories.is_empty());
+    sandbox.stop().await;
+}
