@@ -52,6 +52,8 @@ pub struct Options {
     pub embedding: engram_embedding::Config,
     /// Embed with this fake external provider instead of the local model.
     pub fake: Option<FakeProvider>,
+    /// The ingestion service's write log.
+    pub write_log: engram_ingestion::LogArgs,
     pub common: CommonArgs,
 }
 
@@ -62,6 +64,10 @@ impl Default for Options {
             persistent_redis: false,
             embedding: engram_embedding::Config::for_test(),
             fake: None,
+            write_log: engram_ingestion::LogArgs {
+                claim_idle: Duration::from_secs(1),
+                ..engram_ingestion::LogArgs::default()
+            },
             common: CommonArgs::for_test(),
         }
     }
@@ -144,6 +150,7 @@ impl Sandbox {
             data_dir: data_dir.clone(),
             embedding: options.embedding,
             provider,
+            write_log: options.write_log,
             common,
         };
         let mut cluster = LocalCluster::start(config, listeners)
@@ -169,6 +176,14 @@ impl Sandbox {
     pub fn redis(&mut self) -> &mut RedisProcess {
         self.redis
             .as_mut()
+            .unwrap_or_else(|| panic!("this sandbox was started without redis"))
+    }
+
+    /// The URL of the sandbox's private Redis.
+    pub fn redis_url(&self) -> String {
+        self.redis
+            .as_ref()
+            .map(RedisProcess::url)
             .unwrap_or_else(|| panic!("this sandbox was started without redis"))
     }
 

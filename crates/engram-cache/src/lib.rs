@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-pub use crate::redis::{Redis, RedisConfig, pool};
+pub use crate::redis::{Redis, RedisConfig, pool, pool_sized};
 
 #[derive(Debug, Clone)]
 pub struct CacheConfig {

@@ -63,8 +63,13 @@ impl std::fmt::Debug for Redis {
 
 /// A connection pool for `url`; errors name the setting.
 pub fn pool(setting: &str, url: &str) -> Result<Pool> {
+    pool_sized(setting, url, 16)
+}
+
+/// [`pool`] with room for `size` connections.
+pub fn pool_sized(setting: &str, url: &str, size: usize) -> Result<Pool> {
     let mut config = deadpool_redis::Config::from_url(url);
-    let mut pool = deadpool_redis::PoolConfig::new(16);
+    let mut pool = deadpool_redis::PoolConfig::new(size);
     pool.timeouts.wait = Some(Duration::from_millis(500));
     pool.timeouts.create = Some(Duration::from_millis(500));
     pool.timeouts.recycle = Some(Duration::from_millis(500));

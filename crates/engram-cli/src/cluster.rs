@@ -48,6 +48,8 @@ pub struct ClusterConfig {
     /// An already built provider to use instead of building one from `embedding.provider`
     /// (tests share one loaded model, or point at a fake provider).
     pub provider: Option<Arc<dyn EmbeddingProvider>>,
+    /// The ingestion service's write log settings.
+    pub write_log: engram_ingestion::LogArgs,
     pub common: CommonArgs,
 }
 
@@ -161,6 +163,7 @@ impl LocalCluster {
         let ingestion_config = engram_ingestion::Config {
             embedding_url: url(addrs.embedding),
             retrieval_url: url(addrs.retrieval),
+            log: config.write_log.clone(),
             common: common.clone(),
         };
         let ingestion = RunningService::spawn(engram_ingestion::SERVICE_NAME, |stop| {

@@ -19,6 +19,8 @@ pub struct UpArgs {
     #[command(flatten)]
     embedding: engram_embedding::EmbeddingArgs,
     #[command(flatten)]
+    write_log: engram_ingestion::LogArgs,
+    #[command(flatten)]
     gateway_listen: engram_gateway::Listen,
     #[command(flatten)]
     retrieval_listen: engram_retrieval::Listen,
@@ -78,6 +80,7 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
         data_dir: data_dir.clone(),
         embedding,
         provider: None,
+        write_log: args.write_log.clone(),
         common: common.clone(),
     };
     let mut cluster = LocalCluster::start(config, listeners)?;

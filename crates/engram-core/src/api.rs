@@ -45,11 +45,45 @@ pub trait Embedder: Send + Sync + 'static {
     async fn embed(&self, texts: Vec<String>, purpose: Purpose) -> Result<Embeddings>;
 }
 
+/// A Redis Stream entry id: milliseconds and a sequence number, ordered as a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EntryId {
+    pub ms: u64,
+    pub seq: u64,
+}
+
+impl EntryId {
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ms, seq) = s.split_once('-')?;
+        Some(Self {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl fmt::Display for EntryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
 /// Proof of a write that a read can wait for (read-your-writes).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteToken {
     /// The write was indexed before it was acknowledged: nothing to wait for.
     Indexed,
+    /// The write is in the write log's `partition` at `entry`; indexed once the partition's
+    /// workers have applied that far.
+    Logged { partition: u32, entry: EntryId },
+}
+
+/// Where a write stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteState {
+    Pending,
+    Indexed,
+    Failed(String),
 }
 
 impl WriteToken {
@@ -58,13 +92,25 @@ impl WriteToken {
     pub fn encode(&self) -> String {
         match self {
             WriteToken::Indexed => format!("{}i", Self::PREFIX),
+            WriteToken::Logged { partition, entry } => {
+                format!("{}l{partition}.{entry}", Self::PREFIX)
+            }
         }
     }
 
     /// Parse a token a client sent back. Errors name no field; callers add it with `in_field`.
     pub fn decode(token: &str) -> Result<Self> {
+        let logged = |rest: &str| {
+            let (partition, entry) = rest.split_once('.')?;
+            Some(WriteToken::Logged {
+                partition: partition.parse().ok()?,
+                entry: EntryId::parse(entry)?,
+            })
+        };
         match token.strip_prefix(Self::PREFIX) {
             Some("i") => Ok(WriteToken::Indexed),
+            Some(rest) if rest.starts_with('l') => logged(&rest[1..])
+                .ok_or_else(|| Error::invalid("", "not a write token issued by this cluster")),
             _ => Err(Error::invalid(
                 "",
                 "not a write token issued by this cluster",
@@ -313,4 +359,64 @@ pub trait Ingestion: Send + Sync + 'static {
     async fn submit(&self, tenant: &TenantId, batch: RememberBatch) -> Result<RememberOutcome>;
     async fn update(&self, tenant: &TenantId, command: UpdateCommand) -> Result<UpdateOutcome>;
     async fn forget(&self, tenant: &TenantId, target: ForgetTarget) -> Result<ForgetOutcome>;
+    async fn status(&self, token: WriteToken) -> Result<WriteState>;
+}
+
+/// One operation of the write log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogOp {
+    Remember(Box<Memory>),
+    Update(UpdateCommand),
+    Forget(ForgetTarget),
+}
+
+/// A write log entry: the operation, whose it is, when it was acknowledged, and the
+/// de-duplication reservations it holds while pending.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedWrite {
+    pub tenant: TenantId,
+    pub op: LogOp,
+    pub submitted_unix_ms: i64,
+    pub reservations: Vec<String>,
+}
+
+/// Waits for logged writes to be indexed (read-your-writes); retrieval holds one.
+#[async_trait]
+pub trait WriteWaiter: Send + Sync + 'static {
+    /// Return once the write behind `token` is indexed; FAILED_PRECONDITION if it failed,
+    /// DEADLINE_EXCEEDED if it is not indexed within `within`.
+    async fn wait_indexed(&self, token: WriteToken, within: Duration) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_tokens_round_trip_and_order_by_entry() {
+        let token = WriteToken::Logged {
+            partition: 7,
+            entry: EntryId {
+                ms: 1_700_000_000_123,
+                seq: 4,
+            },
+        };
+        assert_eq!(token.encode(), "wt1.l7.1700000000123-4");
+        assert_eq!(WriteToken::decode(&token.encode()).unwrap(), token);
+        assert_eq!(WriteToken::decode("wt1.i").unwrap(), WriteToken::Indexed);
+        for bad in [
+            "",
+            "wt1.",
+            "wt1.l",
+            "wt1.l7",
+            "wt1.lx.1-2",
+            "wt1.l7.1",
+            "wt2.i",
+        ] {
+            assert!(WriteToken::decode(bad).is_err(), "{bad:?}");
+        }
+        let earlier = EntryId::parse("1700000000123-9").unwrap();
+        let later = EntryId::parse("1700000000124-0").unwrap();
+        assert!(earlier < later);
+    }
 }

@@ -10,14 +10,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use engram_proto::internal::v1 as ipb;
+use engram_proto::prost::Message as _;
 use engram_proto::tonic::transport::{Channel, Endpoint};
 use engram_proto::tonic::{Request, Response, Status};
 
 use crate::api::{
     ApplyOutcome, DuplicateMatch, Embedder, Embeddings, ForgetOutcome, ForgetTarget, GetQuery,
     GetResult, Index, IndexOp, IndexStats, IndexWrites, IndexedMemory, Ingestion, ListPage,
-    ListQuery, Purpose, RecallQuery, RecallResult, RememberBatch, RememberOutcome, UpdateCommand,
-    UpdateOutcome,
+    ListQuery, LogOp, LoggedWrite, Purpose, RecallQuery, RecallResult, RememberBatch,
+    RememberOutcome, UpdateCommand, UpdateOutcome, WriteState, WriteToken,
 };
 use crate::convert;
 use crate::error::{Error, Result};
@@ -174,6 +175,58 @@ impl Embedder for EmbedderClient {
             model: response.model,
             dimension,
             vectors: response.embeddings.into_iter().map(|e| e.values).collect(),
+        })
+    }
+}
+
+// ---- Write log entries ----
+
+impl LoggedWrite {
+    /// The protobuf bytes of a `LogEntry`.
+    pub fn encode(&self) -> Vec<u8> {
+        let op = match &self.op {
+            LogOp::Remember(memory) => ipb::log_entry::Op::Remember(ipb::IndexedMemory {
+                memory: Some(convert::memory(memory)),
+                dense: None,
+                idempotency_key: memory.idempotency_key.clone(),
+            }),
+            LogOp::Update(command) => ipb::log_entry::Op::Update(convert::update_request(command)),
+            LogOp::Forget(target) => ipb::log_entry::Op::Forget(convert::forget_request(target)),
+        };
+        ipb::LogEntry {
+            tenant: self.tenant.to_string(),
+            op: Some(op),
+            submitted_unix_ms: self.submitted_unix_ms,
+            dedup_keys: self.reservations.clone(),
+        }
+        .encode_to_vec()
+    }
+
+    /// Decode and validate an entry the log holds.
+    pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Self> {
+        let entry = ipb::LogEntry::decode(bytes)
+            .map_err(|e| Error::invalid("op", format!("not a LogEntry: {e}")))?;
+        let tenant = tenant(&entry.tenant)?;
+        let op = match entry.op {
+            Some(ipb::log_entry::Op::Remember(indexed)) => {
+                let mut memory =
+                    convert::memory_from_pb(indexed.memory.unwrap_or_default(), &tenant)?;
+                memory.idempotency_key = indexed.idempotency_key;
+                LogOp::Remember(Box::new(memory))
+            }
+            Some(ipb::log_entry::Op::Update(update)) => {
+                LogOp::Update(validate::update(update, limits)?)
+            }
+            Some(ipb::log_entry::Op::Forget(forget)) => {
+                LogOp::Forget(validate::forget(forget, limits)?)
+            }
+            None => return Err(Error::invalid("op", "is required")),
+        };
+        Ok(Self {
+            tenant,
+            op,
+            submitted_unix_ms: entry.submitted_unix_ms,
+            reservations: entry.dedup_keys,
         })
     }
 }
@@ -510,6 +563,23 @@ impl ipb::ingestion_server::Ingestion for IngestionGrpc {
         let outcome = self.inner.forget(&tenant, target).await?;
         Ok(Response::new(convert::forget_response(&outcome)))
     }
+
+    async fn status(
+        &self,
+        request: Request<ipb::StatusRequest>,
+    ) -> Result<Response<ipb::StatusResponse>, Status> {
+        let token = WriteToken::decode(&request.into_inner().write_token)
+            .map_err(|e| e.in_field("write_token"))?;
+        let (state, reason) = match self.inner.status(token).await? {
+            WriteState::Pending => (ipb::WriteState::Pending, String::new()),
+            WriteState::Indexed => (ipb::WriteState::Indexed, String::new()),
+            WriteState::Failed(reason) => (ipb::WriteState::Failed, reason),
+        };
+        Ok(Response::new(ipb::StatusResponse {
+            state: state as i32,
+            reason,
+        }))
+    }
 }
 
 /// An [`Ingestion`] reached over gRPC.
@@ -569,5 +639,25 @@ impl Ingestion for IngestionClient {
             })
             .await?;
         convert::forget_outcome_from_pb(response.into_inner())
+    }
+
+    async fn status(&self, token: WriteToken) -> Result<WriteState> {
+        let response = self
+            .client
+            .clone()
+            .status(ipb::StatusRequest {
+                write_token: token.encode(),
+            })
+            .await?
+            .into_inner();
+        match ipb::WriteState::try_from(response.state) {
+            Ok(ipb::WriteState::Pending) => Ok(WriteState::Pending),
+            Ok(ipb::WriteState::Indexed) => Ok(WriteState::Indexed),
+            Ok(ipb::WriteState::Failed) => Ok(WriteState::Failed(response.reason)),
+            _ => Err(Error::internal(format!(
+                "ingestion answered an unknown write state {}",
+                response.state
+            ))),
+        }
     }
 }

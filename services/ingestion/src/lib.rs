@@ -8,22 +8,26 @@
 //! durable and searchable. Update and Forget take the same road.
 
 mod dedup;
+pub mod worker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use dedup::Resolution;
 
 use async_trait::async_trait;
 use engram_core::api::{
     Embedder, ForgetOutcome, ForgetTarget, GetQuery, Index, IndexOp, IndexWrites, IndexedMemory,
-    Ingestion, Purpose, RememberBatch, RememberOutcome, UpdateCommand, UpdateOutcome, WriteResult,
-    WriteStatus, WriteToken,
+    Ingestion, LogOp, LoggedWrite, Purpose, RememberBatch, RememberOutcome, UpdateCommand,
+    UpdateOutcome, WriteResult, WriteState, WriteStatus, WriteToken, WriteWaiter,
 };
 use engram_core::config::{CommonArgs, EmbeddingUrl, RetrievalUrl};
 use engram_core::model::{Memory, MemoryId, TenantId, Timestamp, content_hash};
+use engram_core::model::{Scope, WriteMode};
 use engram_core::server::{Listeners, ServiceRuntime};
 use engram_core::{Error, Result, rpc};
 use engram_proto::tonic::service::Routes;
+use engram_writelog::{Append, AppendError, Appended, WriteLog};
 
 pub const SERVICE_NAME: &str = "ingestion";
 
@@ -38,18 +42,101 @@ pub struct IngestionPeers {
     pub retrieval: RetrievalUrl,
 }
 
+/// The write log's settings.
+#[derive(Debug, Clone, clap::Args)]
+#[group(id = "write-log")]
+pub struct LogArgs {
+    /// Partitions (Redis Streams) of the write log; one user's writes share one.
+    #[arg(
+        id = "log-partitions",
+        long = "log-partitions",
+        env = "ENGRAM_LOG_PARTITIONS",
+        default_value_t = 16
+    )]
+    pub partitions: u32,
+    /// Entries a worker indexes together at most.
+    #[arg(
+        id = "index-batch-max",
+        long = "index-batch-max",
+        env = "ENGRAM_INDEX_BATCH_MAX",
+        default_value_t = 64
+    )]
+    pub batch_max: usize,
+    /// How long a worker waits to fill a batch once it has entries.
+    #[arg(id = "index-batch-wait", long = "index-batch-wait", env = "ENGRAM_INDEX_BATCH_WAIT", default_value = "5ms", value_parser = engram_core::config::parse_duration)]
+    pub batch_wait: Duration,
+    /// Unindexed entries per partition beyond which Submit answers RESOURCE_EXHAUSTED.
+    #[arg(
+        id = "log-max-lag",
+        long = "log-max-lag",
+        env = "ENGRAM_LOG_MAX_LAG",
+        default_value_t = 10_000
+    )]
+    pub max_lag: u64,
+    /// Deliveries of an entry before it is moved to the dead-letter stream.
+    #[arg(
+        id = "log-max-deliveries",
+        long = "log-max-deliveries",
+        env = "ENGRAM_LOG_MAX_DELIVERIES",
+        default_value_t = 5
+    )]
+    pub max_deliveries: u64,
+    /// How long a partition stays with a worker that stopped renewing its lease (a crashed
+    /// replica) before another takes it and its unacknowledged entries.
+    #[arg(id = "log-claim-idle", long = "log-claim-idle", env = "ENGRAM_LOG_CLAIM_IDLE", default_value = "15s", value_parser = engram_core::config::parse_duration)]
+    pub claim_idle: Duration,
+    /// Refuse writes (UNAVAILABLE) when Redis is unreachable instead of indexing them
+    /// synchronously.
+    #[arg(
+        id = "log-strict",
+        long = "log-strict",
+        env = "ENGRAM_LOG_STRICT",
+        default_value_t = false
+    )]
+    pub strict: bool,
+    /// How long SYNC writes, Update and Forget wait for their write to be indexed.
+    #[arg(id = "log-sync-wait", long = "log-sync-wait", env = "ENGRAM_LOG_SYNC_WAIT", default_value = "10s", value_parser = engram_core::config::parse_duration)]
+    pub sync_wait: Duration,
+}
+
+impl Default for LogArgs {
+    fn default() -> Self {
+        Self {
+            partitions: 16,
+            batch_max: 64,
+            batch_wait: Duration::from_millis(5),
+            max_lag: 10_000,
+            max_deliveries: 5,
+            claim_idle: Duration::from_secs(15),
+            strict: false,
+            sync_wait: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub embedding_url: String,
     pub retrieval_url: String,
+    pub log: LogArgs,
     pub common: CommonArgs,
 }
 
+/// The ingestion binary's own settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestionArgs {
+    #[command(flatten)]
+    pub peers: IngestionPeers,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
 impl Config {
-    pub fn from_args(peers: IngestionPeers, common: CommonArgs) -> Self {
+    pub fn from_args(args: IngestionArgs, common: CommonArgs) -> Self {
         Self {
-            embedding_url: peers.embedding.embedding_url,
-            retrieval_url: peers.retrieval.retrieval_url,
+            embedding_url: args.peers.embedding.embedding_url,
+            retrieval_url: args.peers.retrieval.retrieval_url,
+            log: args.log,
             common,
         }
     }
@@ -72,12 +159,36 @@ pub async fn serve(
         &config.retrieval_url,
         timeout,
     )?);
-    let pipeline = Arc::new(Pipeline::new(embedder, index));
+    let metrics = worker::LogMetrics::new(runtime.metrics());
+    let log = match &config.common.redis_url {
+        Some(url) => Some(LogSettings {
+            log: WriteLog::connect("ENGRAM_REDIS_URL", url, config.log.partitions)?,
+            args: config.log.clone(),
+        }),
+        None => {
+            tracing::warn!(
+                "no Redis (ENGRAM_REDIS_URL): writes are indexed before they are acknowledged"
+            );
+            None
+        }
+    };
+    let pipeline = Arc::new(Pipeline::new(embedder, index).with_log(log, metrics.clone()));
+    let (stop_workers, stopping) = tokio::sync::watch::channel(false);
+    let workers = pipeline.log.as_ref().map(|settings| {
+        worker::spawn(
+            pipeline.clone(),
+            settings.log.clone(),
+            settings.args.clone(),
+            config.common.limits.clone(),
+            metrics,
+            stopping,
+        )
+    });
     let routes = Routes::new(rpc::ingestion_server(
         pipeline,
         config.common.limits.clone(),
     ));
-    runtime
+    let served = runtime
         .serve(
             routes,
             &["engram.internal.v1.Ingestion"],
@@ -85,22 +196,60 @@ pub async fn serve(
             config.common.drain_grace,
             shutdown,
         )
-        .await
+        .await;
+    let _ = stop_workers.send(true);
+    if let Some(workers) = workers {
+        let _ = workers.await;
+    }
+    served
 }
 
-/// [`Ingestion`] that embeds and indexes each write before acknowledging it.
+/// The write log and how to use it.
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub log: WriteLog,
+    pub args: LogArgs,
+}
+
+/// [`Ingestion`]: writes go to the durable log and are acknowledged at once (or, without
+/// Redis, are embedded and indexed before they are acknowledged).
 pub struct Pipeline {
     embedder: Arc<dyn Embedder>,
     index: Arc<dyn Index>,
+    log: Option<LogSettings>,
+    metrics: Option<worker::LogMetrics>,
+}
+
+fn dedup_key(tenant: &TenantId, scope: &Scope, kind: &str, value: &str) -> String {
+    format!(
+        "engram:dedup:{}:{}:{kind}:{value}",
+        tenant.as_str(),
+        scope.exact_key()
+    )
 }
 
 impl Pipeline {
     pub fn new(embedder: Arc<dyn Embedder>, index: Arc<dyn Index>) -> Self {
-        Self { embedder, index }
+        Self {
+            embedder,
+            index,
+            log: None,
+            metrics: None,
+        }
+    }
+
+    pub fn with_log(mut self, log: Option<LogSettings>, metrics: worker::LogMetrics) -> Self {
+        self.log = log;
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Embed the memories' texts and apply them, in order, with any deletions after them.
-    async fn embed_and_apply(&self, tenant: &TenantId, memories: Vec<Memory>) -> Result<u64> {
+    pub(crate) async fn embed_and_apply(
+        &self,
+        tenant: &TenantId,
+        memories: Vec<Memory>,
+    ) -> Result<u64> {
         if memories.is_empty() {
             return Ok(0);
         }
@@ -121,13 +270,211 @@ impl Pipeline {
         let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
         Ok(outcome.upserted)
     }
+
+    /// Apply an update now: the stored memory, patched, embedded again.
+    pub(crate) async fn apply_update(
+        &self,
+        tenant: &TenantId,
+        command: UpdateCommand,
+    ) -> Result<Memory> {
+        let mut memory = self.stored(tenant, command.id).await?;
+        memory.apply_patch(command.patch, Timestamp::now());
+        // The index keeps no vectors we can read back, so the (possibly unchanged) text is
+        // embedded again; the embedding cache makes that cheap for unchanged text.
+        self.embed_and_apply(tenant, vec![memory.clone()]).await?;
+        Ok(memory)
+    }
+
+    /// Apply a forget now; how many memories it deleted.
+    pub(crate) async fn apply_forget(
+        &self,
+        tenant: &TenantId,
+        target: ForgetTarget,
+    ) -> Result<u64> {
+        let op = match target {
+            ForgetTarget::Ids(ids) => IndexOp::DeleteIds(ids),
+            ForgetTarget::Scope(scope) => IndexOp::DeleteScope(scope),
+        };
+        let outcome = self
+            .index
+            .apply(tenant, IndexWrites { ops: vec![op] })
+            .await?;
+        Ok(outcome.deleted)
+    }
+
+    async fn stored(&self, tenant: &TenantId, id: MemoryId) -> Result<Memory> {
+        let found = self
+            .index
+            .get(
+                tenant,
+                GetQuery {
+                    ids: vec![id],
+                    after_write_token: None,
+                },
+            )
+            .await?;
+        found
+            .memories
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::NotFound(format!("memory {id} not found")))
+    }
+
+    /// The log, unless Redis is away and writes may fall back to the synchronous path.
+    fn degraded(&self, reason: &str) -> Result<()> {
+        let Some(settings) = &self.log else {
+            return Ok(());
+        };
+        if settings.args.strict {
+            return Err(Error::unavailable(format!(
+                "the write log is unavailable ({reason}) and ENGRAM_LOG_STRICT refuses to index writes without it"
+            )));
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.degraded.inc();
+        }
+        tracing::warn!(%reason, "write log unavailable: indexing this write synchronously");
+        Ok(())
+    }
+
+    /// Append one non-Remember operation and wait for it to be applied.
+    async fn log_and_wait(
+        &self,
+        settings: &LogSettings,
+        tenant: &TenantId,
+        partition: u32,
+        op: LogOp,
+    ) -> std::result::Result<WriteToken, AppendError> {
+        let write = LoggedWrite {
+            tenant: tenant.clone(),
+            op,
+            submitted_unix_ms: Timestamp::now().as_micros() / 1000,
+            reservations: Vec::new(),
+        };
+        let appended = settings
+            .log
+            .append(
+                partition,
+                vec![Append {
+                    key_reservation: String::new(),
+                    content_reservation: String::new(),
+                    id: String::new(),
+                    payload: write.encode(),
+                }],
+                u64::MAX,
+            )
+            .await?;
+        match appended.first() {
+            Some(Appended::Logged(entry)) => Ok(WriteToken::Logged {
+                partition,
+                entry: *entry,
+            }),
+            _ => Err(AppendError::Unavailable(
+                "the write log did not log the operation".into(),
+            )),
+        }
+    }
+
+    async fn wait(&self, settings: &LogSettings, token: WriteToken) -> Result<()> {
+        match settings.log.status(token).await? {
+            WriteState::Failed(reason) => Err(failure(&reason)),
+            _ => {
+                match settings
+                    .log
+                    .wait_indexed(token, settings.args.sync_wait)
+                    .await
+                {
+                    Err(Error::FailedPrecondition(_)) => match settings.log.status(token).await? {
+                        WriteState::Failed(reason) => Err(failure(&reason)),
+                        _ => Err(Error::internal("write failed")),
+                    },
+                    other => other,
+                }
+            }
+        }
+    }
+
+    async fn submit_sync(
+        &self,
+        tenant: &TenantId,
+        scope: Scope,
+        memories: Vec<engram_core::model::NewMemory>,
+        resolutions: Vec<Resolution>,
+        ids: Vec<MemoryId>,
+    ) -> Result<RememberOutcome> {
+        let now = Timestamp::now();
+        let mut new_memories = Vec::new();
+        let results = results_for(&resolutions, &ids);
+        for (i, input) in memories.into_iter().enumerate() {
+            if resolutions[i] == Resolution::New {
+                new_memories.push(Memory::from_input(
+                    ids[i],
+                    tenant.clone(),
+                    scope.clone(),
+                    input,
+                    now,
+                ));
+            }
+        }
+        self.embed_and_apply(tenant, new_memories).await?;
+        Ok(RememberOutcome {
+            results,
+            write_token: WriteToken::Indexed,
+        })
+    }
+}
+
+/// A failure recorded by a worker as an error for the caller.
+fn failure(reason: &str) -> Error {
+    match reason.split_once(": ") {
+        Some(("not found", message)) => Error::NotFound(message.to_string()),
+        Some(("unavailable", message)) => {
+            Error::unavailable(format!("the write could not be indexed: {message}"))
+        }
+        Some((_, message)) => Error::FailedPrecondition(format!("the write failed: {message}")),
+        None => Error::FailedPrecondition(format!("the write failed: {reason}")),
+    }
+}
+
+fn results_for(resolutions: &[Resolution], ids: &[MemoryId]) -> Vec<WriteResult> {
+    resolutions
+        .iter()
+        .enumerate()
+        .map(|(i, resolution)| match *resolution {
+            Resolution::New => WriteResult {
+                id: ids[i],
+                status: WriteStatus::Created,
+                reason: String::new(),
+            },
+            Resolution::DuplicateOf(id, reason) => WriteResult {
+                id,
+                status: WriteStatus::Duplicate,
+                reason: reason.to_string(),
+            },
+            Resolution::DuplicateOfInput(first, reason) => WriteResult {
+                id: ids[first],
+                status: WriteStatus::Duplicate,
+                reason: reason.to_string(),
+            },
+        })
+        .collect()
+}
+
+fn lag_error(backlog: u64) -> Error {
+    Error::ResourceExhausted {
+        reason: format!("indexing is {backlog} writes behind for this partition; retry shortly"),
+        retry_after: Some(Duration::from_secs(1)),
+    }
 }
 
 #[async_trait]
 impl Ingestion for Pipeline {
     async fn submit(&self, tenant: &TenantId, batch: RememberBatch) -> Result<RememberOutcome> {
         let RememberBatch {
-            scope, memories, ..
+            scope,
+            memories,
+            mode,
+            ..
         } = batch;
         let hashes: Vec<String> = memories
             .iter()
@@ -149,70 +496,133 @@ impl Ingestion for Pipeline {
             .find_duplicates(tenant, &scope, wanted_hashes, wanted_keys)
             .await?;
         let resolutions = dedup::resolve(&memories, &hashes, &existing);
-
-        let now = Timestamp::now();
         let ids: Vec<MemoryId> = resolutions
             .iter()
             .map(|_| MemoryId::new_time_ordered())
             .collect();
-        let mut new_memories = Vec::new();
-        let mut results = Vec::with_capacity(memories.len());
-        for (i, (input, resolution)) in memories.into_iter().zip(&resolutions).enumerate() {
-            let result = match *resolution {
-                Resolution::New => {
-                    new_memories.push(Memory::from_input(
-                        ids[i],
-                        tenant.clone(),
-                        scope.clone(),
-                        input,
-                        now,
-                    ));
-                    WriteResult {
-                        id: ids[i],
-                        status: WriteStatus::Created,
-                        reason: String::new(),
-                    }
-                }
-                Resolution::DuplicateOf(id, reason) => WriteResult {
-                    id,
-                    status: WriteStatus::Duplicate,
-                    reason: reason.to_string(),
-                },
-                Resolution::DuplicateOfInput(first, reason) => WriteResult {
-                    id: ids[first],
-                    status: WriteStatus::Duplicate,
-                    reason: reason.to_string(),
-                },
+        let Some(settings) = &self.log else {
+            return self
+                .submit_sync(tenant, scope, memories, resolutions, ids)
+                .await;
+        };
+
+        let now = Timestamp::now();
+        let partition = settings.log.partition_of(tenant, &scope);
+        let mut appends = Vec::new();
+        let mut new_inputs = Vec::new();
+        for (i, input) in memories.iter().enumerate() {
+            if resolutions[i] != Resolution::New {
+                continue;
+            }
+            let key_reservation = if input.idempotency_key.is_empty() {
+                String::new()
+            } else {
+                dedup_key(tenant, &scope, "k", &input.idempotency_key)
             };
-            results.push(result);
+            let content_reservation = if input.dedup_by_content() {
+                dedup_key(tenant, &scope, "h", &hashes[i])
+            } else {
+                String::new()
+            };
+            let memory =
+                Memory::from_input(ids[i], tenant.clone(), scope.clone(), input.clone(), now);
+            let write = LoggedWrite {
+                tenant: tenant.clone(),
+                op: LogOp::Remember(Box::new(memory)),
+                submitted_unix_ms: now.as_micros() / 1000,
+                reservations: [&key_reservation, &content_reservation]
+                    .into_iter()
+                    .filter(|k| !k.is_empty())
+                    .cloned()
+                    .collect(),
+            };
+            appends.push(Append {
+                key_reservation,
+                content_reservation,
+                id: ids[i].to_string(),
+                payload: write.encode(),
+            });
+            new_inputs.push(i);
         }
-        self.embed_and_apply(tenant, new_memories).await?;
+        if appends.is_empty() {
+            return Ok(RememberOutcome {
+                results: results_for(&resolutions, &ids),
+                write_token: WriteToken::Indexed,
+            });
+        }
+        let appended = match settings
+            .log
+            .append(partition, appends, settings.args.max_lag)
+            .await
+        {
+            Ok(appended) => appended,
+            Err(AppendError::Lag { backlog }) => {
+                if let Some(metrics) = &self.metrics {
+                    metrics.refused.inc();
+                }
+                return Err(lag_error(backlog));
+            }
+            Err(AppendError::Unavailable(reason)) => {
+                self.degraded(&reason)?;
+                return self
+                    .submit_sync(tenant, scope, memories, resolutions, ids)
+                    .await;
+            }
+        };
+        // Writes that a pending write of the scope already holds are duplicates of it.
+        let mut resolutions = resolutions;
+        let mut ids = ids;
+        let mut last = None;
+        for (&i, outcome) in new_inputs.iter().zip(&appended) {
+            let pending = match outcome {
+                Appended::Logged(entry) => {
+                    last = Some(*entry);
+                    continue;
+                }
+                Appended::DuplicateKey(id) => (id, "same idempotency key"),
+                Appended::DuplicateContent(id) => (id, "same content already stored in this scope"),
+            };
+            if let Ok(id) = engram_core::validate::memory_id(pending.0) {
+                ids[i] = id;
+                resolutions[i] = Resolution::DuplicateOf(id, pending.1);
+            }
+        }
+        let write_token = match last {
+            Some(entry) => WriteToken::Logged { partition, entry },
+            None => WriteToken::Indexed,
+        };
+        if mode == WriteMode::Sync {
+            self.wait(settings, write_token).await?;
+        }
         Ok(RememberOutcome {
-            results,
-            write_token: WriteToken::Indexed,
+            results: results_for(&resolutions, &ids),
+            write_token,
         })
     }
 
     async fn update(&self, tenant: &TenantId, command: UpdateCommand) -> Result<UpdateOutcome> {
-        let found = self
-            .index
-            .get(
-                tenant,
-                GetQuery {
-                    ids: vec![command.id],
-                    after_write_token: None,
-                },
-            )
-            .await?;
-        let mut memory = found
-            .memories
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::NotFound(format!("memory {} not found", command.id)))?;
-        memory.apply_patch(command.patch, Timestamp::now());
-        // The index keeps no vectors we can read back, so the (possibly unchanged) text is
-        // embedded again; the embedding cache makes that cheap for unchanged text.
-        self.embed_and_apply(tenant, vec![memory.clone()]).await?;
+        if let Some(settings) = &self.log {
+            // The memory's user decides the partition, so the update follows the user's
+            // earlier writes.
+            let stored = self.stored(tenant, command.id).await?;
+            let partition = settings.log.partition_of(tenant, &stored.scope);
+            match self
+                .log_and_wait(settings, tenant, partition, LogOp::Update(command.clone()))
+                .await
+            {
+                Ok(token) => {
+                    self.wait(settings, token).await?;
+                    let memory = self.stored(tenant, command.id).await?;
+                    return Ok(UpdateOutcome {
+                        memory,
+                        write_token: token,
+                    });
+                }
+                Err(AppendError::Lag { backlog }) => return Err(lag_error(backlog)),
+                Err(AppendError::Unavailable(reason)) => self.degraded(&reason)?,
+            }
+        }
+        let memory = self.apply_update(tenant, command).await?;
         Ok(UpdateOutcome {
             memory,
             write_token: WriteToken::Indexed,
@@ -220,17 +630,80 @@ impl Ingestion for Pipeline {
     }
 
     async fn forget(&self, tenant: &TenantId, target: ForgetTarget) -> Result<ForgetOutcome> {
-        let op = match target {
-            ForgetTarget::Ids(ids) => IndexOp::DeleteIds(ids),
-            ForgetTarget::Scope(scope) => IndexOp::DeleteScope(scope),
-        };
-        let outcome = self
-            .index
-            .apply(tenant, IndexWrites { ops: vec![op] })
-            .await?;
+        if let Some(settings) = &self.log {
+            // Forgetting a scope goes to its user's partition; forgetting ids goes to the
+            // partitions of the memories' users.
+            let parts: Vec<(u32, ForgetTarget)> = match &target {
+                ForgetTarget::Scope(scope) => {
+                    vec![(settings.log.partition_of(tenant, scope), target.clone())]
+                }
+                ForgetTarget::Ids(ids) => {
+                    let found = self
+                        .index
+                        .get(
+                            tenant,
+                            GetQuery {
+                                ids: ids.clone(),
+                                after_write_token: None,
+                            },
+                        )
+                        .await?;
+                    let mut by_partition: std::collections::BTreeMap<u32, Vec<MemoryId>> =
+                        Default::default();
+                    for memory in found.memories {
+                        by_partition
+                            .entry(settings.log.partition_of(tenant, &memory.scope))
+                            .or_default()
+                            .push(memory.id);
+                    }
+                    by_partition
+                        .into_iter()
+                        .map(|(p, ids)| (p, ForgetTarget::Ids(ids)))
+                        .collect()
+                }
+            };
+            let mut forgotten = 0;
+            let mut token = WriteToken::Indexed;
+            let mut logged = true;
+            for (partition, part) in parts {
+                match self
+                    .log_and_wait(settings, tenant, partition, LogOp::Forget(part.clone()))
+                    .await
+                {
+                    Ok(t) => {
+                        self.wait(settings, t).await?;
+                        if let WriteToken::Logged { partition, entry } = t {
+                            forgotten += settings.log.forgot(partition, entry).await?;
+                        }
+                        token = t;
+                    }
+                    Err(AppendError::Lag { backlog }) => return Err(lag_error(backlog)),
+                    Err(AppendError::Unavailable(reason)) => {
+                        self.degraded(&reason)?;
+                        forgotten += self.apply_forget(tenant, part).await?;
+                        logged = false;
+                    }
+                }
+            }
+            return Ok(ForgetOutcome {
+                forgotten,
+                write_token: if logged { token } else { WriteToken::Indexed },
+            });
+        }
+        let forgotten = self.apply_forget(tenant, target).await?;
         Ok(ForgetOutcome {
-            forgotten: outcome.deleted,
+            forgotten,
             write_token: WriteToken::Indexed,
         })
+    }
+
+    async fn status(&self, token: WriteToken) -> Result<WriteState> {
+        match (&self.log, token) {
+            (_, WriteToken::Indexed) => Ok(WriteState::Indexed),
+            (Some(settings), token) => settings.log.status(token).await,
+            (None, _) => Err(Error::FailedPrecondition(
+                "this ingestion service has no write log (ENGRAM_REDIS_URL is not set)".into(),
+            )),
+        }
     }
 }

@@ -4,7 +4,7 @@ engram_core::service_binary! {
     name: "engram-ingestion",
     about: "engram's ingestion service",
     listen: engram_ingestion::Listen,
-    args: engram_ingestion::IngestionPeers,
+    args: engram_ingestion::IngestionArgs,
     config: engram_ingestion::Config::from_args,
     serve: engram_ingestion::serve,
 }

@@ -14,12 +14,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use engram_core::api::{
     ApplyOutcome, DuplicateMatch, Embedder, GetQuery, GetResult, Index, IndexStats, IndexWrites,
-    ListPage, ListQuery, RecallQuery, RecallResult,
+    ListPage, ListQuery, RecallQuery, RecallResult, WriteToken, WriteWaiter,
 };
 use engram_core::config::{CommonArgs, EmbeddingUrl};
 use engram_core::model::{Scope, TenantId};
 use engram_core::server::{Listeners, ServiceRuntime};
-use engram_core::{Result, rpc};
+use engram_core::{Error, Result, rpc};
 use engram_proto::tonic::service::Routes;
 use engram_store::{EdgeStore, EdgeStoreConfig, Selection, VectorStore};
 
@@ -80,7 +80,14 @@ pub async fn serve(
         &config.embedding_url,
         config.common.internal_timeout,
     )?);
-    let retrieval = Arc::new(Retrieval::new(store.clone(), embedder, runtime.metrics()));
+    let mut retrieval = Retrieval::new(store.clone(), embedder, runtime.metrics());
+    if let Some(url) = &config.common.redis_url {
+        retrieval.writes = Some(Arc::new(engram_writelog::WriteLog::reader(
+            "ENGRAM_REDIS_URL",
+            url,
+        )?));
+    }
+    let retrieval = Arc::new(retrieval);
     let routes = Routes::new(rpc::index_server(retrieval, config.common.limits.clone()));
     let served = runtime
         .serve(
@@ -102,6 +109,8 @@ pub struct Retrieval {
     store: Arc<dyn VectorStore>,
     embedder: Arc<dyn Embedder>,
     metrics: SearchMetrics,
+    /// Where reads with a write token wait for that write (read-your-writes).
+    pub writes: Option<Arc<dyn WriteWaiter>>,
 }
 
 impl Retrieval {
@@ -114,22 +123,40 @@ impl Retrieval {
             store,
             embedder,
             metrics: SearchMetrics::new(metrics),
+            writes: None,
+        }
+    }
+
+    /// Wait until the write behind `token` is indexed (bounded by the read's budget).
+    async fn after(&self, token: Option<WriteToken>) -> Result<()> {
+        match (token, &self.writes) {
+            (None | Some(WriteToken::Indexed), _) => Ok(()),
+            (Some(token), Some(writes)) => writes.wait_indexed(token, READ_YOUR_WRITES_WAIT).await,
+            (Some(_), None) => Err(Error::FailedPrecondition(
+                "after_write_token names a logged write, but retrieval has no write log (ENGRAM_REDIS_URL is not set)".into(),
+            )),
         }
     }
 }
 
+/// The longest a read waits for the write named by its `after_write_token`.
+const READ_YOUR_WRITES_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[async_trait]
 impl Index for Retrieval {
     async fn search(&self, tenant: &TenantId, query: RecallQuery) -> Result<RecallResult> {
+        self.after(query.after_write_token).await?;
         search::search(self, tenant, query).await
     }
 
     async fn get(&self, tenant: &TenantId, query: GetQuery) -> Result<GetResult> {
+        self.after(query.after_write_token).await?;
         let found = self.store.get(tenant, &query.ids).await?;
         Ok(GetResult::assemble(&query.ids, found))
     }
 
     async fn list(&self, tenant: &TenantId, query: ListQuery) -> Result<ListPage> {
+        self.after(query.after_write_token).await?;
         let selection = Selection {
             tenant: tenant.clone(),
             scope: query.scope,

@@ -356,6 +356,15 @@ async fn wrong_dimensions_and_malformed_bodies_are_clear_errors_and_nothing_is_c
     assert_eq!(h.fake.request_count(), 3);
 }
 
+async fn fake_provider_dead_letters(sandbox: &Sandbox) -> u64 {
+    let url = sandbox.redis_url();
+    engram_writelog::WriteLog::reader("test", &url)
+        .unwrap()
+        .dead_letters()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_provider_of_the_wrong_dimension_indexes_nothing() {
     let fake = FakeProvider::start(DIM).await;
@@ -378,14 +387,16 @@ async fn a_provider_of_the_wrong_dimension_indexes_nothing() {
         })
         .await
         .unwrap_err();
+    // The write was logged, then failed on every delivery (16-dimensional vectors, then the
+    // provider's circuit opened) and went to the dead-letter stream: SYNC reports that.
     assert_eq!(status.code(), engram_proto::tonic::Code::Unavailable);
     assert!(
-        status
-            .message()
-            .contains("16-dimensional vectors, expected 8"),
+        status.message().contains("could not be indexed")
+            && status.message().contains("fake-embedding"),
         "{}",
         status.message()
     );
+    assert_eq!(fake_provider_dead_letters(&sandbox).await, 1);
     let listed = client
         .list(pb::ListRequest {
             scope,

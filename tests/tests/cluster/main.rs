@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod embedding;
+mod ingestion;
 mod operations;
 mod spine;

@@ -1,0 +1,582 @@
+//! The durable write log: Redis Streams, one per partition.
+//!
+//! A write is appended to the stream of its partition (chosen by the hash of tenant and user,
+//! so that one user's writes — including a Forget of the whole user — keep their order) by one
+//! Lua script that also reserves its de-duplication keys, so a write is either logged with its
+//! reservation or not at all. Its acknowledgement carries a [`WriteToken`]: the partition and
+//! the entry id.
+//!
+//! Each partition is worked by one worker at a time, the holder of the partition's lease, who
+//! reads it through the consumer group `indexers` as the consumer `p<partition>`. A worker that
+//! dies leaves its lease to expire and its unacknowledged entries in that consumer's pending
+//! list, where the next holder reads them first: entries are reclaimed after the lease's idle
+//! timeout, in order. After applying entries the worker acknowledges them, records outcomes
+//! worth keeping (failures, forget counts), and moves the partition's watermark — the last
+//! applied entry — which is what [`WriteLog::status`] compares tokens with.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::{Connection, Pool};
+use engram_core::api::{EntryId, WriteState, WriteToken, WriteWaiter};
+use engram_core::model::{Scope, TenantId};
+use engram_core::{Error, Result};
+use redis::Value;
+use redis::streams::StreamReadReply;
+
+pub const GROUP: &str = "indexers";
+const DEAD_LETTER: &str = "engram:log:dead";
+/// Outcomes (failures, forget counts) are kept this long for status queries.
+const OUTCOME_TTL_SECS: u64 = 24 * 3600;
+/// De-duplication reservations outlive indexing by this long, covering a Submit that checked
+/// the index just before the write became visible there.
+const RESERVATION_TTL_SECS: u64 = 120;
+
+/// Append entries unless the partition's backlog is over the bound; reserve de-duplication
+/// keys. ARGV: max backlog, count, then per entry: idempotency key, content key, id, payload.
+/// Returns {'LAG', backlog} or {'OK', last entry id, per entry 'N'<entry> | 'K'<id> | 'H'<id>}.
+const APPEND: &str = r"
+local len = redis.call('XLEN', KEYS[1])
+local n = tonumber(ARGV[2])
+if len > 0 and len + n > tonumber(ARGV[1]) then return {'LAG', tostring(len)} end
+local out = {'OK', ''}
+local i = 3
+for j = 1, n do
+  local kkey, hkey, id, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  i = i + 4
+  local by_key = kkey ~= '' and redis.call('GET', kkey)
+  local by_hash = (not by_key) and hkey ~= '' and redis.call('GET', hkey)
+  if by_key then table.insert(out, 'K' .. by_key)
+  elseif by_hash then table.insert(out, 'H' .. by_hash)
+  else
+    if kkey ~= '' then redis.call('SET', kkey, id) end
+    if hkey ~= '' then redis.call('SET', hkey, id) end
+    local entry = redis.call('XADD', KEYS[1], '*', 'op', payload)
+    out[2] = entry
+    table.insert(out, 'N' .. entry)
+  end
+end
+return out
+";
+
+/// Take the lease if free or already ours; ARGV: owner, ttl ms.
+const LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+";
+
+/// Give the lease up if ours; ARGV: owner.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// One write to append.
+#[derive(Debug, Clone)]
+pub struct Append {
+    /// De-duplication reservation by idempotency key (empty: none).
+    pub key_reservation: String,
+    /// De-duplication reservation by content (empty: none).
+    pub content_reservation: String,
+    /// The id the write will have.
+    pub id: String,
+    /// The encoded `LogEntry`.
+    pub payload: Vec<u8>,
+}
+
+/// What became of one appended write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Appended {
+    Logged(EntryId),
+    /// A pending write of the scope has the same idempotency key: its id.
+    DuplicateKey(String),
+    /// A pending write of the scope has the same content: its id.
+    DuplicateContent(String),
+}
+
+#[derive(Debug)]
+pub enum AppendError {
+    /// The partition's backlog is over the bound.
+    Lag { backlog: u64 },
+    /// Redis could not be reached or did not answer.
+    Unavailable(String),
+}
+
+/// One entry read from a partition.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: EntryId,
+    pub payload: Vec<u8>,
+}
+
+/// What a worker records when it is done with an entry.
+#[derive(Debug, Clone)]
+pub enum Done {
+    Applied,
+    /// A Forget, with how many memories it deleted.
+    Forgot(u64),
+    /// Dead-lettered: why.
+    Failed(String),
+}
+
+#[derive(Clone)]
+pub struct WriteLog {
+    pool: Pool,
+    partitions: u32,
+    op_timeout: Duration,
+}
+
+impl std::fmt::Debug for WriteLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteLog")
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+fn stream(partition: u32) -> String {
+    format!("engram:log:{partition}")
+}
+
+fn watermark_key(partition: u32) -> String {
+    format!("engram:log:{partition}:applied")
+}
+
+fn outcome_key(partition: u32) -> String {
+    format!("engram:log:{partition}:outcome")
+}
+
+fn lease_key(partition: u32) -> String {
+    format!("engram:log:{partition}:lease")
+}
+
+/// The consumer that reads a partition, whoever holds its lease.
+fn consumer(partition: u32) -> String {
+    format!("p{partition}")
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Error {
+    Error::unavailable(format!("the write log (Redis) is unavailable: {e}"))
+}
+
+impl WriteLog {
+    /// A log of `partitions` streams on the Redis at `url`; `setting` names the URL's source.
+    pub fn connect(setting: &str, url: &str, partitions: u32) -> Result<Self> {
+        // Workers hold a connection per partition in blocking reads; writers need their own.
+        let pool = engram_cache::pool_sized(setting, url, partitions as usize + 32)?;
+        Ok(Self {
+            pool,
+            partitions: partitions.max(1),
+            op_timeout: Duration::from_secs(2),
+        })
+    }
+
+    /// A log used only to read write states (retrieval): any partition a token names is
+    /// accepted.
+    pub fn reader(setting: &str, url: &str) -> Result<Self> {
+        Ok(Self {
+            pool: engram_cache::pool(setting, url)?,
+            partitions: u32::MAX,
+            op_timeout: Duration::from_secs(2),
+        })
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The partition of a scope: all of one user's writes share it.
+    pub fn partition_of(&self, tenant: &TenantId, scope: &Scope) -> u32 {
+        // FNV-1a: stable across processes and releases (unlike std's hasher).
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for byte in tenant
+            .as_str()
+            .bytes()
+            .chain([0])
+            .chain(scope.user_id.bytes())
+        {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        (hash % u64::from(self.partitions)) as u32
+    }
+
+    async fn conn(&self) -> Result<Connection> {
+        match tokio::time::timeout(self.op_timeout, self.pool.get()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable("no connection within the timeout")),
+        }
+    }
+
+    /// Run one Redis operation within the operation timeout.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.conn().await?;
+        match tokio::time::timeout(self.op_timeout, op(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(unavailable(e)),
+            Err(_) => Err(unavailable("no answer within the timeout")),
+        }
+    }
+
+    /// Append writes to `partition`, all or nothing, unless its backlog exceeds `max_backlog`.
+    pub async fn append(
+        &self,
+        partition: u32,
+        writes: Vec<Append>,
+        max_backlog: u64,
+    ) -> std::result::Result<Vec<Appended>, AppendError> {
+        let script = redis::Script::new(APPEND);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(stream(partition))
+            .arg(max_backlog)
+            .arg(writes.len());
+        for w in &writes {
+            invocation
+                .arg(&w.key_reservation)
+                .arg(&w.content_reservation)
+                .arg(&w.id)
+                .arg(&w.payload);
+        }
+        let reply: Vec<String> = match self
+            .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => return Err(AppendError::Unavailable(e.to_string())),
+        };
+        let bad = || AppendError::Unavailable("the write log answered unexpectedly".into());
+        match reply.first().map(String::as_str) {
+            Some("LAG") => Err(AppendError::Lag {
+                backlog: reply.get(1).and_then(|v| v.parse().ok()).unwrap_or(0),
+            }),
+            Some("OK") => reply[2..]
+                .iter()
+                .map(|r| {
+                    let (tag, rest) = r.split_at_checked(1).ok_or_else(bad)?;
+                    match tag {
+                        "N" => EntryId::parse(rest).map(Appended::Logged).ok_or_else(bad),
+                        "K" => Ok(Appended::DuplicateKey(rest.to_string())),
+                        "H" => Ok(Appended::DuplicateContent(rest.to_string())),
+                        _ => Err(bad()),
+                    }
+                })
+                .collect(),
+            _ => Err(bad()),
+        }
+    }
+
+    /// Where the write behind `token` stands.
+    pub async fn status(&self, token: WriteToken) -> Result<WriteState> {
+        let (partition, entry) = match token {
+            WriteToken::Indexed => return Ok(WriteState::Indexed),
+            WriteToken::Logged { partition, entry } => (partition, entry),
+        };
+        if partition >= self.partitions {
+            return Err(Error::invalid(
+                "write_token",
+                format!(
+                    "names partition {partition}, but the log has {}",
+                    self.partitions
+                ),
+            ));
+        }
+        let (outcome, watermark): (Option<String>, Option<String>) = self
+            .run(|mut conn| async move {
+                redis::pipe()
+                    .hget(outcome_key(partition), entry.to_string())
+                    .get(watermark_key(partition))
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        if let Some(reason) = outcome.as_deref().and_then(|o| o.strip_prefix("failed:")) {
+            return Ok(WriteState::Failed(reason.to_string()));
+        }
+        let applied = watermark.as_deref().and_then(EntryId::parse);
+        Ok(match applied {
+            Some(applied) if applied >= entry => WriteState::Indexed,
+            _ => WriteState::Pending,
+        })
+    }
+
+    /// How many memories the Forget at `entry` deleted, once it is applied.
+    pub async fn forgot(&self, partition: u32, entry: EntryId) -> Result<u64> {
+        let outcome: Option<String> = self
+            .run(|mut conn| async move {
+                redis::cmd("HGET")
+                    .arg(outcome_key(partition))
+                    .arg(entry.to_string())
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(outcome
+            .as_deref()
+            .and_then(|o| o.strip_prefix("forgot:"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Create the consumer group of `partition` (and its stream) if missing.
+    pub async fn ensure_group(&self, partition: u32) -> Result<()> {
+        let created: redis::RedisResult<()> = async {
+            let mut conn = self.conn().await.map_err(|e| {
+                redis::RedisError::from((redis::ErrorKind::Io, "pool", e.to_string()))
+            })?;
+            redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream(partition))
+                .arg(GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut conn)
+                .await
+        }
+        .await;
+        match created {
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(unavailable(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Take or renew the lease of `partition` for `owner`.
+    pub async fn lease(&self, partition: u32, owner: &str, ttl: Duration) -> Result<bool> {
+        let owner = owner.to_string();
+        let taken: i64 = self
+            .run(|mut conn| async move {
+                redis::Script::new(LEASE)
+                    .key(lease_key(partition))
+                    .arg(owner)
+                    .arg(ttl.as_millis() as u64)
+                    .invoke_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(taken == 1)
+    }
+
+    pub async fn release(&self, partition: u32, owner: &str) -> Result<()> {
+        let owner = owner.to_string();
+        self.run(|mut conn| async move {
+            redis::Script::new(RELEASE)
+                .key(lease_key(partition))
+                .arg(owner)
+                .invoke_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Read up to `count` entries of `partition`: those delivered before and not acknowledged
+    /// (`pending`), or new ones, waiting up to `block` for them.
+    pub async fn read(
+        &self,
+        partition: u32,
+        count: usize,
+        pending: bool,
+        block: Duration,
+    ) -> Result<Vec<Entry>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer(partition))
+            .arg("COUNT")
+            .arg(count);
+        if !pending && !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS")
+            .arg(stream(partition))
+            .arg(if pending { "0" } else { ">" });
+        let mut conn = self.conn().await?;
+        let reply: Option<StreamReadReply> =
+            match tokio::time::timeout(self.op_timeout + block, cmd.query_async(&mut conn)).await {
+                Ok(Ok(reply)) => reply,
+                Ok(Err(e)) => return Err(unavailable(e)),
+                Err(_) => return Err(unavailable("no answer within the timeout")),
+            };
+        let mut entries = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for id in key.ids {
+                let Some(entry) = EntryId::parse(&id.id) else {
+                    continue;
+                };
+                let payload = match id.map.get("op") {
+                    Some(Value::BulkString(bytes)) => bytes.clone(),
+                    _ => Vec::new(),
+                };
+                entries.push(Entry { id: entry, payload });
+            }
+        }
+        Ok(entries)
+    }
+
+    /// How many times `entry` has been delivered to the partition's consumer.
+    pub async fn deliveries(&self, partition: u32, entry: EntryId) -> Result<u64> {
+        let reply: Vec<(String, String, u64, u64)> = self
+            .run(|mut conn| async move {
+                redis::cmd("XPENDING")
+                    .arg(stream(partition))
+                    .arg(GROUP)
+                    .arg(entry.to_string())
+                    .arg(entry.to_string())
+                    .arg(1)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(reply.first().map_or(0, |r| r.3))
+    }
+
+    /// Record that the entries in `done` (in log order) are finished: outcomes, acknowledgement,
+    /// the watermark, the end of their de-duplication reservations, and trimming.
+    pub async fn finish(
+        &self,
+        partition: u32,
+        done: &[(EntryId, Done)],
+        reservations: &[String],
+    ) -> Result<()> {
+        let Some((last, _)) = done.last() else {
+            return Ok(());
+        };
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (id, outcome) in done {
+            match outcome {
+                Done::Applied => {}
+                Done::Forgot(n) => {
+                    pipe.hset(
+                        outcome_key(partition),
+                        id.to_string(),
+                        format!("forgot:{n}"),
+                    )
+                    .ignore();
+                }
+                Done::Failed(reason) => {
+                    pipe.hset(
+                        outcome_key(partition),
+                        id.to_string(),
+                        format!("failed:{reason}"),
+                    )
+                    .ignore();
+                }
+            }
+        }
+        if done.iter().any(|(_, d)| !matches!(d, Done::Applied)) {
+            pipe.expire(outcome_key(partition), OUTCOME_TTL_SECS as i64)
+                .ignore();
+        }
+        let mut ack = redis::cmd("XACK");
+        ack.arg(stream(partition)).arg(GROUP);
+        for (id, _) in done {
+            ack.arg(id.to_string());
+        }
+        pipe.add_command(ack).ignore();
+        pipe.set(watermark_key(partition), last.to_string())
+            .ignore();
+        for key in reservations {
+            pipe.expire(key, RESERVATION_TTL_SECS as i64).ignore();
+        }
+        // Entries before the watermark are applied and acknowledged: the stream's length is the
+        // backlog.
+        pipe.cmd("XTRIM")
+            .arg(stream(partition))
+            .arg("MINID")
+            .arg(format!("{}-{}", last.ms, last.seq + 1))
+            .ignore();
+        let batch = pipe.clone();
+        self.run(|mut conn| async move { batch.query_async::<()>(&mut conn).await })
+            .await
+    }
+
+    /// Keep a failed entry, with why, in the dead-letter stream.
+    pub async fn dead_letter(
+        &self,
+        partition: u32,
+        entry: &Entry,
+        reason: &str,
+        reservations: &[String],
+    ) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("XADD")
+            .arg(DEAD_LETTER)
+            .arg("*")
+            .arg("partition")
+            .arg(partition)
+            .arg("entry")
+            .arg(entry.id.to_string())
+            .arg("reason")
+            .arg(reason)
+            .arg("op")
+            .arg(&entry.payload)
+            .ignore();
+        // A failed write must not stand in the way of the same write made again.
+        for key in reservations {
+            pipe.del(key).ignore();
+        }
+        self.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
+            .await
+    }
+
+    /// Entries not yet applied in `partition`.
+    pub async fn backlog(&self, partition: u32) -> Result<u64> {
+        self.run(|mut conn| async move {
+            redis::cmd("XLEN")
+                .arg(stream(partition))
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    /// Entries in the dead-letter stream.
+    pub async fn dead_letters(&self) -> Result<u64> {
+        self.run(|mut conn| async move {
+            redis::cmd("XLEN")
+                .arg(DEAD_LETTER)
+                .query_async(&mut conn)
+                .await
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl WriteWaiter for WriteLog {
+    async fn wait_indexed(&self, token: WriteToken, within: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.status(token).await? {
+                WriteState::Indexed => return Ok(()),
+                WriteState::Failed(reason) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the write {} failed and will not be indexed: {reason}",
+                        token.encode()
+                    )));
+                }
+                WriteState::Pending => {}
+            }
+            if tokio::time::Instant::now() + pause > deadline {
+                return Err(Error::DeadlineExceeded(format!(
+                    "the write {} was not indexed within {within:?}",
+                    token.encode()
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+}
