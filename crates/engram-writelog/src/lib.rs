@@ -553,21 +553,16 @@ impl WriteLog {
     }
 }
 
-#[async_trait]
-impl WriteWaiter for WriteLog {
-    async fn wait_indexed(&self, token: WriteToken, within: Duration) -> Result<()> {
+impl WriteLog {
+    /// Wait until the write behind `token` is indexed or has failed, and say which;
+    /// DEADLINE_EXCEEDED if it is still pending after `within`.
+    pub async fn settled(&self, token: WriteToken, within: Duration) -> Result<WriteState> {
         let deadline = tokio::time::Instant::now() + within;
         let mut pause = Duration::from_millis(1);
         loop {
-            match self.status(token).await? {
-                WriteState::Indexed => return Ok(()),
-                WriteState::Failed(reason) => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "the write {} failed and will not be indexed: {reason}",
-                        token.encode()
-                    )));
-                }
-                WriteState::Pending => {}
+            let state = self.status(token).await?;
+            if state != WriteState::Pending {
+                return Ok(state);
             }
             if tokio::time::Instant::now() + pause > deadline {
                 return Err(Error::DeadlineExceeded(format!(
@@ -577,6 +572,19 @@ impl WriteWaiter for WriteLog {
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+}
+
+#[async_trait]
+impl WriteWaiter for WriteLog {
+    async fn wait_indexed(&self, token: WriteToken, within: Duration) -> Result<()> {
+        match self.settled(token, within).await? {
+            WriteState::Failed(reason) => Err(Error::FailedPrecondition(format!(
+                "the write {} failed and will not be indexed: {reason}",
+                token.encode()
+            ))),
+            _ => Ok(()),
         }
     }
 }

@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use engram_core::api::{
     Embedder, ForgetOutcome, ForgetTarget, GetQuery, Index, IndexOp, IndexWrites, IndexedMemory,
     Ingestion, LogOp, LoggedWrite, Purpose, RememberBatch, RememberOutcome, UpdateCommand,
-    UpdateOutcome, WriteResult, WriteState, WriteStatus, WriteToken, WriteWaiter,
+    UpdateOutcome, WriteResult, WriteState, WriteStatus, WriteToken,
 };
 use engram_core::config::{CommonArgs, EmbeddingUrl, RetrievalUrl};
 use engram_core::model::{Memory, MemoryId, TenantId, Timestamp, content_hash};
@@ -376,21 +376,9 @@ impl Pipeline {
     }
 
     async fn wait(&self, settings: &LogSettings, token: WriteToken) -> Result<()> {
-        match settings.log.status(token).await? {
+        match settings.log.settled(token, settings.args.sync_wait).await? {
             WriteState::Failed(reason) => Err(failure(&reason)),
-            _ => {
-                match settings
-                    .log
-                    .wait_indexed(token, settings.args.sync_wait)
-                    .await
-                {
-                    Err(Error::FailedPrecondition(_)) => match settings.log.status(token).await? {
-                        WriteState::Failed(reason) => Err(failure(&reason)),
-                        _ => Err(Error::internal("write failed")),
-                    },
-                    other => other,
-                }
-            }
+            _ => Ok(()),
         }
     }
 

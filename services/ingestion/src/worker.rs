@@ -266,19 +266,20 @@ impl PartitionWorker {
                 }
             }
             let run: Vec<usize> = (i..end).collect();
-            let outcome = if run.len() > 1 {
-                self.apply_run(&run, &decoded).await
+            // A run is applied together; if that fails (or it is one entry), entry by entry.
+            let together = if run.len() > 1 {
+                self.apply_run(&run, &decoded).await.ok()
             } else {
-                Err(Error::internal("single"))
+                None
             };
-            let singles = match outcome {
-                Ok(outcomes) => {
+            let singles = match together {
+                Some(outcomes) => {
                     for (k, d) in run.iter().zip(outcomes) {
                         done.push((entries[*k].id, d));
                     }
                     Vec::new()
                 }
-                Err(_) => run,
+                None => run,
             };
             for k in singles {
                 match self.apply_run(&[k], &decoded).await {
