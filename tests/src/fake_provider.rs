@@ -46,6 +46,8 @@ struct State {
     poison: HashSet<String>,
     /// The inputs of every request received, in order.
     requests: Vec<Vec<String>>,
+    /// Requests received and not yet answered.
+    in_flight: usize,
 }
 
 #[derive(Clone)]
@@ -69,6 +71,7 @@ impl FakeProvider {
             latency: Duration::ZERO,
             poison: HashSet::new(),
             requests: Vec::new(),
+            in_flight: 0,
         }));
         let serving = state.clone();
         tokio::spawn(async move {
@@ -107,6 +110,11 @@ impl FakeProvider {
 
     pub fn request_count(&self) -> usize {
         self.state.lock().requests.len()
+    }
+
+    /// Requests received and not yet answered (or abandoned).
+    pub fn in_flight(&self) -> usize {
+        self.state.lock().in_flight
     }
 
     /// The inputs of every request so far.
@@ -149,6 +157,7 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<Mutex<State>>) {
             .and_then(|v| v.get("input").cloned())
             .and_then(|v| serde_json::from_value(v).ok())
             .unwrap_or_default();
+        let _answering = InFlight::enter(&state);
         let (behavior, latency, dimension) = {
             let mut state = state.lock();
             state.requests.push(inputs.clone());
@@ -189,6 +198,22 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<Mutex<State>>) {
         if stream.write_all(response.as_bytes()).await.is_err() {
             return;
         }
+    }
+}
+
+/// Counts a request as in flight until it is answered or abandoned.
+struct InFlight(Arc<Mutex<State>>);
+
+impl InFlight {
+    fn enter(state: &Arc<Mutex<State>>) -> Self {
+        state.lock().in_flight += 1;
+        Self(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.lock().in_flight -= 1;
     }
 }
 

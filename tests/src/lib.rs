@@ -23,6 +23,25 @@ use tokio::sync::OnceCell;
 pub use engram_proto::v1 as pb;
 pub use fake_provider::{Behavior, FakeProvider};
 
+/// A resilience policy for fake providers: short timeouts and backoff, a circuit that opens
+/// after three failures in a row and stays open for a minute.
+pub fn fast_policy() -> engram_resilience::Policy {
+    engram_resilience::Policy {
+        attempt_timeout: Duration::from_millis(500),
+        deadline: Duration::from_secs(5),
+        max_attempts: 3,
+        min_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(50),
+        breaker: engram_resilience::BreakerConfig {
+            consecutive_failures: 3,
+            cooldown: Duration::from_secs(60),
+            ..engram_resilience::BreakerConfig::default()
+        },
+        max_concurrency: 4,
+        bulkhead_wait: Duration::from_millis(100),
+    }
+}
+
 static MODEL: OnceCell<Arc<dyn EmbeddingProvider>> = OnceCell::const_new();
 
 /// The local model, loaded (and fetched if missing) once per test process.
@@ -99,6 +118,7 @@ pub struct Sandbox {
     cluster: Option<LocalCluster>,
     redis: Option<RedisProcess>,
     data_dir: PathBuf,
+    common: CommonArgs,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -151,7 +171,7 @@ impl Sandbox {
             embedding: options.embedding,
             provider,
             write_log: options.write_log,
-            common,
+            common: common.clone(),
         };
         let mut cluster = LocalCluster::start(config, listeners)
             .unwrap_or_else(|e| panic!("starting the cluster: {e}"));
@@ -164,8 +184,26 @@ impl Sandbox {
             cluster: Some(cluster),
             redis,
             data_dir,
+            common,
             _temp: temp,
         }
+    }
+
+    /// Settings for more ingestion workers (or a whole ingestion service) in this sandbox,
+    /// with the write log settings `log`.
+    pub fn ingestion_config(&self, log: engram_ingestion::LogArgs) -> engram_ingestion::Config {
+        engram_ingestion::Config {
+            embedding_url: format!("http://{}", self.addrs.embedding),
+            retrieval_url: format!("http://{}", self.addrs.retrieval),
+            log,
+            common: self.common.clone(),
+        }
+    }
+
+    /// A reader of the sandbox's write log.
+    pub fn write_log(&self) -> engram_writelog::WriteLog {
+        engram_writelog::WriteLog::reader("test", &self.redis_url())
+            .unwrap_or_else(|e| panic!("connecting to the write log: {e}"))
     }
 
     pub fn data_dir(&self) -> &Path {

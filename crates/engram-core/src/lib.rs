@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 pub mod convert;
+pub mod deadline;
 pub mod error;
 pub mod limits;
 pub mod model;

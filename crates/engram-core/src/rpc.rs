@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use engram_proto::internal::v1 as ipb;
 use engram_proto::prost::Message as _;
+use engram_proto::tonic::service::interceptor::InterceptedService;
 use engram_proto::tonic::transport::{Channel, Endpoint};
 use engram_proto::tonic::{Request, Response, Status};
 
@@ -42,6 +43,11 @@ pub fn channel(setting: &str, url: &str, request_timeout: Duration) -> Result<Ch
         .keep_alive_while_idle(true);
     Ok(endpoint.connect_lazy())
 }
+
+type Propagate = fn(Request<()>) -> std::result::Result<Request<()>, Status>;
+
+/// A channel to a peer whose calls carry the caller's remaining deadline.
+type Peer = InterceptedService<Channel, Propagate>;
 
 fn tenant(raw: &str) -> Result<TenantId> {
     TenantId::parse(raw)
@@ -127,7 +133,7 @@ impl ipb::embedder_server::Embedder for EmbedderGrpc {
 /// An [`Embedder`] reached over gRPC.
 #[derive(Clone)]
 pub struct EmbedderClient {
-    client: ipb::embedder_client::EmbedderClient<Channel>,
+    client: ipb::embedder_client::EmbedderClient<Peer>,
 }
 
 impl EmbedderClient {
@@ -138,9 +144,12 @@ impl EmbedderClient {
 
     pub fn new(channel: Channel) -> Self {
         Self {
-            client: ipb::embedder_client::EmbedderClient::new(channel)
-                .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
+            client: ipb::embedder_client::EmbedderClient::with_interceptor(
+                channel,
+                crate::deadline::propagate as Propagate,
+            )
+            .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
         }
     }
 }
@@ -396,7 +405,7 @@ impl ipb::index_server::Index for IndexGrpc {
 /// An [`Index`] reached over gRPC.
 #[derive(Clone)]
 pub struct IndexClient {
-    client: ipb::index_client::IndexClient<Channel>,
+    client: ipb::index_client::IndexClient<Peer>,
 }
 
 impl IndexClient {
@@ -407,9 +416,12 @@ impl IndexClient {
 
     pub fn new(channel: Channel) -> Self {
         Self {
-            client: ipb::index_client::IndexClient::new(channel)
-                .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
+            client: ipb::index_client::IndexClient::with_interceptor(
+                channel,
+                crate::deadline::propagate as Propagate,
+            )
+            .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
         }
     }
 }
@@ -585,7 +597,7 @@ impl ipb::ingestion_server::Ingestion for IngestionGrpc {
 /// An [`Ingestion`] reached over gRPC.
 #[derive(Clone)]
 pub struct IngestionClient {
-    client: ipb::ingestion_client::IngestionClient<Channel>,
+    client: ipb::ingestion_client::IngestionClient<Peer>,
 }
 
 impl IngestionClient {
@@ -596,9 +608,12 @@ impl IngestionClient {
 
     pub fn new(channel: Channel) -> Self {
         Self {
-            client: ipb::ingestion_client::IngestionClient::new(channel)
-                .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
+            client: ipb::ingestion_client::IngestionClient::with_interceptor(
+                channel,
+                crate::deadline::propagate as Propagate,
+            )
+            .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
         }
     }
 }

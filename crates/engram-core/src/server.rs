@@ -1,8 +1,8 @@
 //! How every engram service runs: bound listeners in, gRPC (with health, reflection and the
 //! metrics layer) and the admin HTTP port out, until a shutdown signal, then a drain.
 //!
-//! Server-side layers, outermost first: metrics → the service. (Trace context, auth and load
-//! shedding join this stack in the gateway.)
+//! Server-side layers, outermost first: metrics → the caller's deadline ([`crate::deadline`]) → the
+//! service. (Trace context, auth and load shedding join this stack in the gateway.)
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -171,6 +171,7 @@ impl ServiceRuntime {
         let server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(GrpcMetricsLayer::new(&self.metrics))
+            .layer(crate::deadline::DeadlineLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal);
 

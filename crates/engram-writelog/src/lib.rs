@@ -75,6 +75,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// A write moved to the dead-letter stream, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub partition: u32,
+    /// Its entry id in its partition's stream.
+    pub entry: String,
+    pub reason: String,
+}
+
 /// One write to append.
 #[derive(Debug, Clone)]
 pub struct Append {
@@ -148,6 +157,10 @@ fn watermark_key(partition: u32) -> String {
 
 fn outcome_key(partition: u32) -> String {
     format!("engram:log:{partition}:outcome")
+}
+
+fn failures_key(partition: u32) -> String {
+    format!("engram:log:{partition}:failures")
 }
 
 fn lease_key(partition: u32) -> String {
@@ -422,21 +435,18 @@ impl WriteLog {
         Ok(entries)
     }
 
-    /// How many times `entry` has been delivered to the partition's consumer.
-    pub async fn deliveries(&self, partition: u32, entry: EntryId) -> Result<u64> {
-        let reply: Vec<(String, String, u64, u64)> = self
-            .run(|mut conn| async move {
-                redis::cmd("XPENDING")
-                    .arg(stream(partition))
-                    .arg(GROUP)
-                    .arg(entry.to_string())
-                    .arg(entry.to_string())
-                    .arg(1)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(reply.first().map_or(0, |r| r.3))
+    /// Count one more failed attempt at `entry` that was its own fault (the rest of the
+    /// pipeline worked at the time); returns how many it has had.
+    pub async fn charge_failure(&self, partition: u32, entry: EntryId) -> Result<u64> {
+        self.run(|mut conn| async move {
+            redis::cmd("HINCRBY")
+                .arg(failures_key(partition))
+                .arg(entry.to_string())
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+        })
+        .await
     }
 
     /// Record that the entries in `done` (in log order) are finished: outcomes, acknowledgement,
@@ -483,6 +493,12 @@ impl WriteLog {
             ack.arg(id.to_string());
         }
         pipe.add_command(ack).ignore();
+        let mut forget_failures = redis::cmd("HDEL");
+        forget_failures.arg(failures_key(partition));
+        for (id, _) in done {
+            forget_failures.arg(id.to_string());
+        }
+        pipe.add_command(forget_failures).ignore();
         pipe.set(watermark_key(partition), last.to_string())
             .ignore();
         for key in reservations {
@@ -541,6 +557,34 @@ impl WriteLog {
         .await
     }
 
+    /// The oldest `count` writes in the dead-letter stream.
+    pub async fn dead_lettered(&self, count: usize) -> Result<Vec<DeadLetter>> {
+        let reply: redis::streams::StreamRangeReply = self
+            .run(|mut conn| async move {
+                redis::cmd("XRANGE")
+                    .arg(DEAD_LETTER)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(reply
+            .ids
+            .into_iter()
+            .map(|id| {
+                let field = |name: &str| id.get::<String>(name).unwrap_or_default();
+                DeadLetter {
+                    partition: field("partition").parse().unwrap_or(0),
+                    entry: field("entry"),
+                    reason: field("reason"),
+                }
+            })
+            .collect())
+    }
+
     /// Entries in the dead-letter stream.
     pub async fn dead_letters(&self) -> Result<u64> {
         self.run(|mut conn| async move {
@@ -560,13 +604,17 @@ impl WriteLog {
         let deadline = tokio::time::Instant::now() + within;
         let mut pause = Duration::from_millis(1);
         loop {
-            let state = self.status(token).await?;
-            if state != WriteState::Pending {
-                return Ok(state);
+            // A failed look (Redis slow or restarting) is tried again until the deadline.
+            let looked = self.status(token).await;
+            match looked {
+                Ok(WriteState::Pending) => {}
+                Ok(state) => return Ok(state),
+                Err(_) if tokio::time::Instant::now() + pause <= deadline => {}
+                Err(e) => return Err(e),
             }
             if tokio::time::Instant::now() + pause > deadline {
                 return Err(Error::DeadlineExceeded(format!(
-                    "the write {} was not indexed within {within:?}",
+                    "the write {} was not indexed within {within:?}; it stays in the write log and is indexed once indexing recovers (Ingestion.Status tells when)",
                     token.encode()
                 )));
             }

@@ -10,6 +10,8 @@
 mod dedup;
 pub mod worker;
 
+pub use worker::Workers;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,9 +29,13 @@ use engram_core::model::{Scope, WriteMode};
 use engram_core::server::{Listeners, ServiceRuntime};
 use engram_core::{Error, Result, rpc};
 use engram_proto::tonic::service::Routes;
+use engram_telemetry::Metrics;
 use engram_writelog::{Append, AppendError, Appended, WriteLog};
 
 pub const SERVICE_NAME: &str = "ingestion";
+
+/// The text embedded to check that the embedding path works.
+const HEALTH_PROBE: &str = "engram health probe";
 
 engram_core::listen_args!(Listen, "ingestion", "INGESTION", "50053", "9093");
 
@@ -73,7 +79,9 @@ pub struct LogArgs {
         default_value_t = 10_000
     )]
     pub max_lag: u64,
-    /// Deliveries of an entry before it is moved to the dead-letter stream.
+    /// Failed tries of an entry, made while the embedding and retrieval services were
+    /// otherwise healthy, before it is moved to the dead-letter stream. Failures during an
+    /// outage of those services are not counted.
     #[arg(
         id = "log-max-deliveries",
         long = "log-max-deliveries",
@@ -97,6 +105,16 @@ pub struct LogArgs {
     /// How long SYNC writes, Update and Forget wait for their write to be indexed.
     #[arg(id = "log-sync-wait", long = "log-sync-wait", env = "ENGRAM_LOG_SYNC_WAIT", default_value = "10s", value_parser = engram_core::config::parse_duration)]
     pub sync_wait: Duration,
+    /// Index from the write log in this replica. `false` makes a replica that only accepts
+    /// writes, leaving the indexing to the others.
+    #[arg(
+        id = "log-workers",
+        long = "log-workers",
+        env = "ENGRAM_LOG_WORKERS",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub workers: bool,
 }
 
 impl Default for LogArgs {
@@ -110,6 +128,7 @@ impl Default for LogArgs {
             claim_idle: Duration::from_secs(15),
             strict: false,
             sync_wait: Duration::from_secs(10),
+            workers: true,
         }
     }
 }
@@ -148,42 +167,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
-    let timeout = config.common.internal_timeout;
-    let embedder = Arc::new(rpc::EmbedderClient::connect_lazy(
-        "ENGRAM_EMBEDDING_URL",
-        &config.embedding_url,
-        timeout,
-    )?);
-    let index = Arc::new(rpc::IndexClient::connect_lazy(
-        "ENGRAM_RETRIEVAL_URL",
-        &config.retrieval_url,
-        timeout,
-    )?);
-    let metrics = worker::LogMetrics::new(runtime.metrics());
-    let log = match &config.common.redis_url {
-        Some(url) => Some(LogSettings {
-            log: WriteLog::connect("ENGRAM_REDIS_URL", url, config.log.partitions)?,
-            args: config.log.clone(),
-        }),
-        None => {
-            tracing::warn!(
-                "no Redis (ENGRAM_REDIS_URL): writes are indexed before they are acknowledged"
-            );
-            None
-        }
+    let pipeline = Arc::new(Pipeline::from_config(&config, runtime.metrics())?);
+    let workers = match config.log.workers {
+        true => pipeline.workers(&config),
+        false => None,
     };
-    let pipeline = Arc::new(Pipeline::new(embedder, index).with_log(log, metrics.clone()));
-    let (stop_workers, stopping) = tokio::sync::watch::channel(false);
-    let workers = pipeline.log.as_ref().map(|settings| {
-        worker::spawn(
-            pipeline.clone(),
-            settings.log.clone(),
-            settings.args.clone(),
-            config.common.limits.clone(),
-            metrics,
-            stopping,
-        )
-    });
     let routes = Routes::new(rpc::ingestion_server(
         pipeline,
         config.common.limits.clone(),
@@ -197,11 +185,17 @@ pub async fn serve(
             shutdown,
         )
         .await;
-    let _ = stop_workers.send(true);
     if let Some(workers) = workers {
-        let _ = workers.await;
+        workers.stop().await;
     }
     served
+}
+
+/// Indexing workers for `config` with their own connections: what `serve` starts unless
+/// `ENGRAM_LOG_WORKERS=false`, for a process that only indexes (and for tests that crash them).
+/// `None` without Redis, when there is no log to index from.
+pub fn start_workers(config: &Config, metrics: &Metrics) -> Result<Option<Workers>> {
+    Ok(Arc::new(Pipeline::from_config(config, metrics)?).workers(config))
 }
 
 /// The write log and how to use it.
@@ -244,6 +238,48 @@ impl Pipeline {
         self
     }
 
+    /// The pipeline `config` describes: clients of the embedding and retrieval services and,
+    /// with Redis, the write log.
+    pub fn from_config(config: &Config, metrics: &Metrics) -> Result<Self> {
+        let timeout = config.common.internal_timeout;
+        let embedder = Arc::new(rpc::EmbedderClient::connect_lazy(
+            "ENGRAM_EMBEDDING_URL",
+            &config.embedding_url,
+            timeout,
+        )?);
+        let index = Arc::new(rpc::IndexClient::connect_lazy(
+            "ENGRAM_RETRIEVAL_URL",
+            &config.retrieval_url,
+            timeout,
+        )?);
+        let log = match &config.common.redis_url {
+            Some(url) => Some(LogSettings {
+                log: WriteLog::connect("ENGRAM_REDIS_URL", url, config.log.partitions)?,
+                args: config.log.clone(),
+            }),
+            None => {
+                tracing::warn!(
+                    "no Redis (ENGRAM_REDIS_URL): writes are indexed before they are acknowledged"
+                );
+                None
+            }
+        };
+        Ok(Self::new(embedder, index).with_log(log, worker::LogMetrics::new(metrics)))
+    }
+
+    /// Workers indexing from this pipeline's log, if it has one.
+    pub fn workers(self: &Arc<Self>, config: &Config) -> Option<Workers> {
+        let settings = self.log.as_ref()?;
+        let metrics = self.metrics.clone()?;
+        Some(Workers::spawn(
+            self.clone(),
+            settings.log.clone(),
+            settings.args.clone(),
+            config.common.limits.clone(),
+            metrics,
+        ))
+    }
+
     /// Embed the memories' texts and apply them, in order, with any deletions after them.
     pub(crate) async fn embed_and_apply(
         &self,
@@ -269,6 +305,15 @@ impl Pipeline {
             .collect();
         let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
         Ok(outcome.upserted)
+    }
+
+    /// Whether the embedding and retrieval services answer: a probe that tells an entry that
+    /// fails on its own from an outage that fails everything.
+    pub(crate) async fn healthy(&self) -> bool {
+        // A text of its own each time, so that no cache answers for the provider.
+        let probe = format!("{HEALTH_PROBE} {}", uuid::Uuid::now_v7());
+        let embedded = self.embedder.embed(vec![probe], Purpose::Query).await;
+        embedded.is_ok() && self.index.stats(None).await.is_ok()
     }
 
     /// Apply an update now: the stored memory, patched, embedded again.
@@ -376,7 +421,8 @@ impl Pipeline {
     }
 
     async fn wait(&self, settings: &LogSettings, token: WriteToken) -> Result<()> {
-        match settings.log.settled(token, settings.args.sync_wait).await? {
+        let budget = engram_core::deadline::answerable_within(settings.args.sync_wait);
+        match settings.log.settled(token, budget).await? {
             WriteState::Failed(reason) => Err(failure(&reason)),
             _ => Ok(()),
         }

@@ -1,10 +1,14 @@
 //! Indexing workers: each partition of the write log is worked by the replica holding its
-//! lease, in log order. A batch of entries is embedded and applied together; if that fails,
-//! its entries are tried one at a time so that one bad write cannot hold up the rest: an entry
-//! that fails for good (bad content, a memory that no longer exists) or that has been delivered
-//! `max_deliveries` times goes to the dead-letter stream with the reason, and the partition
-//! moves on. Any other failure (the embedding or retrieval service away) stops the partition
-//! until the next try, so its order is kept.
+//! lease, in log order. Runs of one tenant's Remembers are embedded and applied together. An
+//! entry that fails for good (bad content, a memory that no longer exists) goes to the
+//! dead-letter stream with the reason, and the partition moves on.
+//!
+//! Any other failure stops the partition, which tries again later (backing off) carefully: one
+//! entry at a time, each after a probe of the embedding and retrieval services (or right after
+//! an entry that went through). While the probe fails, it is an outage: nothing is tried and no
+//! entry is blamed, so an outage delays writes but never discards them. An entry that fails
+//! right after a passing probe is charged with the failure, and after `max_deliveries` charges
+//! it goes to the dead-letter stream too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,37 +100,52 @@ impl LogMetrics {
     }
 }
 
-/// Start one worker task per partition; they stop (releasing their leases) when `stopping`
-/// turns true.
-pub fn spawn(
-    pipeline: Arc<Pipeline>,
-    log: WriteLog,
-    args: LogArgs,
-    limits: Limits,
-    metrics: LogMetrics,
-    stopping: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    let owner = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7());
-    tokio::spawn(async move {
-        let tasks: Vec<_> = (0..log.partitions())
-            .map(|partition| {
-                let worker = PartitionWorker {
-                    partition,
-                    owner: owner.clone(),
-                    pipeline: pipeline.clone(),
-                    log: log.clone(),
-                    args: args.clone(),
-                    limits: limits.clone(),
-                    metrics: metrics.clone(),
-                };
-                let stopping = stopping.clone();
-                tokio::spawn(worker.run(stopping))
-            })
-            .collect();
-        for task in tasks {
-            let _ = task.await;
+/// The running workers of one replica: one task per partition.
+pub struct Workers {
+    tasks: tokio::task::JoinSet<()>,
+    stop: watch::Sender<bool>,
+}
+
+impl Workers {
+    /// Start one worker task per partition.
+    pub fn spawn(
+        pipeline: Arc<Pipeline>,
+        log: WriteLog,
+        args: LogArgs,
+        limits: Limits,
+        metrics: LogMetrics,
+    ) -> Self {
+        let owner = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7());
+        let (stop, stopping) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for partition in 0..log.partitions() {
+            let worker = PartitionWorker {
+                partition,
+                owner: owner.clone(),
+                pipeline: pipeline.clone(),
+                log: log.clone(),
+                args: args.clone(),
+                limits: limits.clone(),
+                metrics: metrics.clone(),
+            };
+            tasks.spawn(worker.run(stopping.clone()));
         }
-    })
+        Self { tasks, stop }
+    }
+
+    /// Finish the batches in hand, release the leases and stop.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stop at once, wherever the workers are, as a crash would: batches in hand are neither
+    /// finished nor acknowledged, and the leases stay until they expire
+    /// (`ENGRAM_LOG_CLAIM_IDLE`), when another worker takes the partitions and their entries.
+    pub async fn abort(mut self) {
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
 }
 
 struct PartitionWorker {
@@ -138,6 +157,10 @@ struct PartitionWorker {
     limits: Limits,
     metrics: LogMetrics,
 }
+
+/// The first and the longest pause before a partition tries again after a failure.
+const RETRY_MIN: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Failures that another try cannot fix.
 fn permanent(e: &Error) -> bool {
@@ -162,6 +185,7 @@ impl PartitionWorker {
         let p = self.partition;
         let lease_ttl = self.args.claim_idle.max(Duration::from_millis(300));
         let mut owned = false;
+        let mut fresh = false;
         let mut pause = Duration::ZERO;
         while !*stopping.borrow() {
             if !pause.is_zero() {
@@ -174,6 +198,7 @@ impl PartitionWorker {
                 Ok(true) => {
                     if !owned {
                         owned = true;
+                        fresh = true;
                         if let Err(e) = self.log.ensure_group(p).await {
                             tracing::warn!(partition = p, error = %e, "write log group");
                             pause = Duration::from_millis(500);
@@ -193,29 +218,36 @@ impl PartitionWorker {
                     continue;
                 }
             }
-            pause = match self.step(lease_ttl / 3).await {
+            // After a failure, entries are tried carefully: one at a time, each after a probe.
+            let careful = !pause.is_zero();
+            pause = match self.step(lease_ttl / 3, careful, fresh).await {
                 Ok(true) => Duration::ZERO,
-                Ok(false) => Duration::from_millis(200),
+                // Try again later, backing off while it keeps failing.
+                Ok(false) => (pause * 2).clamp(RETRY_MIN, RETRY_MAX),
                 Err(e) => {
                     tracing::warn!(partition = p, error = %e, "indexing from the write log");
-                    Duration::from_millis(500)
+                    (pause * 2).clamp(RETRY_MIN, RETRY_MAX)
                 }
             };
+            fresh = false;
         }
         if owned {
             let _ = self.log.release(p, &self.owner).await;
         }
     }
 
-    /// Read and index one batch. Ok(false): stopped early on a failure worth retrying later.
-    async fn step(&self, block: Duration) -> Result<bool> {
+    /// Read and index one batch. Ok(false): stopped on a failure worth retrying later.
+    /// `fresh`: the lease was just taken, so entries already delivered were another worker's.
+    async fn step(&self, block: Duration, careful: bool, fresh: bool) -> Result<bool> {
         let p = self.partition;
         let max = self.args.batch_max.max(1);
-        // Entries this consumer was given before and never acknowledged (a worker that died)
-        // come first, in order.
+        // Entries delivered before and never acknowledged (this worker's failed step, or a
+        // worker that died) come first, in order.
         let mut entries = self.log.read(p, max, true, Duration::ZERO).await?;
         if !entries.is_empty() {
-            self.metrics.reclaimed.inc_by(entries.len() as u64);
+            if fresh {
+                self.metrics.reclaimed.inc_by(entries.len() as u64);
+            }
         } else {
             entries = self.log.read(p, max, false, block).await?;
             if !entries.is_empty() && entries.len() < max && !self.args.batch_wait.is_zero() {
@@ -237,27 +269,36 @@ impl PartitionWorker {
             return Ok(true);
         }
         self.metrics.batch_size.observe(entries.len() as f64);
-        self.index(entries).await
+        self.index(entries, careful).await
     }
 
-    async fn index(&self, entries: Vec<Entry>) -> Result<bool> {
+    /// Apply `entries` in order and finish those applied or failed for good; false if it
+    /// stopped on a failure to retry.
+    ///
+    /// Normally runs of one tenant's Remembers are applied together and any failure (other
+    /// than a permanent one) stops the step without blaming anyone. `careful` (after a failed
+    /// step) applies entries one at a time, each after the pipeline proved healthy — by a probe,
+    /// or by the entry before it — so that a failure can be charged to the entry itself: a
+    /// poison write that also trips the provider's circuit makes the next entry's probe fail,
+    /// not the next entry.
+    async fn index(&self, entries: Vec<Entry>, careful: bool) -> Result<bool> {
         let p = self.partition;
         let decoded: Vec<Result<LoggedWrite>> = entries
             .iter()
             .map(|e| LoggedWrite::decode(&e.payload, &self.limits))
             .collect();
         let mut done: Vec<(engram_core::api::EntryId, Done)> = Vec::new();
-        let mut reservations = Vec::new();
+        let mut healthy = false;
         let mut stopped = false;
-        // Runs of Remembers of one tenant go together; anything else alone.
         let mut i = 0;
         while i < entries.len() {
             let mut end = i + 1;
-            if let Ok(LoggedWrite {
-                op: LogOp::Remember(_),
-                tenant,
-                ..
-            }) = &decoded[i]
+            if !careful
+                && let Ok(LoggedWrite {
+                    op: LogOp::Remember(_),
+                    tenant,
+                    ..
+                }) = &decoded[i]
             {
                 while end < entries.len()
                     && matches!(&decoded[end], Ok(LoggedWrite { op: LogOp::Remember(_), tenant: t, .. }) if t == tenant)
@@ -265,53 +306,58 @@ impl PartitionWorker {
                     end += 1;
                 }
             }
-            let run: Vec<usize> = (i..end).collect();
-            // A run is applied together; if that fails (or it is one entry), entry by entry.
-            let together = if run.len() > 1 {
-                self.apply_run(&run, &decoded).await.ok()
-            } else {
-                None
-            };
-            let singles = match together {
-                Some(outcomes) => {
-                    for (k, d) in run.iter().zip(outcomes) {
-                        done.push((entries[*k].id, d));
-                    }
-                    Vec::new()
+            if careful && !healthy {
+                if !self.pipeline.healthy().await {
+                    tracing::info!(
+                        partition = p,
+                        "indexing paused: the embedding or retrieval service is failing"
+                    );
+                    stopped = true;
+                    break;
                 }
-                None => run,
-            };
-            for k in singles {
-                match self.apply_run(&[k], &decoded).await {
-                    Ok(mut outcomes) => {
-                        done.push((entries[k].id, outcomes.pop().unwrap_or(Done::Applied)));
-                    }
-                    Err(e) => {
-                        let deliveries = self.log.deliveries(p, entries[k].id).await.unwrap_or(0);
-                        if permanent(&e) || deliveries >= self.args.max_deliveries {
-                            let why = reason(&e);
-                            let held = decoded[k]
-                                .as_ref()
-                                .map(|w| w.reservations.clone())
-                                .unwrap_or_default();
-                            self.log.dead_letter(p, &entries[k], &why, &held).await?;
-                            self.metrics.dead_lettered.inc();
-                            tracing::warn!(partition = p, entry = %entries[k].id, reason = %why, "write moved to the dead-letter stream");
-                            done.push((entries[k].id, Done::Failed(why)));
-                        } else {
-                            tracing::info!(partition = p, entry = %entries[k].id, deliveries, error = %e, "indexing failed; will retry");
-                            stopped = true;
-                            break;
-                        }
-                    }
-                }
+                healthy = true;
             }
-            if stopped {
-                break;
+            let run: Vec<usize> = (i..end).collect();
+            match self.apply_run(&run, &decoded).await {
+                Ok(outcomes) => {
+                    done.extend(run.iter().map(|&k| entries[k].id).zip(outcomes));
+                }
+                Err(e) => {
+                    healthy = false;
+                    let failures = if permanent(&e) {
+                        None
+                    } else if careful {
+                        Some(self.log.charge_failure(p, entries[i].id).await?)
+                    } else {
+                        tracing::info!(partition = p, entry = %entries[i].id, error = %e, "indexing failed; will retry one at a time");
+                        stopped = true;
+                        break;
+                    };
+                    if run.len() > 1 {
+                        // A permanent failure of a run: find its entry one at a time.
+                        stopped = true;
+                        break;
+                    }
+                    if failures.is_some_and(|n| n < self.args.max_deliveries) {
+                        tracing::info!(partition = p, entry = %entries[i].id, failures, error = %e, "indexing failed; will retry");
+                        stopped = true;
+                        break;
+                    }
+                    let why = reason(&e);
+                    let held = decoded[i]
+                        .as_ref()
+                        .map(|w| w.reservations.clone())
+                        .unwrap_or_default();
+                    self.log.dead_letter(p, &entries[i], &why, &held).await?;
+                    self.metrics.dead_lettered.inc();
+                    tracing::warn!(partition = p, entry = %entries[i].id, reason = %why, "write moved to the dead-letter stream");
+                    done.push((entries[i].id, Done::Failed(why)));
+                }
             }
             i = end;
         }
         let now_ms = Timestamp::now().as_micros() / 1000;
+        let mut reservations = Vec::new();
         for (k, (_, outcome)) in done.iter().enumerate() {
             if let Ok(write) = &decoded[k] {
                 if matches!(outcome, Done::Applied) {

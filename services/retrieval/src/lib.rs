@@ -131,7 +131,10 @@ impl Retrieval {
     async fn after(&self, token: Option<WriteToken>) -> Result<()> {
         match (token, &self.writes) {
             (None | Some(WriteToken::Indexed), _) => Ok(()),
-            (Some(token), Some(writes)) => writes.wait_indexed(token, READ_YOUR_WRITES_WAIT).await,
+            (Some(token), Some(writes)) => {
+                let budget = engram_core::deadline::answerable_within(READ_YOUR_WRITES_WAIT);
+                writes.wait_indexed(token, budget).await
+            }
             (Some(_), None) => Err(Error::FailedPrecondition(
                 "after_write_token names a logged write, but retrieval has no write log (ENGRAM_REDIS_URL is not set)".into(),
             )),
@@ -139,7 +142,8 @@ impl Retrieval {
     }
 }
 
-/// The longest a read waits for the write named by its `after_write_token`.
+/// The longest a read waits for the write named by its `after_write_token` (less if the
+/// caller's deadline comes sooner).
 const READ_YOUR_WRITES_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[async_trait]

@@ -11,28 +11,11 @@ use engram_core::config::CommonArgs;
 use engram_core::error::Code;
 use engram_embedding::EmbeddingService;
 use engram_models::{EmbeddingProvider, OpenAiConfig, OpenAiEmbedder};
-use engram_resilience::{BreakerConfig, OutboundMetrics, Policy};
+use engram_resilience::{OutboundMetrics, Policy};
 use engram_telemetry::Metrics;
-use engram_tests::{Behavior, FakeProvider, Options, Sandbox, pb};
+use engram_tests::{Behavior, FakeProvider, Options, Sandbox, fast_policy, pb};
 
 const DIM: usize = 8;
-
-fn fast_policy() -> Policy {
-    Policy {
-        attempt_timeout: Duration::from_millis(500),
-        deadline: Duration::from_secs(5),
-        max_attempts: 3,
-        min_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(50),
-        breaker: BreakerConfig {
-            consecutive_failures: 3,
-            cooldown: Duration::from_secs(60),
-            ..BreakerConfig::default()
-        },
-        max_concurrency: 4,
-        bulkhead_wait: Duration::from_millis(100),
-    }
-}
 
 struct Harness {
     service: EmbeddingService,
@@ -356,20 +339,13 @@ async fn wrong_dimensions_and_malformed_bodies_are_clear_errors_and_nothing_is_c
     assert_eq!(h.fake.request_count(), 3);
 }
 
-async fn fake_provider_dead_letters(sandbox: &Sandbox) -> u64 {
-    let url = sandbox.redis_url();
-    engram_writelog::WriteLog::reader("test", &url)
-        .unwrap()
-        .dead_letters()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
-async fn a_provider_of_the_wrong_dimension_indexes_nothing() {
+async fn a_provider_of_the_wrong_dimension_indexes_nothing_and_loses_nothing() {
     let fake = FakeProvider::start(DIM).await;
     fake.set_default(Behavior::WrongDimension(DIM * 2));
-    let sandbox = Sandbox::start_with(None, Options::with_fake(&fake, DIM, fast_policy())).await;
+    let mut options = Options::with_fake(&fake, DIM, fast_policy());
+    options.write_log.sync_wait = Duration::from_secs(1);
+    let sandbox = Sandbox::start_with(None, options).await;
     let mut client = sandbox.client().await;
     let scope = Some(pb::Scope {
         user_id: "wendy".into(),
@@ -387,16 +363,19 @@ async fn a_provider_of_the_wrong_dimension_indexes_nothing() {
         })
         .await
         .unwrap_err();
-    // The write was logged, then failed on every delivery (16-dimensional vectors, then the
-    // provider's circuit opened) and went to the dead-letter stream: SYNC reports that.
-    assert_eq!(status.code(), engram_proto::tonic::Code::Unavailable);
+    // Every text comes back 16-dimensional: the provider is broken for everything, which is an
+    // outage, not this write's fault. It waits in the log instead of being dead-lettered.
+    assert_eq!(
+        status.code(),
+        engram_proto::tonic::Code::DeadlineExceeded,
+        "{status:?}"
+    );
     assert!(
-        status.message().contains("could not be indexed")
-            && status.message().contains("fake-embedding"),
+        status.message().contains("stays in the write log"),
         "{}",
         status.message()
     );
-    assert_eq!(fake_provider_dead_letters(&sandbox).await, 1);
+    assert_eq!(sandbox.write_log().dead_letters().await.unwrap(), 0);
     let listed = client
         .list(pb::ListRequest {
             scope,

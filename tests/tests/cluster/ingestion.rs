@@ -1,9 +1,22 @@
 //! The durable write log: acknowledgement before indexing, read-your-writes, restarts, and the
 //! synchronous fallback when Redis is away — with a real redis-server and the real local model.
 
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use engram_core::api::{WriteState, WriteToken};
+use engram_ingestion::LogArgs;
+use engram_proto::internal::v1 as ipb;
+use engram_proto::tonic::Code;
 use engram_proto::tonic::transport::Channel;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
-use engram_tests::{Options, Sandbox, pb};
+use engram_telemetry::Metrics;
+use engram_tests::{FakeProvider, Options, Sandbox, fast_policy, pb};
+use parking_lot::Mutex;
+
+const DIM: usize = 8;
 
 type Client = MemoryServiceClient<Channel>;
 
@@ -15,6 +28,16 @@ fn scope(user: &str) -> Option<pb::Scope> {
 }
 
 async fn remember(client: &mut Client, user: &str, texts: &[String]) -> pb::RememberResponse {
+    try_remember(client, user, texts)
+        .await
+        .unwrap_or_else(|status| panic!("remember for {user}: {status:?}"))
+}
+
+async fn try_remember(
+    client: &mut Client,
+    user: &str,
+    texts: &[String],
+) -> Result<pb::RememberResponse, engram_proto::tonic::Status> {
     client
         .remember(pb::RememberRequest {
             scope: scope(user),
@@ -29,8 +52,63 @@ async fn remember(client: &mut Client, user: &str, texts: &[String]) -> pb::Reme
             extract: false,
         })
         .await
-        .unwrap()
-        .into_inner()
+        .map(|r| r.into_inner())
+}
+
+fn token(encoded: &str) -> WriteToken {
+    WriteToken::decode(encoded).unwrap_or_else(|e| panic!("write token {encoded}: {e}"))
+}
+
+/// The ids of the CREATED results of a write.
+fn created(written: &pb::RememberResponse) -> Vec<String> {
+    written
+        .results
+        .iter()
+        .filter(|r| r.status() == pb::WriteStatus::Created)
+        .map(|r| r.id.clone())
+        .collect()
+}
+
+/// Per scope, the memories stored are exactly the CREATED acknowledgements: none lost, none
+/// twice. Waits first for every write to be indexed.
+async fn assert_exactly_once(
+    sandbox: &Sandbox,
+    acknowledged: &HashMap<String, Vec<String>>,
+    tokens: &[String],
+) {
+    let log = sandbox.write_log();
+    for encoded in tokens {
+        if let t @ WriteToken::Logged { .. } = token(encoded) {
+            let state = log
+                .settled(t, Duration::from_secs(120))
+                .await
+                .unwrap_or_else(|e| panic!("{encoded}: {e}"));
+            assert_eq!(state, WriteState::Indexed, "{encoded}");
+        }
+    }
+    let mut client = sandbox.client().await;
+    for (user, ids) in acknowledged {
+        let stored = listed(&mut client, user, "").await;
+        let stored_ids: HashSet<String> = stored.iter().map(|m| m.id.clone()).collect();
+        assert_eq!(
+            stored_ids.len(),
+            stored.len(),
+            "{user}: a memory stored twice"
+        );
+        let acknowledged_ids: HashSet<String> = ids.iter().cloned().collect();
+        assert_eq!(
+            acknowledged_ids.len(),
+            ids.len(),
+            "{user}: an id acknowledged twice"
+        );
+        let lost: Vec<_> = acknowledged_ids.difference(&stored_ids).collect();
+        assert!(lost.is_empty(), "{user}: acknowledged and lost: {lost:?}");
+        assert_eq!(
+            stored.len(),
+            ids.len(),
+            "{user}: stored but not acknowledged"
+        );
+    }
 }
 
 async fn listed(client: &mut Client, user: &str, after_write_token: &str) -> Vec<pb::Memory> {
@@ -162,5 +240,399 @@ async fn with_redis_down_writes_are_indexed_synchronously() {
     assert_eq!(written.write_token, "wt1.i");
     assert_eq!(listed(&mut client, "bo", "").await.len(), 1);
     sandbox.redis().restart().await.unwrap();
+    sandbox.stop().await;
+}
+
+/// Counter `name` as a registry exposes it.
+fn counter(metrics: &Metrics, name: &str) -> u64 {
+    metrics
+        .encode()
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn ten_thousand_writes_survive_crashing_workers_exactly_once() {
+    const SCOPES: usize = 50;
+    const PER_CALL: usize = 10;
+    const CALLS_PER_SCOPE: usize = 20; // 50 × 20 × 10 = 10,000 writes
+    const WRITERS: usize = 5;
+    let fake = FakeProvider::start(DIM).await;
+    // Slow enough that a worker is caught with a batch in hand.
+    fake.set_latency(Duration::from_millis(40));
+    let mut options = Options::with_fake(&fake, DIM, fast_policy());
+    // The sandbox's ingestion service only accepts writes; the test runs (and crashes) the
+    // workers itself.
+    options.write_log.workers = false;
+    let sandbox = Sandbox::start_with(None, options).await;
+    let config = sandbox.ingestion_config(LogArgs {
+        claim_idle: Duration::from_secs(1),
+        ..LogArgs::default()
+    });
+
+    let acknowledged: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let tokens: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let mut client = sandbox.client().await;
+        let acknowledged = acknowledged.clone();
+        let tokens = tokens.clone();
+        writers.spawn(async move {
+            for call in 0..CALLS_PER_SCOPE {
+                for scope in (w..SCOPES).step_by(WRITERS) {
+                    let user = format!("user-{scope}");
+                    let texts: Vec<String> = (0..PER_CALL)
+                        .map(|i| {
+                            format!(
+                                "{user} wrote note {call}-{i} about errand {}",
+                                call * PER_CALL + i
+                            )
+                        })
+                        .collect();
+                    let written = remember(&mut client, &user, &texts).await;
+                    acknowledged
+                        .lock()
+                        .entry(user)
+                        .or_default()
+                        .extend(created(&written));
+                    tokens.lock().push(written.write_token);
+                }
+                // Spread the writes over the crashes.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+
+    let mut kills = 0;
+    let mut reclaimed = 0;
+    let mut registries = Vec::new();
+    while kills < 5 {
+        let metrics = Metrics::new();
+        let workers = engram_ingestion::start_workers(&config, &metrics)
+            .unwrap()
+            .expect("the sandbox has Redis");
+        // Wait until a batch is with the provider, then crash the workers holding it.
+        let mut waited = Duration::ZERO;
+        while fake.in_flight() == 0 {
+            assert!(
+                waited < Duration::from_secs(30),
+                "the workers never took a batch"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            waited += Duration::from_millis(2);
+        }
+        tokio::time::sleep(Duration::from_millis(kills * 7 % 20)).await;
+        if fake.in_flight() > 0 {
+            workers.abort().await;
+            kills += 1;
+        } else {
+            workers.abort().await;
+        }
+        registries.push(metrics);
+    }
+    let metrics = Metrics::new();
+    let workers = engram_ingestion::start_workers(&config, &metrics)
+        .unwrap()
+        .expect("the sandbox has Redis");
+    while let Some(written) = writers.join_next().await {
+        written.unwrap();
+    }
+    let acknowledged = acknowledged.lock().clone();
+    assert_eq!(acknowledged.len(), SCOPES);
+    let total: usize = acknowledged.values().map(Vec::len).sum();
+    assert_eq!(total, SCOPES * CALLS_PER_SCOPE * PER_CALL);
+    let tokens = tokens.lock().clone();
+    assert_exactly_once(&sandbox, &acknowledged, &tokens).await;
+    registries.push(metrics);
+    for metrics in &registries {
+        reclaimed += counter(metrics, "engram_log_reclaimed_entries_total");
+    }
+    // The crashed workers' batches were taken over by their successors.
+    assert!(
+        reclaimed > 0,
+        "no entry was reclaimed after {kills} crashes"
+    );
+    workers.stop().await;
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn redis_killed_during_writes_loses_no_acknowledged_write() {
+    let fake = FakeProvider::start(DIM).await;
+    let mut options = Options::with_fake(&fake, DIM, fast_policy());
+    options.persistent_redis = true;
+    let mut sandbox = Sandbox::start_with(None, options).await;
+    let acknowledged: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let tokens: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..4 {
+        let mut client = sandbox.client().await;
+        let acknowledged = acknowledged.clone();
+        let tokens = tokens.clone();
+        let stop = stop.clone();
+        writers.spawn(async move {
+            let user = format!("writer-{w}");
+            let mut call = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let texts: Vec<String> = (0..5)
+                    .map(|i| format!("{user} remembers item {call}-{i}"))
+                    .collect();
+                let written = remember(&mut client, &user, &texts).await;
+                acknowledged
+                    .lock()
+                    .entry(user.clone())
+                    .or_default()
+                    .extend(created(&written));
+                tokens.lock().push(written.write_token);
+                call += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sandbox.redis().kill().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sandbox.redis().restart().await.unwrap();
+    // Once Redis is back, writes go to the log again.
+    let mut client = sandbox.client().await;
+    let mut back = false;
+    for attempt in 0..100 {
+        let user = "after-restart";
+        let written = remember(
+            &mut client,
+            user,
+            &[format!("written after the restart, try {attempt}")],
+        )
+        .await;
+        acknowledged
+            .lock()
+            .entry(user.into())
+            .or_default()
+            .extend(created(&written));
+        tokens.lock().push(written.write_token.clone());
+        if written.write_token.starts_with("wt1.l") {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        back,
+        "writes did not return to the log after Redis restarted"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    while let Some(written) = writers.join_next().await {
+        written.unwrap();
+    }
+    let tokens = tokens.lock().clone();
+    // Some writes were logged before the crash, some indexed synchronously during it.
+    assert!(
+        tokens.iter().any(|t| t == "wt1.i"),
+        "no write during the outage"
+    );
+    let acknowledged = acknowledged.lock().clone();
+    assert_exactly_once(&sandbox, &acknowledged, &tokens).await;
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_write_is_dead_lettered_while_the_writes_around_it_are_indexed() {
+    let fake = FakeProvider::start(DIM).await;
+    fake.poison("POISON: the provider fails on this text every time");
+    let mut policy = fast_policy();
+    // The poison trips the circuit; it must still be told from an outage once it closes.
+    policy.breaker.cooldown = Duration::from_millis(200);
+    let mut options = Options::with_fake(&fake, DIM, policy);
+    options.write_log.max_deliveries = 3;
+    let sandbox = Sandbox::start_with(None, options).await;
+    let mut client = sandbox.client().await;
+    let mut acknowledged = Vec::new();
+    let mut poison_token = String::new();
+    let mut last_token = String::new();
+    for text in [
+        "before one",
+        "before two",
+        "POISON: the provider fails on this text every time",
+        "after one",
+        "after two",
+    ] {
+        let written = remember(&mut client, "pia", &[text.into()]).await;
+        if text.starts_with("POISON") {
+            poison_token = written.write_token.clone();
+        } else {
+            acknowledged.extend(created(&written));
+        }
+        last_token = written.write_token;
+    }
+    let log = sandbox.write_log();
+    let state = log
+        .settled(token(&last_token), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(state, WriteState::Indexed);
+
+    let mut status = ipb::ingestion_client::IngestionClient::connect(format!(
+        "http://{}",
+        sandbox.addrs.ingestion
+    ))
+    .await
+    .unwrap();
+    let poison = status
+        .status(ipb::StatusRequest {
+            write_token: poison_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(poison.state(), ipb::WriteState::Failed);
+    assert!(
+        poison.reason.contains("fake-embedding"),
+        "{}",
+        poison.reason
+    );
+    let dead = log.dead_lettered(10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].reason, poison.reason);
+
+    let stored: HashSet<String> = listed(&mut client, "pia", "")
+        .await
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(stored, acknowledged.into_iter().collect());
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn a_partition_too_far_behind_refuses_writes_until_it_catches_up() {
+    let fake = FakeProvider::start(DIM).await;
+    let mut options = Options::with_fake(&fake, DIM, fast_policy());
+    options.write_log.workers = false;
+    options.write_log.partitions = 1;
+    options.write_log.max_lag = 5;
+    let sandbox = Sandbox::start_with(None, options).await;
+    let mut client = sandbox.client().await;
+    let texts: Vec<String> = (0..5).map(|i| format!("errand number {i}")).collect();
+    let accepted = remember(&mut client, "lee", &texts).await;
+    let refused = try_remember(&mut client, "lee", &["one errand too many".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("5 writes behind"),
+        "{}",
+        refused.message()
+    );
+    assert!(refused.metadata().get("retry-after-ms").is_some());
+
+    // Nothing is indexed yet: a read that waits for the write gives up at the caller's
+    // deadline, saying why.
+    let mut waiting = engram_proto::tonic::Request::new(pb::ListRequest {
+        scope: scope("lee"),
+        after_write_token: accepted.write_token.clone(),
+        ..Default::default()
+    });
+    waiting.set_timeout(Duration::from_millis(500));
+    let late = client.list(waiting).await.unwrap_err();
+    assert_eq!(late.code(), Code::DeadlineExceeded, "{late:?}");
+    assert!(
+        late.message().contains("stays in the write log"),
+        "{}",
+        late.message()
+    );
+
+    // Workers catch up; the same write is then accepted.
+    let workers = engram_ingestion::start_workers(
+        &sandbox.ingestion_config(LogArgs {
+            partitions: 1,
+            ..LogArgs::default()
+        }),
+        &Metrics::new(),
+    )
+    .unwrap()
+    .expect("the sandbox has Redis");
+    assert_eq!(
+        listed(&mut client, "lee", &accepted.write_token)
+            .await
+            .len(),
+        5
+    );
+    let again = remember(&mut client, "lee", &["one errand too many".into()]).await;
+    assert_eq!(
+        listed(&mut client, "lee", &again.write_token).await.len(),
+        6
+    );
+    workers.stop().await;
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn recall_after_an_update_finds_the_new_text_and_after_a_forget_nothing() {
+    let sandbox = Sandbox::start().await;
+    let mut client = sandbox.client().await;
+    let written = remember(
+        &mut client,
+        "ivy",
+        &["I drive a red sports car to work".into()],
+    )
+    .await;
+    let id = written.results[0].id.clone();
+    let recall = |client: &mut Client, token: String| {
+        let mut client = client.clone();
+        async move {
+            client
+                .recall(pb::RecallRequest {
+                    scope: scope("ivy"),
+                    query: "how do I get to work".into(),
+                    top_k: 5,
+                    after_write_token: token,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .hits
+                .into_iter()
+                .filter_map(|h| h.memory)
+                .collect::<Vec<_>>()
+        }
+    };
+    let hits = recall(&mut client, written.write_token.clone()).await;
+    assert_eq!(hits.len(), 1);
+
+    let updated = client
+        .update(pb::UpdateRequest {
+            id: id.clone(),
+            memory: Some(pb::MemoryInput {
+                text: "I cycle to work on a blue bicycle".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(engram_proto::prost_types::FieldMask {
+                paths: vec!["text".into()],
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let hits = recall(&mut client, updated.write_token.clone()).await;
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].id, id);
+    assert_eq!(hits[0].text, "I cycle to work on a blue bicycle");
+
+    let forgotten = client
+        .forget(pb::ForgetRequest {
+            target: Some(pb::forget_request::Target::Ids(pb::MemoryIds {
+                ids: vec![id],
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forgotten.forgotten, 1);
+    assert!(recall(&mut client, forgotten.write_token).await.is_empty());
     sandbox.stop().await;
 }
