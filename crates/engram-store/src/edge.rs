@@ -8,12 +8,15 @@
 //! no lock of ours and keep being served throughout.
 //!
 //! qdrant-edge 0.7.2 writes a WAL but does not replay it when a shard is loaded, so a write is
-//! durable only once the segments are flushed: [`VectorStore::apply`] flushes before it returns.
+//! durable only once the segments are flushed: [`VectorStore::apply`] returns only once a flush
+//! that began after its writes has finished. Flushes are group commits: applies that finish
+//! writing while a flush runs wait for the next one, which covers them all, so concurrent
+//! applies share flushes instead of queueing one each.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -75,6 +78,12 @@ struct Inner {
     write_lock: Mutex<()>,
     /// Writes applied since the last flush.
     dirty: AtomicBool,
+    /// Applies so far (counted under `write_lock`), and how many of them the last finished
+    /// flush covers.
+    applied: AtomicU64,
+    flushed: AtomicU64,
+    /// Held by the apply that is flushing for everyone.
+    flush_lock: Mutex<()>,
     closed: AtomicBool,
     dimension: usize,
 }
@@ -211,6 +220,9 @@ impl EdgeStore {
             shard: RwLock::new(Some(shard)),
             write_lock: Mutex::new(()),
             dirty: AtomicBool::new(false),
+            applied: AtomicU64::new(0),
+            flushed: AtomicU64::new(0),
+            flush_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
             dimension: config.dimension,
         });
@@ -308,10 +320,14 @@ impl Inner {
         let _write = self.write_lock.lock();
         let shard = self.shard()?;
         self.dirty.store(false, Ordering::Release);
+        let covers = self.applied.load(Ordering::Acquire);
         let mut attempt = 1;
         loop {
             match catch_panic("flush", || shard.flush()) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.flushed.fetch_max(covers, Ordering::AcqRel);
+                    return Ok(());
+                }
                 // The optimiser swapping segments holds the lock the flush asserts is free.
                 Err(e) if attempt < ATTEMPTS && e.to_string().contains("lock acquired") => {
                     std::thread::sleep(Duration::from_millis(2 * u64::from(attempt)));
@@ -345,7 +361,7 @@ impl Inner {
 
     fn apply(&self, tenant: &TenantId, ops: Vec<IndexOp>) -> StoreResult<ApplyOutcome> {
         let mut outcome = ApplyOutcome::default();
-        {
+        let this = {
             let _write = self.write_lock.lock();
             let mut pending_upserts: Vec<PointStructPersisted> = Vec::new();
             for op in ops {
@@ -366,10 +382,21 @@ impl Inner {
             }
             outcome.upserted += self.upsert(&mut pending_upserts)?;
             self.dirty.store(true, Ordering::Release);
-        }
+            self.applied.fetch_add(1, Ordering::AcqRel) + 1
+        };
         // Durable before acknowledged: the engine does not replay its WAL on load.
-        self.flush()?;
+        self.flush_through(this)?;
         Ok(outcome)
+    }
+
+    /// Return once a flush covering apply number `apply` has finished: wait for the flush in
+    /// progress, which may already cover it, and flush if it did not.
+    fn flush_through(&self, apply: u64) -> StoreResult<()> {
+        let _flushing = self.flush_lock.lock();
+        if self.flushed.load(Ordering::Acquire) >= apply {
+            return Ok(());
+        }
+        self.flush()
     }
 
     fn point(
