@@ -33,8 +33,9 @@ const OUTCOME_TTL_SECS: u64 = 24 * 3600;
 const RESERVATION_TTL_SECS: u64 = 120;
 
 /// Append entries unless the partition's backlog is over the bound; reserve de-duplication
-/// keys. ARGV: max backlog, count, then per entry: idempotency key, content key, id, payload.
-/// Returns {'LAG', backlog} or {'OK', last entry id, per entry 'N'<entry> | 'K'<id> | 'H'<id>}.
+/// keys (each holds `<id> <entry>`). ARGV: max backlog, count, then per entry: idempotency key,
+/// content key, id, payload, and '1' to append whatever the reservations say (they are stale).
+/// Returns {'LAG', backlog} or {'OK', last entry id, per entry 'N'<entry> | 'K'<held> | 'H'<held>}.
 const APPEND: &str = r"
 local len = redis.call('XLEN', KEYS[1])
 local n = tonumber(ARGV[2])
@@ -42,16 +43,16 @@ if len > 0 and len + n > tonumber(ARGV[1]) then return {'LAG', tostring(len)} en
 local out = {'OK', ''}
 local i = 3
 for j = 1, n do
-  local kkey, hkey, id, payload = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  i = i + 4
-  local by_key = kkey ~= '' and redis.call('GET', kkey)
-  local by_hash = (not by_key) and hkey ~= '' and redis.call('GET', hkey)
+  local kkey, hkey, id, payload, force = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  i = i + 5
+  local by_key = force ~= '1' and kkey ~= '' and redis.call('GET', kkey)
+  local by_hash = force ~= '1' and (not by_key) and hkey ~= '' and redis.call('GET', hkey)
   if by_key then table.insert(out, 'K' .. by_key)
   elseif by_hash then table.insert(out, 'H' .. by_hash)
   else
-    if kkey ~= '' then redis.call('SET', kkey, id) end
-    if hkey ~= '' then redis.call('SET', hkey, id) end
     local entry = redis.call('XADD', KEYS[1], '*', 'op', payload)
+    if kkey ~= '' then redis.call('SET', kkey, id .. ' ' .. entry) end
+    if hkey ~= '' then redis.call('SET', hkey, id .. ' ' .. entry) end
     out[2] = entry
     table.insert(out, 'N' .. entry)
   end
@@ -75,6 +76,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// See [`WriteLog::depth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Depth {
+    pub backlog: u64,
+    pub pending: u64,
+}
+
 /// A write moved to the dead-letter stream, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
@@ -95,16 +103,43 @@ pub struct Append {
     pub id: String,
     /// The encoded `LogEntry`.
     pub payload: Vec<u8>,
+    /// Append even if a reservation is held (the caller found it stale).
+    pub force: bool,
 }
 
 /// What became of one appended write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Appended {
     Logged(EntryId),
-    /// A pending write of the scope has the same idempotency key: its id.
-    DuplicateKey(String),
-    /// A pending write of the scope has the same content: its id.
-    DuplicateContent(String),
+    /// A recent write of the scope has the same idempotency key.
+    DuplicateKey(Reserved),
+    /// A recent write of the scope has the same content.
+    DuplicateContent(Reserved),
+}
+
+/// The write holding a de-duplication reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reserved {
+    /// Its memory id.
+    pub id: String,
+    /// Its entry in the same partition (unknown for reservations made before entries were
+    /// recorded in them).
+    pub entry: Option<EntryId>,
+}
+
+impl Reserved {
+    fn parse(held: &str) -> Self {
+        match held.split_once(' ') {
+            Some((id, entry)) => Self {
+                id: id.to_string(),
+                entry: EntryId::parse(entry),
+            },
+            None => Self {
+                id: held.to_string(),
+                entry: None,
+            },
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -244,7 +279,7 @@ impl WriteLog {
     pub async fn append(
         &self,
         partition: u32,
-        writes: Vec<Append>,
+        writes: &[Append],
         max_backlog: u64,
     ) -> std::result::Result<Vec<Appended>, AppendError> {
         let script = redis::Script::new(APPEND);
@@ -253,12 +288,13 @@ impl WriteLog {
             .key(stream(partition))
             .arg(max_backlog)
             .arg(writes.len());
-        for w in &writes {
+        for w in writes {
             invocation
                 .arg(&w.key_reservation)
                 .arg(&w.content_reservation)
                 .arg(&w.id)
-                .arg(&w.payload);
+                .arg(&w.payload)
+                .arg(if w.force { "1" } else { "0" });
         }
         let reply: Vec<String> = match self
             .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
@@ -278,8 +314,8 @@ impl WriteLog {
                     let (tag, rest) = r.split_at_checked(1).ok_or_else(bad)?;
                     match tag {
                         "N" => EntryId::parse(rest).map(Appended::Logged).ok_or_else(bad),
-                        "K" => Ok(Appended::DuplicateKey(rest.to_string())),
-                        "H" => Ok(Appended::DuplicateContent(rest.to_string())),
+                        "K" => Ok(Appended::DuplicateKey(Reserved::parse(rest))),
+                        "H" => Ok(Appended::DuplicateContent(Reserved::parse(rest))),
                         _ => Err(bad()),
                     }
                 })
@@ -546,15 +582,30 @@ impl WriteLog {
             .await
     }
 
-    /// Entries not yet applied in `partition`.
-    pub async fn backlog(&self, partition: u32) -> Result<u64> {
-        self.run(|mut conn| async move {
-            redis::cmd("XLEN")
-                .arg(stream(partition))
-                .query_async(&mut conn)
-                .await
-        })
-        .await
+    /// How deep `partition` is: entries not yet applied (its lag: applied entries are trimmed),
+    /// and of those, the ones delivered to a worker and not yet acknowledged.
+    pub async fn depth(&self, partition: u32) -> Result<Depth> {
+        let (backlog, pending): (u64, Value) = self
+            .run(|mut conn| async move {
+                redis::pipe()
+                    .cmd("XLEN")
+                    .arg(stream(partition))
+                    .cmd("XPENDING")
+                    .arg(stream(partition))
+                    .arg(GROUP)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        // XPENDING's summary starts with the count (an error if the group does not exist yet).
+        let pending = match pending {
+            Value::Array(summary) => match summary.first() {
+                Some(Value::Int(n)) => (*n).max(0) as u64,
+                _ => 0,
+            },
+            _ => 0,
+        };
+        Ok(Depth { backlog, pending })
     }
 
     /// The oldest `count` writes in the dead-letter stream.

@@ -19,9 +19,9 @@ use dedup::Resolution;
 
 use async_trait::async_trait;
 use engram_core::api::{
-    Embedder, ForgetOutcome, ForgetTarget, GetQuery, Index, IndexOp, IndexWrites, IndexedMemory,
-    Ingestion, LogOp, LoggedWrite, Purpose, RememberBatch, RememberOutcome, UpdateCommand,
-    UpdateOutcome, WriteResult, WriteState, WriteStatus, WriteToken,
+    Embedder, EntryId, ForgetOutcome, ForgetTarget, GetQuery, Index, IndexOp, IndexWrites,
+    IndexedMemory, Ingestion, LogOp, LoggedWrite, Purpose, RememberBatch, RememberOutcome,
+    UpdateCommand, UpdateOutcome, WriteResult, WriteState, WriteStatus, WriteToken,
 };
 use engram_core::config::{CommonArgs, EmbeddingUrl, RetrievalUrl};
 use engram_core::model::{Memory, MemoryId, TenantId, Timestamp, content_hash};
@@ -30,7 +30,7 @@ use engram_core::server::{Listeners, ServiceRuntime};
 use engram_core::{Error, Result, rpc};
 use engram_proto::tonic::service::Routes;
 use engram_telemetry::Metrics;
-use engram_writelog::{Append, AppendError, Appended, WriteLog};
+use engram_writelog::{Append, AppendError, Appended, Reserved, WriteLog};
 
 pub const SERVICE_NAME: &str = "ingestion";
 
@@ -400,11 +400,12 @@ impl Pipeline {
             .log
             .append(
                 partition,
-                vec![Append {
+                &[Append {
                     key_reservation: String::new(),
                     content_reservation: String::new(),
                     id: String::new(),
                     payload: write.encode(),
+                    force: false,
                 }],
                 u64::MAX,
             )
@@ -417,6 +418,38 @@ impl Pipeline {
             _ => Err(AppendError::Unavailable(
                 "the write log did not log the operation".into(),
             )),
+        }
+    }
+
+    /// Whether the write holding a de-duplication reservation no longer stands: it failed, or
+    /// it was indexed and is gone from the index (forgotten). When unsure, it stands.
+    async fn stale(
+        &self,
+        settings: &LogSettings,
+        tenant: &TenantId,
+        partition: u32,
+        held: &Reserved,
+    ) -> bool {
+        let Some(entry) = held.entry else {
+            return false;
+        };
+        match settings
+            .log
+            .status(WriteToken::Logged { partition, entry })
+            .await
+        {
+            Ok(WriteState::Failed(_)) => true,
+            Ok(WriteState::Indexed) => {
+                let Ok(id) = engram_core::validate::memory_id(&held.id) else {
+                    return false;
+                };
+                let query = GetQuery {
+                    ids: vec![id],
+                    after_write_token: None,
+                };
+                matches!(self.index.get(tenant, query).await, Ok(found) if found.memories.is_empty())
+            }
+            _ => false,
         }
     }
 
@@ -575,6 +608,7 @@ impl Ingestion for Pipeline {
                 content_reservation,
                 id: ids[i].to_string(),
                 payload: write.encode(),
+                force: false,
             });
             new_inputs.push(i);
         }
@@ -586,7 +620,7 @@ impl Ingestion for Pipeline {
         }
         let appended = match settings
             .log
-            .append(partition, appends, settings.args.max_lag)
+            .append(partition, &appends, settings.args.max_lag)
             .await
         {
             Ok(appended) => appended,
@@ -603,22 +637,62 @@ impl Ingestion for Pipeline {
                     .await;
             }
         };
-        // Writes that a pending write of the scope already holds are duplicates of it.
+        // Writes whose reservation another recent write of the scope holds are duplicates of
+        // it — unless that write has since failed or been forgotten, which leaves the
+        // reservation stale: those are appended again, over it.
         let mut resolutions = resolutions;
         let mut ids = ids;
-        let mut last = None;
-        for (&i, outcome) in new_inputs.iter().zip(&appended) {
-            let pending = match outcome {
+        let mut last: Option<EntryId> = None;
+        let mut again = Vec::new();
+        for ((&i, outcome), append) in new_inputs.iter().zip(&appended).zip(&appends) {
+            let (held, why) = match outcome {
                 Appended::Logged(entry) => {
-                    last = Some(*entry);
+                    last = last.max(Some(*entry));
                     continue;
                 }
-                Appended::DuplicateKey(id) => (id, "same idempotency key"),
-                Appended::DuplicateContent(id) => (id, "same content already stored in this scope"),
+                Appended::DuplicateKey(held) => (held, "same idempotency key"),
+                Appended::DuplicateContent(held) => {
+                    (held, "same content already stored in this scope")
+                }
             };
-            if let Ok(id) = engram_core::validate::memory_id(pending.0) {
+            if self.stale(settings, tenant, partition, held).await {
+                again.push((
+                    i,
+                    Append {
+                        force: true,
+                        ..append.clone()
+                    },
+                ));
+                continue;
+            }
+            if let Ok(id) = engram_core::validate::memory_id(&held.id) {
                 ids[i] = id;
-                resolutions[i] = Resolution::DuplicateOf(id, pending.1);
+                resolutions[i] = Resolution::DuplicateOf(id, why);
+                // Reading "after" this write means after the write it duplicates.
+                last = last.max(held.entry);
+            }
+        }
+        if !again.is_empty() {
+            let (inputs, appends): (Vec<usize>, Vec<Append>) = again.into_iter().unzip();
+            let appended = settings
+                .log
+                .append(partition, &appends, settings.args.max_lag)
+                .await
+                .map_err(|e| match e {
+                    AppendError::Lag { backlog } => lag_error(backlog),
+                    AppendError::Unavailable(reason) => Error::unavailable(format!(
+                        "the write log (Redis) failed during the write: {reason}; retry it"
+                    )),
+                })?;
+            for (i, outcome) in inputs.into_iter().zip(appended) {
+                match outcome {
+                    Appended::Logged(entry) => last = last.max(Some(entry)),
+                    _ => {
+                        return Err(Error::internal(format!(
+                            "write {i} was appended over a stale reservation and still found one"
+                        )));
+                    }
+                }
             }
         }
         let write_token = match last {

@@ -38,6 +38,7 @@ struct PartitionLabels {
 #[derive(Clone)]
 pub struct LogMetrics {
     backlog: Family<PartitionLabels, Gauge>,
+    pending: Family<PartitionLabels, Gauge>,
     pub(crate) degraded: Counter,
     pub(crate) refused: Counter,
     reclaimed: Counter,
@@ -50,6 +51,7 @@ impl LogMetrics {
     pub fn new(metrics: &Metrics) -> Self {
         let this = Self {
             backlog: Family::default(),
+            pending: Family::default(),
             degraded: Counter::default(),
             refused: Counter::default(),
             reclaimed: Counter::default(),
@@ -83,8 +85,13 @@ impl LogMetrics {
         }
         metrics.register(
             "engram_log_backlog",
-            "Entries of a partition not yet indexed (its lag), sampled by its worker",
+            "Entries of a partition not yet indexed: its length and its lag (indexed entries are trimmed), sampled each second by its worker",
             this.backlog.clone(),
+        );
+        metrics.register(
+            "engram_log_pending",
+            "Entries of a partition delivered to a worker and not yet acknowledged, sampled each second",
+            this.pending.clone(),
         );
         metrics.register(
             "engram_log_batch_size",
@@ -121,6 +128,7 @@ impl Workers {
         for partition in 0..log.partitions() {
             let worker = PartitionWorker {
                 partition,
+                sampled: tokio::sync::Mutex::new(None),
                 owner: owner.clone(),
                 pipeline: pipeline.clone(),
                 log: log.clone(),
@@ -150,6 +158,8 @@ impl Workers {
 
 struct PartitionWorker {
     partition: u32,
+    /// When the depth was last sampled.
+    sampled: tokio::sync::Mutex<Option<tokio::time::Instant>>,
     owner: String,
     pipeline: Arc<Pipeline>,
     log: WriteLog,
@@ -259,17 +269,34 @@ impl PartitionWorker {
                 entries.extend(more);
             }
         }
-        if let Ok(backlog) = self.log.backlog(p).await {
-            self.metrics
-                .backlog
-                .get_or_create(&PartitionLabels { partition: p })
-                .set(backlog as i64);
-        }
+        self.sample_depth().await;
         if entries.is_empty() {
             return Ok(true);
         }
         self.metrics.batch_size.observe(entries.len() as f64);
         self.index(entries, careful).await
+    }
+
+    /// Sample the partition's depth into the metrics, once a second at most.
+    async fn sample_depth(&self) {
+        let mut last = self.sampled.lock().await;
+        if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(tokio::time::Instant::now());
+        if let Ok(depth) = self.log.depth(self.partition).await {
+            let labels = PartitionLabels {
+                partition: self.partition,
+            };
+            self.metrics
+                .backlog
+                .get_or_create(&labels)
+                .set(depth.backlog as i64);
+            self.metrics
+                .pending
+                .get_or_create(&labels)
+                .set(depth.pending as i64);
+        }
     }
 
     /// Apply `entries` in order and finish those applied or failed for good; false if it

@@ -182,6 +182,17 @@ async fn an_async_write_is_acknowledged_with_a_token_that_recall_can_wait_for() 
             .await
             .is_empty()
     );
+
+    // Forgotten, the same text is new again — its de-duplication reservation is stale.
+    let anew = remember(
+        &mut client,
+        "ada",
+        &["My sister Grace lives in Lisbon".into()],
+    )
+    .await;
+    assert_eq!(anew.results[0].status(), pb::WriteStatus::Created);
+    assert_ne!(anew.results[0].id, written.results[0].id);
+    assert_eq!(listed(&mut client, "ada", &anew.write_token).await.len(), 1);
     sandbox.stop().await;
 }
 
