@@ -154,7 +154,8 @@ pub enum AppendError {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub id: EntryId,
-    pub payload: Vec<u8>,
+    /// `None` for an entry still listed as delivered but no longer in the stream (trimmed).
+    pub payload: Option<Vec<u8>>,
 }
 
 /// What a worker records when it is done with an entry.
@@ -462,13 +463,28 @@ impl WriteLog {
                     continue;
                 };
                 let payload = match id.map.get("op") {
-                    Some(Value::BulkString(bytes)) => bytes.clone(),
-                    _ => Vec::new(),
+                    Some(Value::BulkString(bytes)) => Some(bytes.clone()),
+                    _ => None,
                 };
                 entries.push(Entry { id: entry, payload });
             }
         }
         Ok(entries)
+    }
+
+    /// Acknowledge entries delivered but no longer in the stream: they were finished and
+    /// trimmed already, so there is nothing to apply.
+    pub async fn ack_trimmed(&self, partition: u32, entries: &[EntryId]) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut ack = redis::cmd("XACK");
+        ack.arg(stream(partition)).arg(GROUP);
+        for id in entries {
+            ack.arg(id.to_string());
+        }
+        self.run(|mut conn| async move { ack.query_async::<()>(&mut conn).await })
+            .await
     }
 
     /// Count one more failed attempt at `entry` that was its own fault (the rest of the
@@ -572,7 +588,7 @@ impl WriteLog {
             .arg("reason")
             .arg(reason)
             .arg("op")
-            .arg(&entry.payload)
+            .arg(entry.payload.as_deref().unwrap_or_default())
             .ignore();
         // A failed write must not stand in the way of the same write made again.
         for key in reservations {

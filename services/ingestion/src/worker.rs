@@ -270,6 +270,13 @@ impl PartitionWorker {
             }
         }
         self.sample_depth().await;
+        let (entries, trimmed): (Vec<Entry>, Vec<Entry>) =
+            entries.into_iter().partition(|e| e.payload.is_some());
+        if !trimmed.is_empty() {
+            let ids: Vec<_> = trimmed.iter().map(|e| e.id).collect();
+            tracing::warn!(partition = p, entries = ?ids, "delivered entries no longer in the stream (already finished); acknowledging them");
+            self.log.ack_trimmed(p, &ids).await?;
+        }
         if entries.is_empty() {
             return Ok(true);
         }
@@ -312,7 +319,7 @@ impl PartitionWorker {
         let p = self.partition;
         let decoded: Vec<Result<LoggedWrite>> = entries
             .iter()
-            .map(|e| LoggedWrite::decode(&e.payload, &self.limits))
+            .map(|e| LoggedWrite::decode(e.payload.as_deref().unwrap_or_default(), &self.limits))
             .collect();
         let mut done: Vec<(engram_core::api::EntryId, Done)> = Vec::new();
         let mut healthy = false;
