@@ -443,11 +443,7 @@ impl Pipeline {
                 let Ok(id) = engram_core::validate::memory_id(&held.id) else {
                     return false;
                 };
-                let query = GetQuery {
-                    ids: vec![id],
-                    after_write_token: None,
-                };
-                matches!(self.index.get(tenant, query).await, Ok(found) if found.memories.is_empty())
+                matches!(self.stored(tenant, id).await, Err(Error::NotFound(_)))
             }
             _ => false,
         }
