@@ -167,7 +167,7 @@ impl Sandbox {
             .await
             .unwrap_or_else(|e| panic!("binding listeners: {e}"));
         let config = ClusterConfig {
-            data_dir: data_dir.clone(),
+            retrieval: engram_retrieval::RetrievalArgs::in_dir(&data_dir),
             embedding: options.embedding,
             provider,
             write_log: options.write_log,

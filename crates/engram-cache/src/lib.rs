@@ -7,6 +7,7 @@
 //! The cache is an accelerator, never a source of truth: callers must give the same answer
 //! with or without it.
 
+mod generations;
 mod redis;
 
 use std::time::Duration;
@@ -18,6 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
+pub use crate::generations::Generations;
 pub use crate::redis::{Redis, RedisConfig, pool, pool_sized};
 
 #[derive(Debug, Clone)]

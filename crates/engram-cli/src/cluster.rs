@@ -7,7 +7,6 @@
 //! service it calls already gone.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +41,8 @@ impl ClusterListeners {
 
 #[derive(Clone)]
 pub struct ClusterConfig {
-    pub data_dir: PathBuf,
+    /// The retrieval service's settings, among them the data directory.
+    pub retrieval: engram_retrieval::RetrievalArgs,
     /// The embedding service's settings (its `common` is replaced by [`Self::common`]).
     pub embedding: engram_embedding::Config,
     /// An already built provider to use instead of building one from `embedding.provider`
@@ -146,12 +146,8 @@ impl LocalCluster {
             }
         });
 
-        let retrieval_config = engram_retrieval::Config {
-            index_dir: config.data_dir.join("index"),
-            dimension: common.vector_dimension,
-            embedding_url: url(addrs.embedding),
-            common: common.clone(),
-        };
+        let retrieval_config =
+            engram_retrieval::Config::new(config.retrieval, url(addrs.embedding), common.clone());
         let retrieval = RunningService::spawn(engram_retrieval::SERVICE_NAME, |stop| {
             engram_retrieval::serve(
                 retrieval_config,

@@ -77,7 +77,7 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
         embedding: args.embedding_listen.bind().await?,
     };
     let config = ClusterConfig {
-        data_dir: data_dir.clone(),
+        retrieval: args.retrieval.clone(),
         embedding,
         provider: None,
         write_log: args.write_log.clone(),

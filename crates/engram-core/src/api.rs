@@ -12,7 +12,8 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::model::{
-    Filter, Memory, MemoryId, MemoryPatch, NewMemory, Scope, SearchMode, TenantId, WriteMode,
+    Filter, Memory, MemoryId, MemoryPatch, NewMemory, Scope, SearchMode, TenantId, Timestamp,
+    WriteMode,
 };
 
 /// What an embedding is for; some models embed queries and documents differently.
@@ -137,6 +138,9 @@ pub struct RecallQuery {
     pub explain: bool,
     pub after_write_token: Option<WriteToken>,
     pub bypass_cache: bool,
+    /// What "now" is for the query's time expressions and recency; the server's clock when
+    /// `None`.
+    pub request_time: Option<Timestamp>,
 }
 
 impl RecallQuery {
@@ -152,17 +156,23 @@ impl RecallQuery {
             explain: false,
             after_write_token: None,
             bypass_cache: false,
+            request_time: None,
         }
     }
 }
 
-/// Why a hit ranks where it does.
+/// Why a hit ranks where it does: its 1-based rank (0: not returned) and raw score in each
+/// strategy, the fused score, and the factors applied after fusion.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Explanation {
     pub dense_rank: u32,
     pub dense_score: f32,
     pub keyword_rank: u32,
     pub keyword_score: f32,
+    pub temporal_rank: u32,
+    pub temporal_score: f32,
+    pub entity_rank: u32,
+    pub entity_score: f32,
     pub fused_score: f32,
     pub recency_factor: f32,
     pub importance_factor: f32,
@@ -178,6 +188,8 @@ pub struct Hit {
 /// Time spent per stage of a Recall.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Timings {
+    /// Looking the result up in (and storing it into) the result cache.
+    pub cache: Duration,
     pub embed: Duration,
     pub dense: Duration,
     pub keyword: Duration,
@@ -239,11 +251,47 @@ pub struct ListPage {
     pub next_page_token: Option<MemoryId>,
 }
 
-/// A memory with the dense vector to index it under.
+/// A sparse vector: token ids (ascending, unique) and their weights.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SparseVector {
+    pub indices: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+impl SparseVector {
+    /// Check the shape a peer sent: as many weights as ids, ids strictly ascending, weights
+    /// finite.
+    pub fn validate(&self) -> Result<()> {
+        if self.indices.len() != self.values.len() {
+            return Err(Error::invalid(
+                "sparse",
+                format!(
+                    "{} indices but {} values",
+                    self.indices.len(),
+                    self.values.len()
+                ),
+            ));
+        }
+        if self.indices.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::invalid(
+                "sparse.indices",
+                "must be strictly ascending",
+            ));
+        }
+        if self.values.iter().any(|v| !v.is_finite()) {
+            return Err(Error::invalid("sparse.values", "must be finite"));
+        }
+        Ok(())
+    }
+}
+
+/// A memory with the vectors to index it under: the dense embedding of its text and the BM25
+/// term weights of its text (for keyword search).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexedMemory {
     pub memory: Memory,
     pub dense: Vec<f32>,
+    pub sparse: SparseVector,
 }
 
 /// One write to the index.

@@ -173,6 +173,7 @@ pub fn recall_request(q: &RecallQuery) -> pb::RecallRequest {
         explain: q.explain,
         after_write_token: token_string(&q.after_write_token),
         bypass_cache: q.bypass_cache,
+        request_time: q.request_time.map(timestamp),
     }
 }
 
@@ -193,6 +194,10 @@ pub fn recall_response(r: &RecallResult) -> pb::RecallResponse {
                     dense_score: e.dense_score,
                     keyword_rank: e.keyword_rank,
                     keyword_score: e.keyword_score,
+                    temporal_rank: e.temporal_rank,
+                    temporal_score: e.temporal_score,
+                    entity_rank: e.entity_rank,
+                    entity_score: e.entity_score,
                     fused_score: e.fused_score,
                     recency_factor: e.recency_factor,
                     importance_factor: e.importance_factor,
@@ -201,6 +206,7 @@ pub fn recall_response(r: &RecallResult) -> pb::RecallResponse {
             .collect(),
         cache_hit: r.cache_hit,
         timings: Some(pb::Timings {
+            cache_us: micros(r.timings.cache),
             embed_us: micros(r.timings.embed),
             dense_us: micros(r.timings.dense),
             keyword_us: micros(r.timings.keyword),
@@ -225,6 +231,10 @@ pub fn recall_result_from_pb(r: pb::RecallResponse, tenant: &TenantId) -> Result
                         dense_score: e.dense_score,
                         keyword_rank: e.keyword_rank,
                         keyword_score: e.keyword_score,
+                        temporal_rank: e.temporal_rank,
+                        temporal_score: e.temporal_score,
+                        entity_rank: e.entity_rank,
+                        entity_score: e.entity_score,
                         fused_score: e.fused_score,
                         recency_factor: e.recency_factor,
                         importance_factor: e.importance_factor,
@@ -234,6 +244,7 @@ pub fn recall_result_from_pb(r: pb::RecallResponse, tenant: &TenantId) -> Result
             .collect::<Result<_>>()?,
         cache_hit: r.cache_hit,
         timings: Timings {
+            cache: Duration::from_micros(timings.cache_us),
             embed: Duration::from_micros(timings.embed_us),
             dense: Duration::from_micros(timings.dense_us),
             keyword: Duration::from_micros(timings.keyword_us),

@@ -9,9 +9,11 @@
 //! domain answer back to the wire.
 
 pub mod api;
+pub mod calendar;
 pub mod config;
 pub mod convert;
 pub mod deadline;
+pub mod entities;
 pub mod error;
 pub mod limits;
 pub mod model;

@@ -218,6 +218,7 @@ impl Memory {
         now: Timestamp,
     ) -> Self {
         let content_hash = content_hash(input.kind, &input.role, &input.text);
+        let entities = crate::entities::extract(&input.text);
         Self {
             id,
             tenant,
@@ -227,7 +228,7 @@ impl Memory {
             text: input.text,
             metadata: input.metadata,
             tags: input.tags,
-            entities: Vec::new(),
+            entities,
             created_at: now,
             updated_at: now,
             event_time: input.event_time.unwrap_or(now),
@@ -251,6 +252,7 @@ impl Memory {
         } = patch;
         let text_changed = text.as_ref().is_some_and(|t| *t != self.text);
         if let Some(text) = text {
+            self.entities = crate::entities::extract(&text);
             self.text = text;
         }
         if let Some(kind) = kind {

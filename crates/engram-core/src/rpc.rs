@@ -19,7 +19,7 @@ use crate::api::{
     ApplyOutcome, DuplicateMatch, Embedder, Embeddings, ForgetOutcome, ForgetTarget, GetQuery,
     GetResult, Index, IndexOp, IndexStats, IndexWrites, IndexedMemory, Ingestion, ListPage,
     ListQuery, LogOp, LoggedWrite, Purpose, RecallQuery, RecallResult, RememberBatch,
-    RememberOutcome, UpdateCommand, UpdateOutcome, WriteState, WriteToken,
+    RememberOutcome, SparseVector, UpdateCommand, UpdateOutcome, WriteState, WriteToken,
 };
 use crate::convert;
 use crate::error::{Error, Result};
@@ -198,6 +198,7 @@ impl LoggedWrite {
                 memory: Some(convert::memory(memory)),
                 dense: None,
                 idempotency_key: memory.idempotency_key.clone(),
+                sparse: None,
             }),
             LogOp::Update(command) => ipb::log_entry::Op::Update(convert::update_request(command)),
             LogOp::Forget(target) => ipb::log_entry::Op::Forget(convert::forget_request(target)),
@@ -248,9 +249,18 @@ fn index_op_from_pb(op: ipb::IndexOp, tenant: &TenantId) -> Result<IndexOp> {
             let mut memory = convert::memory_from_pb(upsert.memory.unwrap_or_default(), tenant)
                 .map_err(|e| e.in_field("upsert"))?;
             memory.idempotency_key = upsert.idempotency_key;
+            let sparse = upsert
+                .sparse
+                .map(|s| SparseVector {
+                    indices: s.indices,
+                    values: s.values,
+                })
+                .unwrap_or_default();
+            sparse.validate().map_err(|e| e.in_field("upsert"))?;
             Ok(IndexOp::Upsert(Box::new(IndexedMemory {
                 memory,
                 dense: upsert.dense.map(|d| d.values).unwrap_or_default(),
+                sparse,
             })))
         }
         Some(ipb::index_op::Op::DeleteIds(list)) => list
@@ -271,11 +281,22 @@ fn index_op_from_pb(op: ipb::IndexOp, tenant: &TenantId) -> Result<IndexOp> {
 
 fn index_op_to_pb(op: IndexOp) -> ipb::IndexOp {
     let op = match op {
-        IndexOp::Upsert(u) => ipb::index_op::Op::Upsert(ipb::IndexedMemory {
-            memory: Some(convert::memory(&u.memory)),
-            dense: Some(ipb::Embedding { values: u.dense }),
-            idempotency_key: u.memory.idempotency_key,
-        }),
+        IndexOp::Upsert(u) => {
+            let IndexedMemory {
+                memory,
+                dense,
+                sparse,
+            } = *u;
+            ipb::index_op::Op::Upsert(ipb::IndexedMemory {
+                memory: Some(convert::memory(&memory)),
+                dense: Some(ipb::Embedding { values: dense }),
+                idempotency_key: memory.idempotency_key,
+                sparse: Some(ipb::SparseVector {
+                    indices: sparse.indices,
+                    values: sparse.values,
+                }),
+            })
+        }
         IndexOp::DeleteIds(ids) => ipb::index_op::Op::DeleteIds(engram_proto::v1::MemoryIds {
             ids: ids.iter().map(ToString::to_string).collect(),
         }),

@@ -116,6 +116,10 @@ pub fn recall(request: pb::RecallRequest, limits: &Limits) -> Result<RecallQuery
         explain: request.explain,
         after_write_token: write_token(&request.after_write_token)?,
         bypass_cache: request.bypass_cache,
+        request_time: request
+            .request_time
+            .map(|t| timestamp(&t).map_err(|e| e.in_field("request_time")))
+            .transpose()?,
     })
 }
 

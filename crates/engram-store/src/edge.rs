@@ -24,20 +24,20 @@ use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexOp, IndexWrites, Index
 use engram_core::model::{Memory, MemoryId, Scope, TenantId};
 use parking_lot::{MappedRwLockReadGuard, Mutex, RwLock, RwLockReadGuard};
 use qdrant_edge::{
-    CountRequest, CreateIndex, Distance, EdgeConfig, EdgeOptimizersConfig, EdgeShard,
-    EdgeVectorParams, FieldIndexOperations, Filter, IntegerIndexParams, KeywordIndexParams,
-    NamedQuery, PayloadFieldSchema, PayloadSchemaParams, PayloadSchemaType, PointId,
-    PointInsertOperations, PointOperations, PointStructPersisted, QueryEnum, QueryRequest, Record,
-    ScoringQuery, ScrollRequest, UpdateOperation, VectorInternal, VectorPersisted,
-    VectorStructPersisted, WithPayloadInterface, WithVector,
+    CountRequest, CreateIndex, CreateVectorName, Distance, EdgeConfig, EdgeOptimizersConfig,
+    EdgeShard, EdgeSparseVectorParams, EdgeVectorParams, FieldIndexOperations, Filter,
+    IntegerIndexParams, KeywordIndexParams, Modifier, NamedQuery, PayloadFieldSchema,
+    PayloadSchemaParams, PayloadSchemaType, PointId, PointInsertOperations, PointOperations,
+    PointStructPersisted, QueryEnum, QueryRequest, Record, ScoringQuery, ScrollRequest,
+    SparseVectorConfig, UpdateOperation, VectorInternal, VectorNameConfig, VectorNameOperations,
+    VectorPersisted, VectorStructPersisted, WithPayloadInterface, WithVector,
 };
 use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{StoreError, StoreResult};
-use crate::{ScoredMemory, Selection, StoreInfo, VectorStore, filter, payload};
-
-/// Name of the dense vector in the shard.
-pub const DENSE: &str = "dense";
+use crate::{
+    DENSE, KEYWORDS, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, filter, payload,
+};
 
 #[derive(Debug, Clone)]
 pub struct EdgeStoreConfig {
@@ -177,6 +177,12 @@ fn open_shard(config: &EdgeStoreConfig) -> StoreResult<EdgeShard> {
                 DENSE,
                 EdgeVectorParams::builder(dimension, Distance::Cosine).build(),
             )
+            .sparse_vector(
+                KEYWORDS,
+                EdgeSparseVectorParams::builder()
+                    .modifier(Modifier::Idf)
+                    .build(),
+            )
             .on_disk_payload(true)
             .optimizers(EdgeOptimizersConfig {
                 indexing_threshold: config.indexing_threshold_kb,
@@ -185,6 +191,26 @@ fn open_shard(config: &EdgeStoreConfig) -> StoreResult<EdgeShard> {
             .build();
         EdgeShard::new(path, edge_config).map_err(in_use)?
     };
+    if !shard.config().sparse_vectors.contains_key(KEYWORDS) {
+        // A shard from before keyword search: add the sparse vector. Memories already in it
+        // are found by keyword search once they are written again.
+        shard
+            .update(UpdateOperation::VectorNameOperation(
+                VectorNameOperations::CreateVectorName(CreateVectorName {
+                    vector_name: KEYWORDS.into(),
+                    config: VectorNameConfig::sparse(SparseVectorConfig {
+                        modifier: Some(Modifier::Idf),
+                        datatype: None,
+                    }),
+                }),
+            ))
+            .map_err(|e| open_error(format!("adding the keyword index: {e}")))?;
+        tracing::warn!(
+            path = %path.display(),
+            "this index predates keyword search: added the keyword vector; memories stored \
+             before now are found by SEMANTIC search and by KEYWORD search once rewritten"
+        );
+    }
     let existing = shard.info().payload_schema;
     for (field, schema) in payload_indexes() {
         let name = field
@@ -404,7 +430,11 @@ impl Inner {
         tenant: &TenantId,
         indexed: IndexedMemory,
     ) -> StoreResult<PointStructPersisted> {
-        let IndexedMemory { memory, dense } = indexed;
+        let IndexedMemory {
+            memory,
+            dense,
+            sparse,
+        } = indexed;
         if memory.tenant != *tenant {
             return Err(StoreError::TenantMismatch {
                 id: memory.id.to_string(),
@@ -419,12 +449,23 @@ impl Inner {
                 got: dense.len(),
             });
         }
+        let mut vectors = HashMap::from([(
+            DENSE.to_string(),
+            VectorPersisted::from(VectorInternal::Dense(dense)),
+        )]);
+        if !sparse.indices.is_empty() {
+            let sparse =
+                qdrant_edge::SparseVector::new(sparse.indices, sparse.values).map_err(|e| {
+                    StoreError::InvalidVector {
+                        id: memory.id.to_string(),
+                        reason: e.to_string(),
+                    }
+                })?;
+            vectors.insert(KEYWORDS.to_string(), VectorPersisted::Sparse(sparse));
+        }
         Ok(PointStructPersisted {
             id: filter::point_id(memory.id),
-            vector: VectorStructPersisted::Named(HashMap::from([(
-                DENSE.to_string(),
-                VectorPersisted::from(VectorInternal::Dense(dense)),
-            )])),
+            vector: VectorStructPersisted::Named(vectors),
             payload: Some(payload::to_payload(&memory)),
         })
     }
@@ -523,19 +564,37 @@ impl VectorStore for EdgeStore {
             .await
     }
 
-    async fn search_dense(
+    async fn search(
         &self,
         selection: &Selection,
-        vector: Vec<f32>,
+        query: StoreQuery,
         limit: usize,
     ) -> StoreResult<Vec<ScoredMemory>> {
-        if vector.len() != self.inner.dimension {
-            return Err(StoreError::DimensionMismatch {
-                id: "(query)".into(),
-                expected: self.inner.dimension,
-                got: vector.len(),
-            });
-        }
+        let (vector, using) =
+            match query {
+                StoreQuery::Dense(vector) => {
+                    if vector.len() != self.inner.dimension {
+                        return Err(StoreError::DimensionMismatch {
+                            id: "(query)".into(),
+                            expected: self.inner.dimension,
+                            got: vector.len(),
+                        });
+                    }
+                    (VectorInternal::Dense(vector), DENSE)
+                }
+                StoreQuery::Keywords(terms) => {
+                    if terms.indices.is_empty() {
+                        // Nothing but stop words: no memory matches by keyword.
+                        return Ok(Vec::new());
+                    }
+                    let terms = qdrant_edge::SparseVector::new(terms.indices, terms.values)
+                        .map_err(|e| StoreError::InvalidVector {
+                            id: "(query)".into(),
+                            reason: e.to_string(),
+                        })?;
+                    (VectorInternal::Sparse(terms), KEYWORDS)
+                }
+            };
         let filter = filter::selection(selection);
         self.read("search", move |inner| {
             let points = inner
@@ -543,8 +602,8 @@ impl VectorStore for EdgeStore {
                 .query(QueryRequest {
                     prefetches: vec![],
                     query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
-                        query: VectorInternal::Dense(vector),
-                        using: Some(DENSE.to_string()),
+                        query: vector,
+                        using: Some(using.to_string()),
                     }))),
                     filter: Some(filter),
                     score_threshold: None,
@@ -691,6 +750,7 @@ impl Drop for Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Keywords;
     use engram_core::model::{Filter, Kind, NewMemory, Timestamp};
     use std::path::Path;
 
@@ -720,6 +780,7 @@ mod tests {
         IndexOp::Upsert(Box::new(IndexedMemory {
             memory: memory.clone(),
             dense: unit(axis),
+            sparse: Keywords::new().document(&memory.text),
         }))
     }
 
@@ -764,7 +825,7 @@ mod tests {
             .await
             .unwrap();
         let hits = store
-            .search_dense(&selection(&a, "alice"), unit(1), 10)
+            .search(&selection(&a, "alice"), StoreQuery::Dense(unit(1)), 10)
             .await
             .unwrap();
         assert_eq!(hits.len(), 1);
@@ -860,13 +921,13 @@ mod tests {
             let t = t.clone();
             async move {
                 let hits = store
-                    .search_dense(
+                    .search(
                         &Selection {
                             tenant: t,
                             scope: Scope::user("u"),
                             filter,
                         },
-                        unit(0),
+                        StoreQuery::Dense(unit(0)),
                         10,
                     )
                     .await
@@ -924,6 +985,103 @@ mod tests {
             .await,
             ["message"]
         );
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn keyword_search_ranks_rare_shared_terms_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path()).await;
+        let t = tenant("t");
+        let texts = [
+            "we talked about the weather and the weekend",
+            "the weather was nice and we walked",
+            "my grandmother's zucchini casserole recipe uses nutmeg",
+            "we walked the dog in the weather",
+        ];
+        let memories: Vec<Memory> = texts.iter().map(|x| memory(&t, "u", x)).collect();
+        store
+            .apply(
+                &t,
+                IndexWrites {
+                    ops: memories.iter().map(|m| upsert(m, 0)).collect(),
+                },
+            )
+            .await
+            .unwrap();
+        let keywords = Keywords::new();
+        let search = |text: &str| {
+            let query = StoreQuery::Keywords(keywords.query(text));
+            let store = &store;
+            let selection = selection(&t, "u");
+            async move {
+                store
+                    .search(&selection, query, 10)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|h| h.memory.text)
+                    .collect::<Vec<_>>()
+            }
+        };
+        let found = search("nutmeg weather").await;
+        assert_eq!(
+            found[0], texts[2],
+            "the rare term outweighs the common one: {found:?}"
+        );
+        assert_eq!(found.len(), 4);
+        assert!(search("the and of").await.is_empty());
+        assert!(search("astronomy").await.is_empty());
+        // Other users' memories never match.
+        let other = Selection {
+            scope: Scope::user("v"),
+            ..selection(&t, "u")
+        };
+        let hits = store
+            .search(&other, StoreQuery::Keywords(keywords.query("nutmeg")), 10)
+            .await
+            .unwrap();
+        assert!(hits.is_empty());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_index_from_before_keyword_search_gains_the_keyword_vector() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index");
+        std::fs::create_dir_all(&path).unwrap();
+        let old = EdgeShard::new(
+            &path,
+            EdgeConfig::builder()
+                .vector(
+                    DENSE,
+                    EdgeVectorParams::builder(DIM, Distance::Cosine).build(),
+                )
+                .build(),
+        )
+        .unwrap();
+        drop(old);
+        let store = open(dir.path()).await;
+        let t = tenant("t");
+        let m = memory(&t, "u", "kayaking on lake tahoe");
+        store
+            .apply(
+                &t,
+                IndexWrites {
+                    ops: vec![upsert(&m, 0)],
+                },
+            )
+            .await
+            .unwrap();
+        let hits = store
+            .search(
+                &selection(&t, "u"),
+                StoreQuery::Keywords(Keywords::new().query("tahoe")),
+                5,
+            )
+            .await
+            .unwrap();
+        assert_eq!(hits.len(), 1);
         store.close().await.unwrap();
     }
 
@@ -987,6 +1145,7 @@ mod tests {
         let wrong = IndexOp::Upsert(Box::new(IndexedMemory {
             memory: memory(&t, "u", "x"),
             dense: vec![1.0; DIM + 1],
+            sparse: Default::default(),
         }));
         let err = store
             .apply(&t, IndexWrites { ops: vec![wrong] })
@@ -1041,7 +1200,7 @@ mod tests {
         let mut searches = 0;
         while !writer.is_finished() {
             store
-                .search_dense(&selection(&t, "u"), unit(1), 5)
+                .search(&selection(&t, "u"), StoreQuery::Dense(unit(1)), 5)
                 .await
                 .unwrap();
             searches += 1;

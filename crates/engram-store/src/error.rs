@@ -17,6 +17,8 @@ pub enum StoreError {
         expected: usize,
         got: usize,
     },
+    #[error("sparse vector of {id} is invalid: {reason}")]
+    InvalidVector { id: String, reason: String },
     #[error("memory {id} belongs to tenant {actual}, not to {expected} whose write this is")]
     TenantMismatch {
         id: String,
@@ -38,6 +40,7 @@ impl From<StoreError> for Error {
         match e {
             StoreError::DimensionMismatch { .. } => Error::FailedPrecondition(e.to_string()),
             StoreError::TenantMismatch { .. } => Error::invalid("ops", e.to_string()),
+            StoreError::InvalidVector { .. } => Error::invalid("sparse", e.to_string()),
             StoreError::Closed => Error::unavailable(e.to_string()),
             StoreError::Engine { .. }
             | StoreError::CorruptPayload { .. }

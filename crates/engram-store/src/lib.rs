@@ -1,8 +1,9 @@
 //! The vector store behind the retrieval service.
 //!
 //! [`VectorStore`] is what retrieval needs from an index: ordered batches of writes that are
-//! durable when they return, dense search within a tenant and scope, reads by id and by scope
-//! in time order, and the lookups de-duplication needs. [`EdgeStore`] implements it with the
+//! durable when they return, dense (semantic) and sparse (BM25 keyword) search within a tenant
+//! and scope, reads by id and by scope in time order, and the lookups de-duplication needs.
+//! [`Keywords`] computes the BM25 weights both sides of keyword search use. [`EdgeStore`] implements it with the
 //! embedded qdrant-edge engine: one shard on disk, every engine call on the blocking pool, a
 //! background loop that flushes and optimises segments while queries keep being served.
 //!
@@ -12,14 +13,30 @@
 mod edge;
 mod error;
 mod filter;
+mod keywords;
 mod payload;
 
 use async_trait::async_trait;
-use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexWrites};
+use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexWrites, SparseVector};
 use engram_core::model::{Filter, Memory, MemoryId, Scope, TenantId};
 
 pub use edge::{EdgeStore, EdgeStoreConfig};
 pub use error::{StoreError, StoreResult};
+pub use keywords::Keywords;
+
+/// Name of the dense (semantic) vector of every point.
+pub const DENSE: &str = "dense";
+/// Name of the sparse BM25 vector of every point (IDF applied by the engine at query time).
+pub const KEYWORDS: &str = "keywords";
+
+/// What a search ranks by.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreQuery {
+    /// Cosine similarity to the query's embedding.
+    Dense(Vec<f32>),
+    /// BM25 with IDF over the query's terms ([`Keywords::query`]).
+    Keywords(SparseVector),
+}
 
 /// Which memories a read covers: a tenant, a scope (empty agent or session match any) and a
 /// filter.
@@ -51,11 +68,11 @@ pub trait VectorStore: Send + Sync + 'static {
     /// Apply writes in order; when this returns they are on disk and visible to reads.
     async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> StoreResult<ApplyOutcome>;
 
-    /// The `limit` memories of `selection` nearest to `vector`, best first.
-    async fn search_dense(
+    /// The `limit` memories of `selection` that score best for `query`, best first.
+    async fn search(
         &self,
         selection: &Selection,
-        vector: Vec<f32>,
+        query: StoreQuery,
         limit: usize,
     ) -> StoreResult<Vec<ScoredMemory>>;
 

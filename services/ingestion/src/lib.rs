@@ -210,6 +210,8 @@ pub struct LogSettings {
 pub struct Pipeline {
     embedder: Arc<dyn Embedder>,
     index: Arc<dyn Index>,
+    /// BM25 weights stored with each memory for keyword search.
+    keywords: engram_store::Keywords,
     log: Option<LogSettings>,
     metrics: Option<worker::LogMetrics>,
 }
@@ -227,6 +229,7 @@ impl Pipeline {
         Self {
             embedder,
             index,
+            keywords: engram_store::Keywords::new(),
             log: None,
             metrics: None,
         }
@@ -280,7 +283,8 @@ impl Pipeline {
         ))
     }
 
-    /// Embed the memories' texts and apply them, in order, with any deletions after them.
+    /// Embed the memories' texts (dense, and BM25 weights for keyword search) and apply them,
+    /// in order.
     pub(crate) async fn embed_and_apply(
         &self,
         tenant: &TenantId,
@@ -301,7 +305,14 @@ impl Pipeline {
         let ops = memories
             .into_iter()
             .zip(embeddings.vectors)
-            .map(|(memory, dense)| IndexOp::Upsert(Box::new(IndexedMemory { memory, dense })))
+            .map(|(memory, dense)| {
+                let sparse = self.keywords.document(&memory.text);
+                IndexOp::Upsert(Box::new(IndexedMemory {
+                    memory,
+                    dense,
+                    sparse,
+                }))
+            })
             .collect();
         let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
         Ok(outcome.upserted)

@@ -2,28 +2,33 @@
 //! hands it.
 //!
 //! A Recall passes through the gRPC adapter (`engram_core::rpc::index_server`, which validates
-//! it), then [`Retrieval::search`]: the query is embedded by the embedding service, the dense
-//! search runs in the store filtered by tenant and scope, and hits are rescored by recency and
-//! importance. Writes arrive as ordered [`IndexWrites`] and are durable when `apply` returns.
+//! it), then [`Retrieval::search`]: the result cache is consulted ([`cache`]); on a miss the
+//! search strategies run in parallel and are fused ([`search`]). Writes arrive as ordered
+//! [`IndexWrites`], are durable when `apply` returns, and make the cached results of the
+//! scopes they touch unreachable.
 
+mod cache;
 mod search;
+mod temporal;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use engram_core::api::{
     ApplyOutcome, DuplicateMatch, Embedder, GetQuery, GetResult, Index, IndexStats, IndexWrites,
-    ListPage, ListQuery, RecallQuery, RecallResult, WriteToken, WriteWaiter,
+    ListPage, ListQuery, RecallQuery, RecallResult, Timings, WriteToken, WriteWaiter,
 };
-use engram_core::config::{CommonArgs, EmbeddingUrl};
-use engram_core::model::{Scope, TenantId};
+use engram_core::config::{CommonArgs, EmbeddingUrl, parse_duration};
+use engram_core::model::{Scope, TenantId, Timestamp};
 use engram_core::server::{Listeners, ServiceRuntime};
 use engram_core::{Error, Result, rpc};
 use engram_proto::tonic::service::Routes;
-use engram_store::{EdgeStore, EdgeStoreConfig, Selection, VectorStore};
+use engram_store::{EdgeStore, EdgeStoreConfig, Keywords, Selection, VectorStore};
 
-pub use search::SearchMetrics;
+pub use cache::{ResultCache, ResultCacheConfig};
+pub use search::{FusionWeights, SearchMetrics};
 
 pub const SERVICE_NAME: &str = "retrieval";
 
@@ -34,6 +39,29 @@ pub struct RetrievalArgs {
     /// Directory for engram's data; the index lives in `<data-dir>/index`.
     #[arg(long = "data-dir", env = "ENGRAM_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// How long a Recall result stays cached; 0 turns the result cache off. Writes make
+    /// cached results unreachable as soon as they are indexed, whatever the TTL.
+    #[arg(long = "result-cache-ttl", env = "ENGRAM_RESULT_CACHE_TTL", default_value = "1m", value_parser = parse_duration)]
+    pub result_cache_ttl: Duration,
+    /// In-process Recall result cache size, in MiB (Redis holds a second level).
+    #[arg(
+        long = "result-cache-local-mb",
+        env = "ENGRAM_RESULT_CACHE_LOCAL_MB",
+        default_value_t = 64
+    )]
+    pub result_cache_local_mb: u64,
+}
+
+impl RetrievalArgs {
+    /// The defaults, with the data in `data_dir`.
+    pub fn in_dir(data_dir: impl Into<PathBuf>) -> Self {
+        let cache = ResultCacheConfig::default();
+        Self {
+            data_dir: data_dir.into(),
+            result_cache_ttl: cache.ttl,
+            result_cache_local_mb: cache.local_max_bytes >> 20,
+        }
+    }
 }
 
 /// The settings of the `engram-retrieval` binary: its own, and where the embedding service
@@ -52,15 +80,25 @@ pub struct Config {
     /// Dimension of the embedding model's vectors.
     pub dimension: usize,
     pub embedding_url: String,
+    /// `None`: no result cache.
+    pub result_cache: Option<ResultCacheConfig>,
     pub common: CommonArgs,
 }
 
 impl Config {
     pub fn from_args(args: BinaryArgs, common: CommonArgs) -> Self {
+        Self::new(args.service, args.embedding.embedding_url, common)
+    }
+
+    pub fn new(service: RetrievalArgs, embedding_url: String, common: CommonArgs) -> Self {
         Self {
-            index_dir: args.service.data_dir.join("index"),
+            index_dir: service.data_dir.join("index"),
             dimension: common.vector_dimension,
-            embedding_url: args.embedding.embedding_url,
+            embedding_url,
+            result_cache: (!service.result_cache_ttl.is_zero()).then(|| ResultCacheConfig {
+                local_max_bytes: service.result_cache_local_mb.saturating_mul(1 << 20),
+                ttl: service.result_cache_ttl,
+            }),
             common,
         }
     }
@@ -81,11 +119,25 @@ pub async fn serve(
         config.common.internal_timeout,
     )?);
     let mut retrieval = Retrieval::new(store.clone(), embedder, runtime.metrics());
-    if let Some(url) = &config.common.redis_url {
-        retrieval.writes = Some(Arc::new(engram_writelog::WriteLog::reader(
-            "ENGRAM_REDIS_URL",
-            url,
-        )?));
+    let redis = match &config.common.redis_url {
+        Some(url) => {
+            retrieval.writes = Some(Arc::new(engram_writelog::WriteLog::reader(
+                "ENGRAM_REDIS_URL",
+                url,
+            )?));
+            Some(engram_cache::Redis::connect(
+                engram_cache::RedisConfig::new(url.clone()),
+                runtime.metrics(),
+            )?)
+        }
+        None => None,
+    };
+    if let Some(cache) = config.result_cache.clone() {
+        retrieval.results = Some(ResultCache::new(
+            cache,
+            redis,
+            &engram_cache::CacheMetrics::new(runtime.metrics()),
+        ));
     }
     let retrieval = Arc::new(retrieval);
     let routes = Routes::new(rpc::index_server(retrieval, config.common.limits.clone()));
@@ -108,9 +160,14 @@ pub async fn serve(
 pub struct Retrieval {
     store: Arc<dyn VectorStore>,
     embedder: Arc<dyn Embedder>,
+    keywords: Keywords,
     metrics: SearchMetrics,
+    /// How HYBRID fusion weighs the strategies.
+    pub weights: FusionWeights,
     /// Where reads with a write token wait for that write (read-your-writes).
     pub writes: Option<Arc<dyn WriteWaiter>>,
+    /// The Recall result cache, if on.
+    pub results: Option<ResultCache>,
 }
 
 impl Retrieval {
@@ -122,8 +179,11 @@ impl Retrieval {
         Self {
             store,
             embedder,
+            keywords: Keywords::new(),
             metrics: SearchMetrics::new(metrics),
+            weights: FusionWeights::default(),
             writes: None,
+            results: None,
         }
     }
 
@@ -150,7 +210,35 @@ const READ_YOUR_WRITES_WAIT: std::time::Duration = std::time::Duration::from_sec
 impl Index for Retrieval {
     async fn search(&self, tenant: &TenantId, query: RecallQuery) -> Result<RecallResult> {
         self.after(query.after_write_token).await?;
-        search::search(self, tenant, query).await
+        let started = Instant::now();
+        let now = query.request_time.unwrap_or_else(Timestamp::now);
+        let cache = self.results.as_ref().filter(|_| !query.bypass_cache);
+        let mut key = None;
+        if let Some(cache) = cache {
+            key = cache.key(tenant, &query).await;
+            if let Some(key) = &key
+                && let Some(mut hit) = cache.get(key, tenant).await
+            {
+                let elapsed = started.elapsed();
+                hit.cache_hit = true;
+                hit.timings = Timings {
+                    cache: elapsed,
+                    total: elapsed,
+                    ..Timings::default()
+                };
+                self.metrics.observe(&hit.timings, true);
+                return Ok(hit);
+            }
+        }
+        let cache_time = started.elapsed();
+        let mut result = search::run(self, tenant, &query, now).await?;
+        if let (Some(cache), Some(key)) = (cache, key) {
+            cache.put(key, &result).await;
+        }
+        result.timings.cache = cache_time;
+        result.timings.total = started.elapsed();
+        self.metrics.observe(&result.timings, false);
+        Ok(result)
     }
 
     async fn get(&self, tenant: &TenantId, query: GetQuery) -> Result<GetResult> {
@@ -177,7 +265,13 @@ impl Index for Retrieval {
     }
 
     async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> Result<ApplyOutcome> {
-        Ok(self.store.apply(tenant, writes).await?)
+        let touched = ResultCache::touched(tenant, &writes);
+        let applied = self.store.apply(tenant, writes).await;
+        // Even a failed apply may have changed part of the index.
+        if let Some(cache) = &self.results {
+            cache.invalidate(&touched).await;
+        }
+        Ok(applied?)
     }
 
     async fn find_duplicates(

@@ -1,25 +1,63 @@
-//! Recall: embed the query, search the scope, rescore, cut.
+//! Recall: run the search strategies in parallel, fuse their rankings, rescore, cut.
 //!
-//! score = cosine similarity × recency factor × importance factor, where the recency factor is
-//! `0.5^(age / half_life)` when the request gives a half-life (1 otherwise) and the importance
-//! factor is `0.75 + importance / 2` (1 for the default importance of 0.5).
+//! Strategies (each a ranked list of the scope's memories, all confined to the tenant, the
+//! scope and the request's filter inside the store):
+//! - **dense**: cosine similarity to the query's embedding;
+//! - **keyword**: BM25 with IDF over the query's terms (no embedding needed, so it runs while
+//!   the query is embedded);
+//! - **temporal** (HYBRID, when the query names a time, see [`crate::temporal`]): the memories
+//!   whose event time falls in that window, by similarity;
+//! - **entity** (HYBRID, when the query names entities, see [`engram_core::entities`]): the
+//!   memories sharing one of them, by similarity.
+//!
+//! SEMANTIC runs dense alone and KEYWORD keyword alone; their base score is the strategy's own
+//! (cosine, BM25). HYBRID runs every strategy that applies and fuses them by weighted
+//! reciprocal rank fusion, `Σ weight / (60 + rank)`, scaled so that first place in every
+//! strategy that ran scores 1. The final score is `base × recency × importance`, where recency
+//! is `0.5^(age / half_life)` when the request gives a half-life (age from the request time)
+//! and importance is `0.75 + importance / 2` (1 for the default 0.5); then `min_score` and
+//! `top_k` apply.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use engram_core::api::{Explanation, Hit, Purpose, RecallQuery, RecallResult, Timings};
-use engram_core::model::{SearchMode, TenantId, Timestamp};
+use engram_core::model::{Filter, MemoryId, SearchMode, TenantId, Timestamp};
 use engram_core::{Error, Result};
-use engram_store::Selection;
+use engram_store::{ScoredMemory, Selection, StoreQuery};
 use engram_telemetry::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
-use crate::Retrieval;
+use crate::{Retrieval, temporal};
 
-/// Dense candidates fetched per requested hit, so rescoring can promote recent memories.
+/// Candidates fetched from each strategy per requested hit, so fusion and rescoring can
+/// promote what one strategy ranks low.
 const OVERSAMPLE: u32 = 3;
 const MIN_CANDIDATES: u32 = 30;
+/// The rank constant of reciprocal rank fusion (the usual 60).
+const RRF_K: f32 = 60.0;
+
+/// How much each strategy counts in HYBRID fusion.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusionWeights {
+    pub dense: f32,
+    pub keyword: f32,
+    pub temporal: f32,
+    pub entity: f32,
+}
+
+impl Default for FusionWeights {
+    fn default() -> Self {
+        Self {
+            dense: 1.0,
+            keyword: 1.0,
+            temporal: 1.0,
+            entity: 0.5,
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabels {
@@ -42,19 +80,24 @@ impl SearchMetrics {
             Family::new_with_constructor(histogram);
         metrics.register(
             "engram_recall_stage_seconds",
-            "Time spent in each stage of a Recall (embed, dense, fusion, total)",
+            "Time spent in each stage of a Recall (cache, embed, dense, keyword, fusion, total); \
+             embed, dense and keyword only when the result was not cached",
             stages.clone(),
         );
         Self { stages }
     }
 
-    fn observe(&self, timings: &Timings) {
-        for (stage, duration) in [
-            ("embed", timings.embed),
-            ("dense", timings.dense),
-            ("fusion", timings.fusion),
-            ("total", timings.total),
-        ] {
+    pub(crate) fn observe(&self, timings: &Timings, cache_hit: bool) {
+        let mut stages = vec![("cache", timings.cache), ("total", timings.total)];
+        if !cache_hit {
+            stages.extend([
+                ("embed", timings.embed),
+                ("dense", timings.dense),
+                ("keyword", timings.keyword),
+                ("fusion", timings.fusion),
+            ]);
+        }
+        for (stage, duration) in stages {
             self.stages
                 .get_or_create(&StageLabels { stage })
                 .observe(duration.as_secs_f64());
@@ -62,67 +105,231 @@ impl SearchMetrics {
     }
 }
 
-pub async fn search(
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Strategy {
+    Dense,
+    Keyword,
+    Temporal,
+    Entity,
+}
+
+/// One strategy's ranking.
+struct Ranking {
+    strategy: Strategy,
+    hits: Vec<ScoredMemory>,
+}
+
+/// What the dense side found, and how long it took.
+#[derive(Default)]
+struct DenseSide {
+    rankings: Vec<Ranking>,
+    embed: Duration,
+    search: Duration,
+}
+
+/// The filter narrowed to a window, or `None` when the window and the filter's own range do
+/// not meet.
+fn within_window(filter: &Filter, window: temporal::Window) -> Option<Filter> {
+    let after = filter
+        .event_after
+        .map_or(window.from, |a| a.max(window.from));
+    let before = filter.event_before.map_or(window.to, |b| b.min(window.to));
+    (after < before).then(|| Filter {
+        event_after: Some(after),
+        event_before: Some(before),
+        ..filter.clone()
+    })
+}
+
+/// Run the strategies of `query` (not cached), fuse and rescore.
+pub(crate) async fn run(
     retrieval: &Retrieval,
     tenant: &TenantId,
-    query: RecallQuery,
+    query: &RecallQuery,
+    now: Timestamp,
 ) -> Result<RecallResult> {
-    let started = Instant::now();
-    if query.mode == SearchMode::Keyword {
-        return Err(Error::FailedPrecondition(
-            "mode: KEYWORD search is not available in this version; use SEMANTIC or HYBRID".into(),
-        ));
-    }
-    let mut timings = Timings::default();
-
-    let embed_started = Instant::now();
-    let mut embedded = retrieval
-        .embedder
-        .embed(vec![query.query.clone()], Purpose::Query)
-        .await?;
-    let vector = embedded
-        .vectors
-        .pop()
-        .ok_or_else(|| Error::internal("the embedding service returned no vector"))?;
-    timings.embed = embed_started.elapsed();
-
-    let dense_started = Instant::now();
     let selection = Selection {
         tenant: tenant.clone(),
         scope: query.scope.clone(),
         filter: query.filter.clone(),
     };
     let candidates = (query.top_k * OVERSAMPLE).max(MIN_CANDIDATES) as usize;
-    let scored = retrieval
-        .store
-        .search_dense(&selection, vector, candidates)
-        .await?;
-    timings.dense = dense_started.elapsed();
+    let hybrid = query.mode == SearchMode::Hybrid;
+    let uses_dense = query.mode != SearchMode::Keyword;
+    let uses_keyword = query.mode != SearchMode::Semantic;
+
+    // Auxiliary dense strategies of HYBRID: a time window, shared entities.
+    let mut auxiliary: Vec<(Strategy, Selection)> = Vec::new();
+    if hybrid {
+        if let Some(window) = temporal::window(&query.query, now)
+            && let Some(filter) = within_window(&query.filter, window)
+        {
+            auxiliary.push((
+                Strategy::Temporal,
+                Selection {
+                    filter,
+                    ..selection.clone()
+                },
+            ));
+        }
+        let entities = engram_core::entities::extract(&query.query);
+        // A request that filters by entities already confines every strategy to them.
+        if !entities.is_empty() && query.filter.entities_any.is_empty() {
+            auxiliary.push((
+                Strategy::Entity,
+                Selection {
+                    filter: Filter {
+                        entities_any: entities,
+                        ..query.filter.clone()
+                    },
+                    ..selection.clone()
+                },
+            ));
+        }
+    }
+
+    let dense_side = async {
+        if !uses_dense {
+            return Ok(DenseSide::default());
+        }
+        let started = Instant::now();
+        let mut embedded = retrieval
+            .embedder
+            .embed(vec![query.query.clone()], Purpose::Query)
+            .await?;
+        let vector = embedded
+            .vectors
+            .pop()
+            .ok_or_else(|| Error::internal("the embedding service returned no vector"))?;
+        let embed = started.elapsed();
+        let started = Instant::now();
+        let searches = std::iter::once((Strategy::Dense, &selection))
+            .chain(auxiliary.iter().map(|(s, sel)| (*s, sel)))
+            .map(|(strategy, selection)| {
+                let vector = vector.clone();
+                async move {
+                    let hits = retrieval
+                        .store
+                        .search(selection, StoreQuery::Dense(vector), candidates)
+                        .await?;
+                    Ok::<_, Error>(Ranking { strategy, hits })
+                }
+            });
+        let rankings = futures::future::try_join_all(searches).await?;
+        Ok::<_, Error>(DenseSide {
+            rankings,
+            embed,
+            search: started.elapsed(),
+        })
+    };
+    let keyword_side = async {
+        if !uses_keyword {
+            return Ok((None, Duration::ZERO));
+        }
+        let started = Instant::now();
+        let terms = retrieval.keywords.query(&query.query);
+        let hits = retrieval
+            .store
+            .search(&selection, StoreQuery::Keywords(terms), candidates)
+            .await?;
+        Ok::<_, Error>((
+            Some(Ranking {
+                strategy: Strategy::Keyword,
+                hits,
+            }),
+            started.elapsed(),
+        ))
+    };
+    let (dense, (keyword, keyword_time)) = tokio::try_join!(dense_side, keyword_side)?;
 
     let fusion_started = Instant::now();
-    let now = Timestamp::now();
-    let mut hits: Vec<Hit> = scored
-        .into_iter()
-        .enumerate()
-        .map(|(rank, candidate)| {
+    let mut rankings = dense.rankings;
+    rankings.extend(keyword);
+    let hits = fuse(query, rankings, &retrieval.weights, now);
+    Ok(RecallResult {
+        hits,
+        cache_hit: false,
+        timings: Timings {
+            embed: dense.embed,
+            dense: dense.search,
+            keyword: keyword_time,
+            fusion: fusion_started.elapsed(),
+            ..Timings::default()
+        },
+    })
+}
+
+/// Fuse the rankings (weighted RRF in HYBRID, the one strategy's score otherwise), apply
+/// recency and importance, `min_score` and `top_k`.
+fn fuse(
+    query: &RecallQuery,
+    rankings: Vec<Ranking>,
+    weights: &FusionWeights,
+    now: Timestamp,
+) -> Vec<Hit> {
+    let weight = |strategy| match strategy {
+        Strategy::Dense => weights.dense,
+        Strategy::Keyword => weights.keyword,
+        Strategy::Temporal => weights.temporal,
+        Strategy::Entity => weights.entity,
+    };
+    let hybrid = query.mode == SearchMode::Hybrid;
+    // Best possible fused score: first place in every strategy that ran.
+    let best: f32 = rankings
+        .iter()
+        .map(|r| weight(r.strategy) / (RRF_K + 1.0))
+        .sum();
+
+    struct Candidate {
+        memory: engram_core::model::Memory,
+        explanation: Explanation,
+        base: f32,
+    }
+    let mut candidates: HashMap<MemoryId, Candidate> = HashMap::new();
+    for ranking in rankings {
+        let strategy = ranking.strategy;
+        for (index, scored) in ranking.hits.into_iter().enumerate() {
+            let rank = index as u32 + 1;
+            let contribution = if hybrid {
+                weight(strategy) / (RRF_K + rank as f32) / best
+            } else {
+                scored.score
+            };
+            let candidate = candidates
+                .entry(scored.memory.id)
+                .or_insert_with(|| Candidate {
+                    memory: scored.memory,
+                    explanation: Explanation::default(),
+                    base: 0.0,
+                });
+            candidate.base += contribution;
+            let e = &mut candidate.explanation;
+            match strategy {
+                Strategy::Dense => (e.dense_rank, e.dense_score) = (rank, scored.score),
+                Strategy::Keyword => (e.keyword_rank, e.keyword_score) = (rank, scored.score),
+                Strategy::Temporal => (e.temporal_rank, e.temporal_score) = (rank, scored.score),
+                Strategy::Entity => (e.entity_rank, e.entity_score) = (rank, scored.score),
+            }
+        }
+    }
+
+    let mut hits: Vec<Hit> = candidates
+        .into_values()
+        .map(|c| {
             let recency_factor = query.recency_half_life.map_or(1.0, |half_life| {
-                let age = candidate.memory.event_time.elapsed_until(now);
+                let age = c.memory.event_time.elapsed_until(now);
                 0.5f64.powf(age.as_secs_f64() / half_life.as_secs_f64()) as f32
             });
-            let importance_factor = 0.75 + candidate.memory.importance / 2.0;
-            let score = candidate.score * recency_factor * importance_factor;
+            let importance_factor = 0.75 + c.memory.importance / 2.0;
             Hit {
+                score: c.base * recency_factor * importance_factor,
                 explanation: query.explain.then_some(Explanation {
-                    dense_rank: rank as u32 + 1,
-                    dense_score: candidate.score,
-                    keyword_rank: 0,
-                    keyword_score: 0.0,
-                    fused_score: candidate.score,
+                    fused_score: c.base,
                     recency_factor,
                     importance_factor,
+                    ..c.explanation
                 }),
-                memory: candidate.memory,
-                score,
+                memory: c.memory,
             }
         })
         .filter(|hit| query.min_score.is_none_or(|min| hit.score >= min))
@@ -133,13 +340,116 @@ pub async fn search(
             .then(a.memory.id.cmp(&b.memory.id))
     });
     hits.truncate(query.top_k as usize);
-    timings.fusion = fusion_started.elapsed();
-    timings.total = started.elapsed();
-    retrieval.metrics.observe(&timings);
+    hits
+}
 
-    Ok(RecallResult {
-        hits,
-        cache_hit: false,
-        timings,
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engram_core::model::{Memory, NewMemory, Scope};
+
+    fn memory(text: &str) -> Memory {
+        Memory::from_input(
+            MemoryId::new_time_ordered(),
+            TenantId::parse("t").unwrap(),
+            Scope::user("u"),
+            NewMemory::text(text),
+            Timestamp::from_micros(1_000_000),
+        )
+    }
+
+    fn ranking(strategy: Strategy, memories: &[&Memory]) -> Ranking {
+        Ranking {
+            strategy,
+            hits: memories
+                .iter()
+                .enumerate()
+                .map(|(i, m)| ScoredMemory {
+                    memory: (*m).clone(),
+                    score: 1.0 - i as f32 / 10.0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn fusion_rewards_agreement_and_explains_every_rank() {
+        let (a, b, c) = (memory("a"), memory("b"), memory("c"));
+        let mut query = RecallQuery::new(Scope::user("u"), "q", 10);
+        query.explain = true;
+        let hits = fuse(
+            &query,
+            vec![
+                ranking(Strategy::Dense, &[&a, &b, &c]),
+                ranking(Strategy::Keyword, &[&b, &c]),
+                ranking(Strategy::Temporal, &[&b]),
+            ],
+            &FusionWeights::default(),
+            Timestamp::from_micros(2_000_000),
+        );
+        let order: Vec<&str> = hits.iter().map(|h| h.memory.text.as_str()).collect();
+        assert_eq!(order, ["b", "c", "a"]);
+        let top = hits[0].explanation.unwrap();
+        assert_eq!(
+            (top.dense_rank, top.keyword_rank, top.temporal_rank),
+            (2, 1, 1)
+        );
+        assert_eq!(top.entity_rank, 0);
+        assert!(top.fused_score < 1.0 && top.fused_score > 0.9, "{top:?}");
+        // Scores are consistent with the order.
+        assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
+        for hit in &hits {
+            let e = hit.explanation.unwrap();
+            let product = e.fused_score * e.recency_factor * e.importance_factor;
+            assert!((product - hit.score).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn first_place_everywhere_scores_one_and_min_score_cuts() {
+        let a = memory("a");
+        let b = memory("b");
+        let mut query = RecallQuery::new(Scope::user("u"), "q", 10);
+        let rankings = || {
+            vec![
+                ranking(Strategy::Dense, &[&a, &b]),
+                ranking(Strategy::Keyword, &[&a]),
+            ]
+        };
+        let hits = fuse(
+            &query,
+            rankings(),
+            &FusionWeights::default(),
+            Timestamp::now(),
+        );
+        assert!((hits[0].score - 1.0).abs() < 1e-6);
+        query.min_score = Some(0.9);
+        let hits = fuse(
+            &query,
+            rankings(),
+            &FusionWeights::default(),
+            Timestamp::now(),
+        );
+        assert_eq!(hits.len(), 1);
+    }
+
+    #[test]
+    fn a_window_outside_the_filter_range_is_dropped() {
+        let window = temporal::Window {
+            from: Timestamp::from_micros(100),
+            to: Timestamp::from_micros(200),
+        };
+        let filter = Filter {
+            event_after: Some(Timestamp::from_micros(150)),
+            ..Filter::default()
+        };
+        let narrowed = within_window(&filter, window).unwrap();
+        assert_eq!(narrowed.event_after, Some(Timestamp::from_micros(150)));
+        assert_eq!(narrowed.event_before, Some(Timestamp::from_micros(200)));
+        let disjoint = Filter {
+            event_before: Some(Timestamp::from_micros(100)),
+            ..Filter::default()
+        };
+        assert_eq!(within_window(&disjoint, window), None);
+    }
 }

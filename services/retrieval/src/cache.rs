@@ -1,0 +1,139 @@
+//! The Recall result cache: `engram-cache`'s two levels (in-process, then Redis), keyed by
+//! everything that decides a result and by the generations of the data it was computed from.
+//!
+//! Key: the tenant, the read scope, the query with its whitespace normalised, every parameter
+//! (top_k, mode, filter, min_score, half-life, explain, request time) and the current
+//! generations of the tenant and of the scope's user. Retrieval bumps those generations after
+//! it applies a write (see [`ResultCache::invalidate`]), so once a write is indexed no replica
+//! can reach a result computed before it; the generations are read before a result is
+//! computed, so a result is never filed under a generation newer than its data.
+//!
+//! A result cached without a request time was computed with the clock of its first request;
+//! recency factors and relative time expressions ("yesterday") are those of that moment for as
+//! long as the entry lives (the TTL, a minute by default).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use engram_cache::{CacheConfig, CacheMetrics, Generations, Redis, TwoLevelCache};
+use engram_core::api::{IndexOp, IndexWrites, RecallQuery, RecallResult};
+use engram_core::convert;
+use engram_core::model::TenantId;
+use engram_proto::prost::Message as _;
+use sha2::{Digest as _, Sha256};
+
+#[derive(Debug, Clone)]
+pub struct ResultCacheConfig {
+    /// Bound on the in-process level, bytes.
+    pub local_max_bytes: u64,
+    /// How long a result lives in either level (generations make it right; the TTL bounds
+    /// memory and the drift of "now" for requests without a request time).
+    pub ttl: Duration,
+}
+
+impl Default for ResultCacheConfig {
+    fn default() -> Self {
+        Self {
+            local_max_bytes: 64 << 20,
+            ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+pub struct ResultCache {
+    results: TwoLevelCache,
+    generations: Generations,
+}
+
+fn tenant_generation(tenant: &TenantId) -> String {
+    format!("t:{tenant}")
+}
+
+/// Tenant ids hold no ':', so this key cannot collide with another tenant's.
+fn user_generation(tenant: &TenantId, user_id: &str) -> String {
+    format!("u:{tenant}:{user_id}")
+}
+
+impl ResultCache {
+    pub fn new(config: ResultCacheConfig, redis: Option<Redis>, metrics: &CacheMetrics) -> Self {
+        Self {
+            results: TwoLevelCache::new(
+                CacheConfig {
+                    name: "recall",
+                    local_max_bytes: config.local_max_bytes,
+                    local_ttl: config.ttl,
+                    redis_ttl: config.ttl,
+                },
+                redis.clone(),
+                metrics,
+            ),
+            generations: Generations::new("recall", redis),
+        }
+    }
+
+    /// The key `query`'s result is cached under now, or `None` when the generations cannot
+    /// be read (the cache is then skipped).
+    pub async fn key(&self, tenant: &TenantId, query: &RecallQuery) -> Option<String> {
+        let generations = self
+            .generations
+            .current(&[
+                tenant_generation(tenant),
+                user_generation(tenant, &query.scope.user_id),
+            ])
+            .await?;
+        let normalized: Vec<&str> = query.query.split_whitespace().collect();
+        // Debug output of these plain values is deterministic (ordered maps, no addresses).
+        let material = format!(
+            "{tenant:?}|{:?}|{normalized:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{generations:?}",
+            query.scope,
+            query.top_k,
+            query.mode,
+            query.filter,
+            query.min_score.map(f32::to_bits),
+            query.recency_half_life,
+            query.explain,
+            query.request_time,
+        );
+        Some(hex::encode(Sha256::digest(material.as_bytes())))
+    }
+
+    pub async fn get(&self, key: &str, tenant: &TenantId) -> Option<RecallResult> {
+        let bytes = self.results.get(key).await?;
+        let response = engram_proto::v1::RecallResponse::decode(bytes).ok()?;
+        match convert::recall_result_from_pb(response, tenant) {
+            Ok(result) => Some(result),
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring an unreadable cached recall result");
+                None
+            }
+        }
+    }
+
+    pub async fn put(&self, key: String, result: &RecallResult) {
+        let bytes = convert::recall_response(result).encode_to_vec();
+        self.results.put(key, Bytes::from(bytes)).await;
+    }
+
+    /// Make every result that depends on the `touched` generations ([`Self::touched`])
+    /// unreachable: called once the writes are visible in the index.
+    pub async fn invalidate(&self, touched: &[String]) {
+        self.generations.bump(touched).await;
+    }
+
+    /// The generations `writes` change: the users of upserted memories and forgotten scopes,
+    /// and the whole tenant for deletions by id (whose users the write does not name).
+    pub fn touched(tenant: &TenantId, writes: &IndexWrites) -> Vec<String> {
+        let mut keys: Vec<String> = Vec::new();
+        for op in &writes.ops {
+            let key = match op {
+                IndexOp::Upsert(indexed) => user_generation(tenant, &indexed.memory.scope.user_id),
+                IndexOp::DeleteScope(scope) => user_generation(tenant, &scope.user_id),
+                IndexOp::DeleteIds(_) => tenant_generation(tenant),
+            };
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+        keys
+    }
+}
