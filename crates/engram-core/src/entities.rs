@@ -2,8 +2,9 @@
 //! entity strategy of a Recall.
 //!
 //! It finds emails, URLs, `@handles`, `#tags`, numbers with units ("5 km", "$20", "10%") and
-//! proper names (runs of capitalised words that are not common sentence-starting words, with a
-//! possessive `'s` dropped: "Caroline's" gives `Caroline`, "New York City" one entity).
+//! proper names (runs of capitalised words that are not common sentence-starting words — a
+//! rule, so an unusual imperative opening a sentence can pass for a name — with a possessive
+//! `'s` dropped: "Caroline's" gives `Caroline`, "New York City" one entity).
 //! Emails, URLs, handles and tags are lower-cased; names keep their case. The same extractor
 //! runs on memories at ingestion and on queries at Recall, so a query naming "Caroline" finds
 //! memories about Caroline. One pass over the text, no regular expressions; at most
@@ -215,6 +216,40 @@ const COMMON: &[&str] = &[
     "hmm",
     "wait",
     "look",
+    "please",
+    "remember",
+    "write",
+    "call",
+    "check",
+    "make",
+    "take",
+    "see",
+    "go",
+    "get",
+    "try",
+    "tell",
+    "keep",
+    "give",
+    "find",
+    "think",
+    "love",
+    "hope",
+    "wish",
+    "guess",
+    "went",
+    "got",
+    "made",
+    "said",
+    "know",
+    "want",
+    "need",
+    "sounds",
+    "agreed",
+    "agree",
+    "happy",
+    "same",
+    "true",
+    "interesting",
 ];
 
 /// Units that make a number an entity when they follow it.
@@ -308,14 +343,6 @@ pub fn extract(text: &str) -> Vec<String> {
     };
     let raw: Vec<&str> = text.split_whitespace().collect();
     let mut name: Vec<&str> = Vec::new();
-    // Whether the run of name words began a sentence.
-    let mut name_starts_sentence = false;
-    // One capitalised word opening a sentence is as likely a verb ("Write to me") as a name:
-    // kept only if the text also capitalises it mid-sentence.
-    let mut doubtful: Vec<(usize, String)> = Vec::new();
-    let mut mid_sentence: Vec<&str> = Vec::new();
-    // Whether the previous word ended a sentence (or there was none).
-    let mut sentence_start = true;
     let mut i = 0;
     while i < raw.len() {
         let original = raw[i];
@@ -359,47 +386,21 @@ pub fn extract(text: &str) -> Vec<String> {
         } else {
             let bare = without_possessive(word);
             if is_name_word(bare) && !is_common(bare) && bare.len() >= 2 {
-                if name.is_empty() {
-                    name_starts_sentence = sentence_start;
-                }
-                if !sentence_start {
-                    mid_sentence.push(bare);
-                }
                 name.push(bare);
                 consumed_as_name = true;
             }
         }
         // A run of name words ends at a non-name word, a possessive or punctuation.
         let possessive = word != without_possessive(word);
-        let labels = original.ends_with(':');
         if !name.is_empty() && (!consumed_as_name || breaks_name || possessive) {
-            let run = name.join(" ");
-            let sure = !name_starts_sentence || name.len() > 1 || possessive || labels;
-            if sure {
-                found.push(run);
-            } else {
-                doubtful.push((found.entities.len(), run));
-            }
+            found.push(name.join(" "));
             name.clear();
         }
-        sentence_start = ends_sentence;
         i += 1;
     }
     if !name.is_empty() {
-        let run = name.join(" ");
-        if !name_starts_sentence || name.len() > 1 {
-            found.push(run);
-        } else {
-            doubtful.push((found.entities.len(), run));
-        }
+        found.push(name.join(" "));
     }
-    // Confirmed doubtful names go back where they appeared.
-    for (at, run) in doubtful.into_iter().rev() {
-        if mid_sentence.contains(&run.as_str()) && !found.entities.contains(&run) {
-            found.entities.insert(at.min(found.entities.len()), run);
-        }
-    }
-    found.entities.truncate(MAX_ENTITIES);
     found.entities
 }
 
@@ -435,13 +436,12 @@ mod tests {
         assert!(extract("The cat sat. What did I do? Yesterday I walked 3 times.").is_empty());
         assert_eq!(extract("What did Melanie paint last week?"), ["Melanie"]);
         assert_eq!(extract("hey caroline, how are you"), Vec::<String>::new());
-        // A name opening a sentence counts when the text confirms it, or it labels a speaker.
         assert_eq!(extract("Melanie: I love it"), ["Melanie"]);
+        assert_eq!(extract("Caroline moved to Boston."), ["Caroline", "Boston"]);
         assert_eq!(
-            extract("Painting is fun. I paint daily."),
+            extract("Please write to me. Remember the milk!"),
             Vec::<String>::new()
         );
-        assert_eq!(extract("Luna sleeps. I love Luna."), ["Luna"]);
     }
 
     #[test]

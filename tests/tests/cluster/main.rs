@@ -6,4 +6,5 @@
 mod embedding;
 mod ingestion;
 mod operations;
+mod retrieval;
 mod spine;
