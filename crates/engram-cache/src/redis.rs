@@ -67,16 +67,27 @@ pub fn pool(setting: &str, url: &str) -> Result<Pool> {
 }
 
 /// [`pool`] with room for `size` connections.
+///
+/// Connections carry no response timeout of their own (the redis crate's default is 500 ms,
+/// which would cut a blocking stream read short): every caller bounds its operations itself.
 pub fn pool_sized(setting: &str, url: &str, size: usize) -> Result<Pool> {
-    let mut config = deadpool_redis::Config::from_url(url);
+    let invalid = |e: &dyn std::fmt::Display| {
+        Error::invalid(setting, format!("{url:?} is not a usable Redis URL: {e}"))
+    };
+    let connection = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(500)))
+        .set_response_timeout(None);
+    let manager =
+        deadpool_redis::Manager::new_with_config(url, connection).map_err(|e| invalid(&e))?;
     let mut pool = deadpool_redis::PoolConfig::new(size);
     pool.timeouts.wait = Some(Duration::from_millis(500));
     pool.timeouts.create = Some(Duration::from_millis(500));
     pool.timeouts.recycle = Some(Duration::from_millis(500));
-    config.pool = Some(pool);
-    config
-        .create_pool(Some(Runtime::Tokio1))
-        .map_err(|e| Error::invalid(setting, format!("{url:?} is not a usable Redis URL: {e}")))
+    Pool::builder(manager)
+        .config(pool)
+        .runtime(Runtime::Tokio1)
+        .build()
+        .map_err(|e| invalid(&e))
 }
 
 impl Redis {

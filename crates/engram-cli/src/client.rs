@@ -163,6 +163,43 @@ pub struct ForgetArgs {
     ids: Vec<String>,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct LocomoArgs {
+    #[command(flatten)]
+    connection: Connection,
+    /// Directory of LoCoMo conversation files (`*.json`).
+    #[arg(long)]
+    data: std::path::PathBuf,
+    /// How many memories each question retrieves (1..=100).
+    #[arg(long, short = 'k', default_value_t = 10)]
+    k: u32,
+}
+
+/// Ingest the conversations (idempotently), ask their questions in every mode, report.
+pub async fn eval_locomo(args: LocomoArgs) -> Result<(), Failure> {
+    let conversations = engram_cli::eval::read_dir(&args.data).map_err(Status::invalid_argument)?;
+    let mut client = connect(&args.connection).await?;
+    for conversation in &conversations {
+        let started = std::time::Instant::now();
+        let created = engram_cli::eval::ingest(&mut client, conversation).await?;
+        eprintln!(
+            "{}: {} turns ({created} new) stored and indexed in {:.1}s",
+            conversation.name,
+            conversation.turns.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let report = engram_cli::eval::evaluate(&mut client, &conversations, args.k).await?;
+    if args.connection.json {
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| Status::internal(format!("encoding the report: {e}")))?;
+        println!("{json}");
+    } else {
+        print!("{}", engram_cli::eval::table(&report));
+    }
+    Ok(())
+}
+
 fn parse_key_value(value: &str) -> Result<(String, String), String> {
     value
         .split_once('=')

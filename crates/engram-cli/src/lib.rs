@@ -5,4 +5,5 @@
 //! is what a developer runs.
 
 pub mod cluster;
+pub mod eval;
 pub mod redis;

@@ -38,6 +38,16 @@ enum Command {
     /// Manage the local embedding model.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Measure recall quality against a running gateway.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Ingest LoCoMo conversations (one user each) and score evidence recall@k, all-recall@k,
+    /// MRR and latency of their questions in HYBRID, SEMANTIC and KEYWORD modes.
+    Locomo(client::LocomoArgs),
 }
 
 #[derive(Subcommand)]
@@ -78,6 +88,9 @@ fn main() -> ExitCode {
             Command::List(args) => client::run(client::list(args)).await,
             Command::Forget(args) => client::run(client::forget(args)).await,
             Command::Model(ModelCommand::Fetch { dir }) => fetch_model(dir),
+            Command::Eval(EvalCommand::Locomo(args)) => {
+                client::run(client::eval_locomo(args)).await
+            }
         }
     })
 }

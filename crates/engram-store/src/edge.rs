@@ -691,6 +691,11 @@ impl VectorStore for EdgeStore {
         .await
     }
 
+    async fn count_selected(&self, selection: &Selection) -> StoreResult<u64> {
+        let filter = filter::selection(selection);
+        self.read("count", move |inner| inner.count(filter)).await
+    }
+
     async fn count(&self, tenant: Option<&TenantId>) -> StoreResult<u64> {
         let filter = tenant.map(filter::tenant_only);
         self.read("count", move |inner| match filter {

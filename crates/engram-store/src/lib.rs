@@ -97,6 +97,9 @@ pub trait VectorStore: Send + Sync + 'static {
         idempotency_keys: Vec<String>,
     ) -> StoreResult<Vec<DuplicateMatch>>;
 
+    /// Number of memories `selection` covers.
+    async fn count_selected(&self, selection: &Selection) -> StoreResult<u64>;
+
     /// Number of memories of a tenant, or of the whole store.
     async fn count(&self, tenant: Option<&TenantId>) -> StoreResult<u64>;
 

@@ -50,6 +50,15 @@ pub struct RetrievalArgs {
         default_value_t = 64
     )]
     pub result_cache_local_mb: u64,
+    /// How HYBRID fusion weighs each strategy (weighted reciprocal rank fusion), as
+    /// `dense=1,keyword=1,temporal=1,entity=1` (the default); a weight of 0 turns a strategy
+    /// off.
+    #[arg(
+        long = "fusion-weights",
+        env = "ENGRAM_FUSION_WEIGHTS",
+        default_value = ""
+    )]
+    pub fusion_weights: FusionWeights,
 }
 
 impl RetrievalArgs {
@@ -60,6 +69,7 @@ impl RetrievalArgs {
             data_dir: data_dir.into(),
             result_cache_ttl: cache.ttl,
             result_cache_local_mb: cache.local_max_bytes >> 20,
+            fusion_weights: FusionWeights::default(),
         }
     }
 }
@@ -82,6 +92,7 @@ pub struct Config {
     pub embedding_url: String,
     /// `None`: no result cache.
     pub result_cache: Option<ResultCacheConfig>,
+    pub fusion_weights: FusionWeights,
     pub common: CommonArgs,
 }
 
@@ -99,6 +110,7 @@ impl Config {
                 local_max_bytes: service.result_cache_local_mb.saturating_mul(1 << 20),
                 ttl: service.result_cache_ttl,
             }),
+            fusion_weights: service.fusion_weights,
             common,
         }
     }
@@ -119,6 +131,7 @@ pub async fn serve(
         config.common.internal_timeout,
     )?);
     let mut retrieval = Retrieval::new(store.clone(), embedder, runtime.metrics());
+    retrieval.weights = config.fusion_weights;
     let redis = match &config.common.redis_url {
         Some(url) => {
             retrieval.writes = Some(Arc::new(engram_writelog::WriteLog::reader(

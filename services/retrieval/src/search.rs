@@ -8,7 +8,8 @@
 //! - **temporal** (HYBRID, when the query names a time, see [`crate::temporal`]): the memories
 //!   whose event time falls in that window, by similarity;
 //! - **entity** (HYBRID, when the query names entities, see [`engram_core::entities`]): the
-//!   memories sharing one of them, by similarity.
+//!   memories sharing one of its distinctive entities (those on at most a fifth of the scope's
+//!   memories: a name on every other message singles nothing out), by BM25.
 //!
 //! SEMANTIC runs dense alone and KEYWORD keyword alone; their base score is the strategy's own
 //! (cosine, BM25). HYBRID runs every strategy that applies and fuses them by weighted
@@ -39,7 +40,8 @@ const MIN_CANDIDATES: u32 = 30;
 /// The rank constant of reciprocal rank fusion (the usual 60).
 const RRF_K: f32 = 60.0;
 
-/// How much each strategy counts in HYBRID fusion.
+/// How much each strategy counts in HYBRID fusion. Equal weights measured best on LoCoMo
+/// (BENCHMARKS.md); a weight of 0 turns a strategy off.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FusionWeights {
     pub dense: f32,
@@ -48,13 +50,45 @@ pub struct FusionWeights {
     pub entity: f32,
 }
 
+impl std::str::FromStr for FusionWeights {
+    type Err = String;
+
+    /// `dense=1,keyword=1,temporal=1,entity=1`; strategies left out keep their default.
+    fn from_str(text: &str) -> std::result::Result<Self, String> {
+        let mut weights = Self::default();
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{part:?} is not strategy=weight"))?;
+            let value: f32 = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|v: &f32| v.is_finite() && *v >= 0.0)
+                .ok_or_else(|| format!("the weight of {name} must be a number >= 0"))?;
+            match name.trim() {
+                "dense" => weights.dense = value,
+                "keyword" => weights.keyword = value,
+                "temporal" => weights.temporal = value,
+                "entity" => weights.entity = value,
+                other => {
+                    return Err(format!(
+                        "unknown strategy {other:?} (dense, keyword, temporal, entity)"
+                    ));
+                }
+            }
+        }
+        Ok(weights)
+    }
+}
+
 impl Default for FusionWeights {
     fn default() -> Self {
         Self {
             dense: 1.0,
             keyword: 1.0,
             temporal: 1.0,
-            entity: 0.5,
+            entity: 1.0,
         }
     }
 }
@@ -141,6 +175,64 @@ fn within_window(filter: &Filter, window: temporal::Window) -> Option<Filter> {
     })
 }
 
+/// An entity shared by more than this share of the scope's memories (a speaker's name in a
+/// two-person chat) says nothing about which memory a query is after.
+const MAX_ENTITY_SHARE: f64 = 0.2;
+/// Query entities looked at.
+const MAX_QUERY_ENTITIES: usize = 4;
+
+/// The query's entities that single out few of the scope's memories: counted in the index
+/// (one indexed count each, in parallel), like an inverse document frequency cut.
+async fn distinctive_entities(
+    retrieval: &Retrieval,
+    selection: &Selection,
+    query: &str,
+) -> Result<Vec<String>> {
+    let mut entities = engram_core::entities::extract(query);
+    entities.truncate(MAX_QUERY_ENTITIES);
+    if entities.is_empty() {
+        return Ok(entities);
+    }
+    let count = |entity: Option<String>| {
+        let selection = Selection {
+            filter: Filter {
+                entities_any: entity.into_iter().collect(),
+                ..selection.filter.clone()
+            },
+            ..selection.clone()
+        };
+        async move { retrieval.store.count_selected(&selection).await }
+    };
+    let (total, each) = tokio::try_join!(
+        count(None),
+        futures::future::try_join_all(entities.iter().cloned().map(|e| count(Some(e))))
+    )?;
+    let limit = (total as f64 * MAX_ENTITY_SHARE).max(1.0);
+    Ok(entities
+        .into_iter()
+        .zip(each)
+        .filter(|(_, n)| *n > 0 && (*n as f64) <= limit)
+        .map(|(e, _)| e)
+        .collect())
+}
+
+/// Run `query` for each strategy's selection, in parallel.
+async fn ranked(
+    retrieval: &Retrieval,
+    strategies: Vec<(Strategy, &Selection)>,
+    query: StoreQuery,
+    candidates: usize,
+) -> Result<Vec<Ranking>> {
+    let searches = strategies.into_iter().map(|(strategy, selection)| {
+        let query = query.clone();
+        async move {
+            let hits = retrieval.store.search(selection, query, candidates).await?;
+            Ok::<_, Error>(Ranking { strategy, hits })
+        }
+    });
+    futures::future::try_join_all(searches).await
+}
+
 /// Run the strategies of `query` (not cached), fuse and rescore.
 pub(crate) async fn run(
     retrieval: &Retrieval,
@@ -158,24 +250,28 @@ pub(crate) async fn run(
     let uses_dense = query.mode != SearchMode::Keyword;
     let uses_keyword = query.mode != SearchMode::Semantic;
 
-    // Auxiliary dense strategies of HYBRID: a time window, shared entities.
-    let mut auxiliary: Vec<(Strategy, Selection)> = Vec::new();
-    if hybrid {
-        if let Some(window) = temporal::window(&query.query, now)
-            && let Some(filter) = within_window(&query.filter, window)
-        {
-            auxiliary.push((
-                Strategy::Temporal,
-                Selection {
-                    filter,
-                    ..selection.clone()
-                },
-            ));
-        }
-        let entities = engram_core::entities::extract(&query.query);
-        // A request that filters by entities already confines every strategy to them.
-        if !entities.is_empty() && query.filter.entities_any.is_empty() {
-            auxiliary.push((
+    // The strategies to run besides dense and keyword (HYBRID only, and only with a weight):
+    // a time window ranked by similarity, shared entities ranked by BM25.
+    let mut dense_extra: Vec<(Strategy, Selection)> = Vec::new();
+    let mut keyword_extra: Vec<(Strategy, Selection)> = Vec::new();
+    if hybrid
+        && retrieval.weights.temporal > 0.0
+        && let Some(window) = temporal::window(&query.query, now)
+        && let Some(filter) = within_window(&query.filter, window)
+    {
+        dense_extra.push((
+            Strategy::Temporal,
+            Selection {
+                filter,
+                ..selection.clone()
+            },
+        ));
+    }
+    // A request that filters by entities already confines every strategy to them.
+    if hybrid && retrieval.weights.entity > 0.0 && query.filter.entities_any.is_empty() {
+        let entities = distinctive_entities(retrieval, &selection, &query.query).await?;
+        if !entities.is_empty() {
+            keyword_extra.push((
                 Strategy::Entity,
                 Selection {
                     filter: Filter {
@@ -187,7 +283,6 @@ pub(crate) async fn run(
             ));
         }
     }
-
     let dense_side = async {
         if !uses_dense {
             return Ok(DenseSide::default());
@@ -203,19 +298,10 @@ pub(crate) async fn run(
             .ok_or_else(|| Error::internal("the embedding service returned no vector"))?;
         let embed = started.elapsed();
         let started = Instant::now();
-        let searches = std::iter::once((Strategy::Dense, &selection))
-            .chain(auxiliary.iter().map(|(s, sel)| (*s, sel)))
-            .map(|(strategy, selection)| {
-                let vector = vector.clone();
-                async move {
-                    let hits = retrieval
-                        .store
-                        .search(selection, StoreQuery::Dense(vector), candidates)
-                        .await?;
-                    Ok::<_, Error>(Ranking { strategy, hits })
-                }
-            });
-        let rankings = futures::future::try_join_all(searches).await?;
+        let strategies = std::iter::once((Strategy::Dense, &selection))
+            .chain(dense_extra.iter().map(|(s, sel)| (*s, sel)))
+            .collect();
+        let rankings = ranked(retrieval, strategies, StoreQuery::Dense(vector), candidates).await?;
         Ok::<_, Error>(DenseSide {
             rankings,
             embed,
@@ -224,21 +310,21 @@ pub(crate) async fn run(
     };
     let keyword_side = async {
         if !uses_keyword {
-            return Ok((None, Duration::ZERO));
+            return Ok((Vec::new(), Duration::ZERO));
         }
         let started = Instant::now();
         let terms = retrieval.keywords.query(&query.query);
-        let hits = retrieval
-            .store
-            .search(&selection, StoreQuery::Keywords(terms), candidates)
-            .await?;
-        Ok::<_, Error>((
-            Some(Ranking {
-                strategy: Strategy::Keyword,
-                hits,
-            }),
-            started.elapsed(),
-        ))
+        let strategies = std::iter::once((Strategy::Keyword, &selection))
+            .chain(keyword_extra.iter().map(|(s, sel)| (*s, sel)))
+            .collect();
+        let rankings = ranked(
+            retrieval,
+            strategies,
+            StoreQuery::Keywords(terms),
+            candidates,
+        )
+        .await?;
+        Ok::<_, Error>((rankings, started.elapsed()))
     };
     let (dense, (keyword, keyword_time)) = tokio::try_join!(dense_side, keyword_side)?;
 
@@ -278,7 +364,8 @@ fn fuse(
     let best: f32 = rankings
         .iter()
         .map(|r| weight(r.strategy) / (RRF_K + 1.0))
-        .sum();
+        .sum::<f32>()
+        .max(f32::MIN_POSITIVE);
 
     struct Candidate {
         memory: engram_core::model::Memory,
@@ -288,6 +375,9 @@ fn fuse(
     let mut candidates: HashMap<MemoryId, Candidate> = HashMap::new();
     for ranking in rankings {
         let strategy = ranking.strategy;
+        if hybrid && weight(strategy) == 0.0 {
+            continue;
+        }
         for (index, scored) in ranking.hits.into_iter().enumerate() {
             let rank = index as u32 + 1;
             let contribution = if hybrid {
@@ -431,6 +521,20 @@ mod tests {
             Timestamp::now(),
         );
         assert_eq!(hits.len(), 1);
+    }
+
+    #[test]
+    fn weights_parse_and_bad_ones_are_named() {
+        let w: FusionWeights = "keyword=2, entity=0".parse().unwrap();
+        assert_eq!((w.dense, w.keyword, w.entity), (1.0, 2.0, 0.0));
+        assert!("dense".parse::<FusionWeights>().is_err());
+        assert!(
+            "lexical=1"
+                .parse::<FusionWeights>()
+                .unwrap_err()
+                .contains("lexical")
+        );
+        assert!("dense=-1".parse::<FusionWeights>().is_err());
     }
 
     #[test]

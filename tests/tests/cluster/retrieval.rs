@@ -524,3 +524,55 @@ async fn filters_select_alone_and_combined_and_never_cross_tenants_or_users() {
     }
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn locomo_eval_ingests_once_and_scores_the_evidence_turns() {
+    let sandbox = Sandbox::start().await;
+    let mut client = sandbox.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let conversation = serde_json::json!({
+        "speaker_a": "Ana",
+        "speaker_b": "Ben",
+        "session_1_date_time": "10:00 am on 3 March, 2023",
+        "session_1": [
+            {"speaker": "Ana", "dia_id": "D1:1", "text": "I just adopted a greyhound named Comet."},
+            {"speaker": "Ben", "dia_id": "D1:2", "text": "Congrats! I am learning to play the cello."},
+        ],
+        "session_2_date_time": "4:30 pm on 9 April, 2023",
+        "session_2": [
+            {"speaker": "Ana", "dia_id": "D2:1", "text": "Comet won a race at the county fair!"},
+            {"speaker": "Ben", "dia_id": "D2:2", "text": "My cello teacher moved to Lisbon."},
+        ],
+        "qa": [
+            {"question": "What is the name of Ana's dog?", "answer": "Comet", "evidence": ["D1:1"], "category": 4},
+            {"question": "What instrument does Ben play?", "answer": "cello", "evidence": ["D1:2"], "category": 4},
+            {"question": "Where did Ben's teacher move?", "answer": "Lisbon", "evidence": ["D2:2"], "category": 1},
+            {"question": "What is Ana's favourite colour?", "answer": "n/a", "evidence": [], "category": 5},
+        ]
+    });
+    std::fs::write(dir.path().join("tiny.json"), conversation.to_string()).unwrap();
+    let conversations = engram_cli::eval::read_dir(dir.path()).unwrap();
+    assert_eq!(conversations[0].turns.len(), 4);
+    let created = engram_cli::eval::ingest(&mut client, &conversations[0])
+        .await
+        .unwrap();
+    assert_eq!(created, 4);
+    let again = engram_cli::eval::ingest(&mut client, &conversations[0])
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "a second run stores nothing twice");
+
+    let report = engram_cli::eval::evaluate(&mut client, &conversations, 2)
+        .await
+        .unwrap();
+    assert_eq!(report.questions, 3, "category 5 is not scored");
+    assert_eq!(report.modes.len(), 3);
+    let hybrid = &report.modes[0];
+    assert_eq!(hybrid.mode, "hybrid");
+    assert_eq!(hybrid.categories["single-hop"].questions, 2);
+    assert_eq!(hybrid.categories["multi-hop"].questions, 1);
+    assert_eq!(hybrid.overall.recall_any, 1.0, "{report:?}");
+    assert!(hybrid.overall.mrr > 0.5);
+    assert!(engram_cli::eval::table(&report).contains("overall"));
+    sandbox.stop().await;
+}
