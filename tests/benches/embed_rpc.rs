@@ -10,11 +10,12 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use engram_proto::internal::v1::embedder_client::EmbedderClient;
 use engram_proto::internal::v1::{EmbedRequest, Purpose};
 use engram_tests::Sandbox;
+use engram_tests::bench::ms;
 use hdrhistogram::Histogram;
 
 struct Scenario {
@@ -118,7 +119,6 @@ fn main() -> ExitCode {
                 histogram.add(task.await.unwrap()).unwrap();
             }
             let elapsed = started.elapsed();
-            let ms = |us: u64| format!("{:.2} ms", Duration::from_micros(us).as_secs_f64() * 1e3);
             println!(
                 "| {} | {} | {} | {} | {} | {} | {:.0} |",
                 scenario.name,

@@ -24,6 +24,7 @@ use engram_ingestion::LogArgs;
 use engram_proto::tonic::transport::Channel;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
 use engram_telemetry::Metrics;
+use engram_tests::bench::ms;
 use engram_tests::{Options, Sandbox, pb};
 use hdrhistogram::Histogram;
 
@@ -250,8 +251,4 @@ async fn closed_loop(
         histogram.add(task.await.unwrap()).unwrap();
     }
     (histogram, started.elapsed())
-}
-
-fn ms(us: u64) -> String {
-    format!("{:.2} ms", Duration::from_micros(us).as_secs_f64() * 1e3)
 }

@@ -23,6 +23,14 @@ use tokio::sync::OnceCell;
 pub use engram_proto::v1 as pb;
 pub use fake_provider::{Behavior, FakeProvider};
 
+/// Helpers the benchmarks share.
+pub mod bench {
+    /// Microseconds as milliseconds with two decimals.
+    pub fn ms(us: u64) -> String {
+        format!("{:.2} ms", us as f64 / 1e3)
+    }
+}
+
 /// A resilience policy for fake providers: short timeouts and backoff, a circuit that opens
 /// after three failures in a row and stays open for a minute.
 pub fn fast_policy() -> engram_resilience::Policy {

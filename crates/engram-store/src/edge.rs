@@ -110,37 +110,32 @@ fn engine(operation: &'static str) -> impl Fn(qdrant_edge::OperationError) -> St
     }
 }
 
-/// Payload indexes the store keeps: the tenant as the tenant key, every field reads filter on.
+/// The engine's schema for each of [`payload::INDEXED`].
 fn payload_indexes() -> Vec<(&'static str, PayloadFieldSchema)> {
-    let keyword = || PayloadFieldSchema::FieldType(PayloadSchemaType::Keyword);
-    let range = || {
-        PayloadFieldSchema::FieldParams(PayloadSchemaParams::Integer(IntegerIndexParams {
-            lookup: Some(false),
-            range: Some(true),
-            ..Default::default()
-        }))
-    };
-    vec![
-        (
-            payload::TENANT,
-            PayloadFieldSchema::FieldParams(PayloadSchemaParams::Keyword(KeywordIndexParams {
-                is_tenant: Some(true),
-                ..Default::default()
-            })),
-        ),
-        (payload::USER_ID, keyword()),
-        (payload::AGENT_ID, keyword()),
-        (payload::SESSION_ID, keyword()),
-        (payload::SCOPE_KEY, keyword()),
-        (payload::KIND, keyword()),
-        (payload::TAGS, keyword()),
-        (payload::ENTITIES, keyword()),
-        (payload::METADATA_KV, keyword()),
-        (payload::CONTENT_HASH, keyword()),
-        (payload::IDEMPOTENCY_KEY, keyword()),
-        (payload::EVENT_TIME, range()),
-        (payload::CREATED_AT, range()),
-    ]
+    payload::INDEXED
+        .iter()
+        .map(|(field, kind)| {
+            let schema = match kind {
+                payload::IndexKind::Tenant => PayloadFieldSchema::FieldParams(
+                    PayloadSchemaParams::Keyword(KeywordIndexParams {
+                        is_tenant: Some(true),
+                        ..Default::default()
+                    }),
+                ),
+                payload::IndexKind::Keyword => {
+                    PayloadFieldSchema::FieldType(PayloadSchemaType::Keyword)
+                }
+                payload::IndexKind::Range => PayloadFieldSchema::FieldParams(
+                    PayloadSchemaParams::Integer(IntegerIndexParams {
+                        lookup: Some(false),
+                        range: Some(true),
+                        ..Default::default()
+                    }),
+                ),
+            };
+            (*field, schema)
+        })
+        .collect()
 }
 
 fn open_shard(config: &EdgeStoreConfig) -> StoreResult<EdgeShard> {
@@ -398,11 +393,11 @@ impl Inner {
                     }
                     IndexOp::DeleteIds(ids) => {
                         outcome.upserted += self.upsert(&mut pending_upserts)?;
-                        outcome.deleted += self.delete(filter::ids(tenant, &ids))?;
+                        outcome.deleted += self.delete(filter::ids(tenant, &ids).to_edge())?;
                     }
                     IndexOp::DeleteScope(scope) => {
                         outcome.upserted += self.upsert(&mut pending_upserts)?;
-                        outcome.deleted += self.delete(filter::scope(tenant, &scope))?;
+                        outcome.deleted += self.delete(filter::scope(tenant, &scope).to_edge())?;
                     }
                 }
             }
@@ -466,7 +461,7 @@ impl Inner {
         Ok(PointStructPersisted {
             id: filter::point_id(memory.id),
             vector: VectorStructPersisted::Named(vectors),
-            payload: Some(payload::to_payload(&memory)),
+            payload: Some(qdrant_edge::Payload(payload::to_payload(&memory))),
         })
     }
 
@@ -539,7 +534,7 @@ fn record_memory(id: PointId, payload: Option<&qdrant_edge::Payload>) -> StoreRe
         id: uuid.to_string(),
         reason: "no payload".into(),
     })?;
-    payload::from_payload(uuid, payload)
+    payload::from_payload(uuid, &payload.0)
 }
 
 fn memory_id(id: PointId) -> StoreResult<MemoryId> {
@@ -595,7 +590,7 @@ impl VectorStore for EdgeStore {
                     (VectorInternal::Sparse(terms), KEYWORDS)
                 }
             };
-        let filter = filter::selection(selection);
+        let filter = filter::selection(selection).to_edge();
         self.read("search", move |inner| {
             let points = inner
                 .shard()?
@@ -631,7 +626,7 @@ impl VectorStore for EdgeStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let filter = filter::ids(tenant, ids);
+        let filter = filter::ids(tenant, ids).to_edge();
         let limit = ids.len();
         self.read("get", move |inner| {
             let (records, _) = inner.scroll(filter, limit, None)?;
@@ -649,7 +644,7 @@ impl VectorStore for EdgeStore {
         limit: usize,
         start: Option<MemoryId>,
     ) -> StoreResult<(Vec<Memory>, Option<MemoryId>)> {
-        let filter = filter::selection(selection);
+        let filter = filter::selection(selection).to_edge();
         self.read("list", move |inner| {
             let (records, next) = inner.scroll(filter, limit, start.map(filter::point_id))?;
             let memories = records
@@ -673,7 +668,8 @@ impl VectorStore for EdgeStore {
         }
         // Each hash or key can match at most a few memories; bound the scan generously.
         let limit = (content_hashes.len() + idempotency_keys.len()) * 4;
-        let filter = filter::duplicates(tenant, scope, &content_hashes, &idempotency_keys);
+        let filter =
+            filter::duplicates(tenant, scope, &content_hashes, &idempotency_keys).to_edge();
         self.read("find_duplicates", move |inner| {
             let (records, _) = inner.scroll(filter, limit, None)?;
             records
@@ -692,12 +688,12 @@ impl VectorStore for EdgeStore {
     }
 
     async fn count_selected(&self, selection: &Selection) -> StoreResult<u64> {
-        let filter = filter::selection(selection);
+        let filter = filter::selection(selection).to_edge();
         self.read("count", move |inner| inner.count(filter)).await
     }
 
     async fn count(&self, tenant: Option<&TenantId>) -> StoreResult<u64> {
-        let filter = tenant.map(filter::tenant_only);
+        let filter = tenant.map(|t| filter::tenant_only(t).to_edge());
         self.read("count", move |inner| match filter {
             Some(filter) => inner.count(filter),
             None => Ok(inner.shard()?.info().points_count as u64),
@@ -756,298 +752,14 @@ impl Drop for Inner {
 mod tests {
     use super::*;
     use crate::Keywords;
-    use engram_core::model::{Filter, Kind, NewMemory, Timestamp};
     use std::path::Path;
 
-    const DIM: usize = 8;
-
-    fn tenant(name: &str) -> TenantId {
-        TenantId::parse(name).unwrap()
-    }
-
-    fn unit(axis: usize) -> Vec<f32> {
-        let mut v = vec![0.0; DIM];
-        v[axis % DIM] = 1.0;
-        v
-    }
-
-    fn memory(tenant_id: &TenantId, user: &str, text: &str) -> Memory {
-        Memory::from_input(
-            MemoryId::new_time_ordered(),
-            tenant_id.clone(),
-            Scope::user(user),
-            NewMemory::text(text),
-            Timestamp::now(),
-        )
-    }
-
-    fn upsert(memory: &Memory, axis: usize) -> IndexOp {
-        IndexOp::Upsert(Box::new(IndexedMemory {
-            memory: memory.clone(),
-            dense: unit(axis),
-            sparse: Keywords::new().document(&memory.text),
-        }))
-    }
-
-    fn selection(tenant_id: &TenantId, user: &str) -> Selection {
-        Selection {
-            tenant: tenant_id.clone(),
-            scope: Scope::user(user),
-            filter: Filter::default(),
-        }
-    }
+    use crate::contract::{DIM, memory, selection, tenant, unit, upsert};
 
     async fn open(dir: &Path) -> EdgeStore {
         EdgeStore::open(EdgeStoreConfig::new(dir.join("index"), DIM))
             .await
             .unwrap()
-    }
-
-    #[tokio::test]
-    async fn search_is_confined_to_tenant_and_user() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path()).await;
-        let (a, b) = (tenant("a"), tenant("b"));
-        let mine = memory(&a, "alice", "mine");
-        let other_user = memory(&a, "bob", "bob's");
-        let other_tenant = memory(&b, "alice", "other tenant");
-        store
-            .apply(
-                &a,
-                IndexWrites {
-                    ops: vec![upsert(&mine, 1), upsert(&other_user, 1)],
-                },
-            )
-            .await
-            .unwrap();
-        store
-            .apply(
-                &b,
-                IndexWrites {
-                    ops: vec![upsert(&other_tenant, 1)],
-                },
-            )
-            .await
-            .unwrap();
-        let hits = store
-            .search(&selection(&a, "alice"), StoreQuery::Dense(unit(1)), 10)
-            .await
-            .unwrap();
-        assert_eq!(hits.len(), 1);
-        assert_eq!(
-            hits[0].memory,
-            Memory {
-                state: engram_core::model::MemoryState::Indexed,
-                ..mine.clone()
-            }
-        );
-        // Ids of another tenant are invisible, and cannot be deleted from here.
-        assert!(store.get(&a, &[other_tenant.id]).await.unwrap().is_empty());
-        let outcome = store
-            .apply(
-                &a,
-                IndexWrites {
-                    ops: vec![IndexOp::DeleteIds(vec![other_tenant.id])],
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(outcome.deleted, 0);
-        assert_eq!(store.get(&b, &[other_tenant.id]).await.unwrap().len(), 1);
-        store.close().await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn writes_apply_in_order_and_list_pages_in_creation_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path()).await;
-        let t = tenant("t");
-        let first: Vec<Memory> = (0..5)
-            .map(|i| memory(&t, "u", &format!("old {i}")))
-            .collect();
-        let later = memory(&t, "u", "after the forget");
-        let mut ops: Vec<IndexOp> = first.iter().map(|m| upsert(m, 0)).collect();
-        ops.push(IndexOp::DeleteScope(Scope::user("u")));
-        ops.push(upsert(&later, 0));
-        let outcome = store.apply(&t, IndexWrites { ops }).await.unwrap();
-        assert_eq!((outcome.upserted, outcome.deleted), (6, 5));
-        let (all, next) = store.list(&selection(&t, "u"), 10, None).await.unwrap();
-        assert_eq!(all.iter().map(|m| m.id).collect::<Vec<_>>(), vec![later.id]);
-        assert_eq!(next, None);
-
-        let more: Vec<Memory> = (0..7).map(|i| memory(&t, "v", &format!("m{i}"))).collect();
-        store
-            .apply(
-                &t,
-                IndexWrites {
-                    ops: more.iter().map(|m| upsert(m, 2)).collect(),
-                },
-            )
-            .await
-            .unwrap();
-        let mut seen = Vec::new();
-        let mut start = None;
-        loop {
-            let (page, next) = store.list(&selection(&t, "v"), 3, start).await.unwrap();
-            seen.extend(page.into_iter().map(|m| m.id));
-            match next {
-                Some(next) => start = Some(next),
-                None => break,
-            }
-        }
-        assert_eq!(seen, more.iter().map(|m| m.id).collect::<Vec<_>>());
-        store.close().await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn filters_select_by_kind_tags_and_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path()).await;
-        let t = tenant("t");
-        let mut fact = memory(&t, "u", "fact");
-        fact.tags = vec!["x".into(), "y".into()];
-        fact.event_time = Timestamp::from_micros(1_000);
-        let mut message = memory(&t, "u", "message");
-        message.kind = Kind::Message;
-        message.tags = vec!["x".into()];
-        message.event_time = Timestamp::from_micros(2_000);
-        message.metadata.insert("source.app".into(), "chat".into());
-        store
-            .apply(
-                &t,
-                IndexWrites {
-                    ops: vec![upsert(&fact, 0), upsert(&message, 0)],
-                },
-            )
-            .await
-            .unwrap();
-        let find = |filter: Filter| {
-            let store = &store;
-            let t = t.clone();
-            async move {
-                let hits = store
-                    .search(
-                        &Selection {
-                            tenant: t,
-                            scope: Scope::user("u"),
-                            filter,
-                        },
-                        StoreQuery::Dense(unit(0)),
-                        10,
-                    )
-                    .await
-                    .unwrap();
-                let mut texts: Vec<String> = hits.into_iter().map(|h| h.memory.text).collect();
-                texts.sort();
-                texts
-            }
-        };
-        assert_eq!(
-            find(Filter {
-                kinds: vec![Kind::Message],
-                ..Default::default()
-            })
-            .await,
-            ["message"]
-        );
-        assert_eq!(
-            find(Filter {
-                tags_all: vec!["x".into(), "y".into()],
-                ..Default::default()
-            })
-            .await,
-            ["fact"]
-        );
-        assert_eq!(
-            find(Filter {
-                tags_any: vec!["y".into(), "z".into()],
-                ..Default::default()
-            })
-            .await,
-            ["fact"]
-        );
-        assert_eq!(
-            find(Filter {
-                event_after: Some(Timestamp::from_micros(1_500)),
-                ..Default::default()
-            })
-            .await,
-            ["message"]
-        );
-        assert_eq!(
-            find(Filter {
-                event_before: Some(Timestamp::from_micros(2_000)),
-                ..Default::default()
-            })
-            .await,
-            ["fact"]
-        );
-        assert_eq!(
-            find(Filter {
-                metadata_equals: [("source.app".to_string(), "chat".to_string())].into(),
-                ..Default::default()
-            })
-            .await,
-            ["message"]
-        );
-        store.close().await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn keyword_search_ranks_rare_shared_terms_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path()).await;
-        let t = tenant("t");
-        let texts = [
-            "we talked about the weather and the weekend",
-            "the weather was nice and we walked",
-            "my grandmother's zucchini casserole recipe uses nutmeg",
-            "we walked the dog in the weather",
-        ];
-        let memories: Vec<Memory> = texts.iter().map(|x| memory(&t, "u", x)).collect();
-        store
-            .apply(
-                &t,
-                IndexWrites {
-                    ops: memories.iter().map(|m| upsert(m, 0)).collect(),
-                },
-            )
-            .await
-            .unwrap();
-        let keywords = Keywords::new();
-        let search = |text: &str| {
-            let query = StoreQuery::Keywords(keywords.query(text));
-            let store = &store;
-            let selection = selection(&t, "u");
-            async move {
-                store
-                    .search(&selection, query, 10)
-                    .await
-                    .unwrap()
-                    .into_iter()
-                    .map(|h| h.memory.text)
-                    .collect::<Vec<_>>()
-            }
-        };
-        let found = search("nutmeg weather").await;
-        assert_eq!(
-            found[0], texts[2],
-            "the rare term outweighs the common one: {found:?}"
-        );
-        assert_eq!(found.len(), 4);
-        assert!(search("the and of").await.is_empty());
-        assert!(search("astronomy").await.is_empty());
-        // Other users' memories never match.
-        let other = Selection {
-            scope: Scope::user("v"),
-            ..selection(&t, "u")
-        };
-        let hits = store
-            .search(&other, StoreQuery::Keywords(keywords.query("nutmeg")), 10)
-            .await
-            .unwrap();
-        assert!(hits.is_empty());
-        store.close().await.unwrap();
     }
 
     #[tokio::test]
@@ -1217,46 +929,6 @@ mod tests {
         assert!(
             info.indexed_vectors > 0,
             "the optimiser never indexed a segment: {info:?}"
-        );
-        store.close().await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn duplicates_are_found_within_the_exact_scope() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path()).await;
-        let t = tenant("t");
-        let mut m = memory(&t, "u", "same text");
-        m.idempotency_key = "key-1".into();
-        store
-            .apply(
-                &t,
-                IndexWrites {
-                    ops: vec![upsert(&m, 0)],
-                },
-            )
-            .await
-            .unwrap();
-        let by_hash = store
-            .find_duplicates(&t, &Scope::user("u"), vec![m.content_hash.clone()], vec![])
-            .await
-            .unwrap();
-        assert_eq!(by_hash.iter().map(|d| d.id).collect::<Vec<_>>(), vec![m.id]);
-        let by_key = store
-            .find_duplicates(&t, &Scope::user("u"), vec![], vec!["key-1".into()])
-            .await
-            .unwrap();
-        assert_eq!(by_key.len(), 1);
-        let other_scope = Scope {
-            session_id: "s".into(),
-            ..Scope::user("u")
-        };
-        assert!(
-            store
-                .find_duplicates(&t, &other_scope, vec![m.content_hash.clone()], vec![])
-                .await
-                .unwrap()
-                .is_empty()
         );
         store.close().await.unwrap();
     }

@@ -1,4 +1,7 @@
-//! Domain selections as engine filters. The tenant condition is always the first one.
+//! Domain selections as filters, once for every backend: [`Conditions`] says which payload
+//! conditions a read or delete needs, and each backend translates them to its engine's filter
+//! type ([`Conditions::to_edge`] here, the remote store its own). The tenant condition is
+//! always the first one.
 
 use engram_core::model::{MemoryId, Scope, TenantId};
 use qdrant_edge::external::ordered_float::OrderedFloat;
@@ -10,47 +13,57 @@ use qdrant_edge::{
 use crate::Selection;
 use crate::payload;
 
-fn path(field: &'static str) -> JsonPath {
-    field
-        .parse()
-        .unwrap_or_else(|_| unreachable!("payload field {field:?} is a constant, valid JSON path"))
+/// One condition on a point.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cond {
+    /// The keyword field equals the value (for an array field: contains it).
+    Equals(&'static str, String),
+    /// The keyword field equals (contains) one of the values.
+    AnyOf(&'static str, Vec<String>),
+    /// The integer field is within `[gte, lt)`; either end may be open.
+    Range {
+        field: &'static str,
+        gte: Option<i64>,
+        lt: Option<i64>,
+    },
+    /// The point is one of these memories.
+    HasId(Vec<MemoryId>),
 }
 
-fn equals(field: &'static str, value: &str) -> Condition {
-    Condition::Field(FieldCondition::new_match(
-        path(field),
-        Match::new_value(ValueVariants::String(value.to_string())),
-    ))
+/// Conditions that must all hold, and (when `should` is not empty) at least one of `should`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Conditions {
+    pub must: Vec<Cond>,
+    pub should: Vec<Cond>,
 }
 
-fn any_of(field: &'static str, values: &[String]) -> Condition {
-    Condition::Field(FieldCondition::new_match(
-        path(field),
-        Match::from(values.to_vec()),
-    ))
-}
-
-fn tenant(tenant: &TenantId) -> Condition {
-    equals(payload::TENANT, tenant.as_str())
-}
-
-pub fn point_id(id: MemoryId) -> PointId {
-    PointId::Uuid(id.as_uuid())
+fn tenant(tenant: &TenantId) -> Cond {
+    Cond::Equals(payload::TENANT, tenant.as_str().to_string())
 }
 
 /// The tenant and a read scope: empty agent or session match any.
-fn scope_conditions(tenant_id: &TenantId, scope: &Scope) -> Vec<Condition> {
-    let mut must = vec![tenant(tenant_id), equals(payload::USER_ID, &scope.user_id)];
+fn scope_conditions(tenant_id: &TenantId, scope: &Scope) -> Vec<Cond> {
+    let mut must = vec![
+        tenant(tenant_id),
+        Cond::Equals(payload::USER_ID, scope.user_id.clone()),
+    ];
     if !scope.agent_id.is_empty() {
-        must.push(equals(payload::AGENT_ID, &scope.agent_id));
+        must.push(Cond::Equals(payload::AGENT_ID, scope.agent_id.clone()));
     }
     if !scope.session_id.is_empty() {
-        must.push(equals(payload::SESSION_ID, &scope.session_id));
+        must.push(Cond::Equals(payload::SESSION_ID, scope.session_id.clone()));
     }
     must
 }
 
-pub fn selection(selection: &Selection) -> Filter {
+fn all(must: Vec<Cond>) -> Conditions {
+    Conditions {
+        must,
+        should: Vec::new(),
+    }
+}
+
+pub fn selection(selection: &Selection) -> Conditions {
     let Selection {
         tenant,
         scope,
@@ -58,56 +71,46 @@ pub fn selection(selection: &Selection) -> Filter {
     } = selection;
     let mut must = scope_conditions(tenant, scope);
     if !filter.kinds.is_empty() {
-        let kinds: Vec<String> = filter
+        let kinds = filter
             .kinds
             .iter()
             .map(|k| k.as_str().to_string())
             .collect();
-        must.push(any_of(payload::KIND, &kinds));
+        must.push(Cond::AnyOf(payload::KIND, kinds));
     }
     if !filter.tags_any.is_empty() {
-        must.push(any_of(payload::TAGS, &filter.tags_any));
+        must.push(Cond::AnyOf(payload::TAGS, filter.tags_any.clone()));
     }
     for tag in &filter.tags_all {
-        must.push(equals(payload::TAGS, tag));
+        must.push(Cond::Equals(payload::TAGS, tag.clone()));
     }
     if !filter.entities_any.is_empty() {
-        must.push(any_of(payload::ENTITIES, &filter.entities_any));
+        must.push(Cond::AnyOf(payload::ENTITIES, filter.entities_any.clone()));
     }
     if filter.event_after.is_some() || filter.event_before.is_some() {
-        // Microsecond timestamps of years 0001..9999 are below 2^53: exact as f64.
-        must.push(Condition::Field(FieldCondition::new_range(
-            path(payload::EVENT_TIME),
-            Range {
-                gte: filter
-                    .event_after
-                    .map(|t| OrderedFloat(t.as_micros() as f64)),
-                lt: filter
-                    .event_before
-                    .map(|t| OrderedFloat(t.as_micros() as f64)),
-                gt: None,
-                lte: None,
-            },
-        )));
+        must.push(Cond::Range {
+            field: payload::EVENT_TIME,
+            gte: filter.event_after.map(|t| t.as_micros()),
+            lt: filter.event_before.map(|t| t.as_micros()),
+        });
     }
     for (key, value) in &filter.metadata_equals {
-        must.push(equals(
+        must.push(Cond::Equals(
             payload::METADATA_KV,
-            &payload::metadata_pair(key, value),
+            payload::metadata_pair(key, value),
         ));
     }
-    and(must)
+    all(must)
 }
 
 /// Memories of `tenant` with these ids.
-pub fn ids(tenant_id: &TenantId, ids: &[MemoryId]) -> Filter {
-    let has_id: HasIdCondition = ids.iter().copied().map(point_id).collect();
-    and(vec![tenant(tenant_id), Condition::HasId(has_id)])
+pub fn ids(tenant_id: &TenantId, ids: &[MemoryId]) -> Conditions {
+    all(vec![tenant(tenant_id), Cond::HasId(ids.to_vec())])
 }
 
 /// Every memory of `tenant` in the read scope.
-pub fn scope(tenant_id: &TenantId, scope: &Scope) -> Filter {
-    and(scope_conditions(tenant_id, scope))
+pub fn scope(tenant_id: &TenantId, scope: &Scope) -> Conditions {
+    all(scope_conditions(tenant_id, scope))
 }
 
 /// Memories of exactly this scope with one of these hashes or keys.
@@ -116,34 +119,78 @@ pub fn duplicates(
     scope: &Scope,
     content_hashes: &[String],
     idempotency_keys: &[String],
-) -> Filter {
+) -> Conditions {
     let mut should = Vec::new();
     if !content_hashes.is_empty() {
-        should.push(any_of(payload::CONTENT_HASH, content_hashes));
+        should.push(Cond::AnyOf(payload::CONTENT_HASH, content_hashes.to_vec()));
     }
     if !idempotency_keys.is_empty() {
-        should.push(any_of(payload::IDEMPOTENCY_KEY, idempotency_keys));
+        should.push(Cond::AnyOf(
+            payload::IDEMPOTENCY_KEY,
+            idempotency_keys.to_vec(),
+        ));
     }
-    Filter {
-        must: Some(vec![
+    Conditions {
+        must: vec![
             tenant(tenant_id),
-            equals(payload::SCOPE_KEY, &scope.exact_key()),
-        ]),
-        should: Some(should),
-        min_should: None,
-        must_not: None,
+            Cond::Equals(payload::SCOPE_KEY, scope.exact_key()),
+        ],
+        should,
     }
 }
 
-pub fn tenant_only(tenant_id: &TenantId) -> Filter {
-    and(vec![tenant(tenant_id)])
+pub fn tenant_only(tenant_id: &TenantId) -> Conditions {
+    all(vec![tenant(tenant_id)])
 }
 
-fn and(must: Vec<Condition>) -> Filter {
-    Filter {
-        must: Some(must),
-        should: None,
-        min_should: None,
-        must_not: None,
+pub fn point_id(id: MemoryId) -> PointId {
+    PointId::Uuid(id.as_uuid())
+}
+
+fn path(field: &'static str) -> JsonPath {
+    field
+        .parse()
+        .unwrap_or_else(|_| unreachable!("payload field {field:?} is a constant, valid JSON path"))
+}
+
+impl Cond {
+    fn to_edge(&self) -> Condition {
+        match self {
+            Cond::Equals(field, value) => Condition::Field(FieldCondition::new_match(
+                path(field),
+                Match::new_value(ValueVariants::String(value.clone())),
+            )),
+            Cond::AnyOf(field, values) => Condition::Field(FieldCondition::new_match(
+                path(field),
+                Match::from(values.clone()),
+            )),
+            // Microsecond timestamps of years 0001..9999 are below 2^53: exact as f64.
+            Cond::Range { field, gte, lt } => Condition::Field(FieldCondition::new_range(
+                path(field),
+                Range {
+                    gte: gte.map(|v| OrderedFloat(v as f64)),
+                    lt: lt.map(|v| OrderedFloat(v as f64)),
+                    gt: None,
+                    lte: None,
+                },
+            )),
+            Cond::HasId(ids) => {
+                let has_id: HasIdCondition = ids.iter().copied().map(point_id).collect();
+                Condition::HasId(has_id)
+            }
+        }
+    }
+}
+
+impl Conditions {
+    /// The embedded engine's filter.
+    pub fn to_edge(&self) -> Filter {
+        Filter {
+            must: Some(self.must.iter().map(Cond::to_edge).collect()),
+            should: (!self.should.is_empty())
+                .then(|| self.should.iter().map(Cond::to_edge).collect()),
+            min_should: None,
+            must_not: None,
+        }
     }
 }

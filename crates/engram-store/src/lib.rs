@@ -3,18 +3,22 @@
 //! [`VectorStore`] is what retrieval needs from an index: ordered batches of writes that are
 //! durable when they return, dense (semantic) and sparse (BM25 keyword) search within a tenant
 //! and scope, reads by id and by scope in time order, and the lookups de-duplication needs.
-//! [`Keywords`] computes the BM25 weights both sides of keyword search use. [`EdgeStore`] implements it with the
+//! [`Keywords`] computes the BM25 weights both sides of keyword search use. [`EdgeStore`] is
+//! the embedded engine (the default); [`RemoteStore`] a Qdrant server or cluster. [`EdgeStore`] implements it with the
 //! embedded qdrant-edge engine: one shard on disk, every engine call on the blocking pool, a
 //! background loop that flushes and optimises segments while queries keep being served.
 //!
 //! Tenancy is enforced here as well as at the edge: every read and delete is filtered by the
 //! tenant inside the engine, never only after the fact.
 
+#[cfg(test)]
+mod contract;
 mod edge;
 mod error;
 mod filter;
 mod keywords;
 mod payload;
+mod remote;
 
 use async_trait::async_trait;
 use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexWrites, SparseVector};
@@ -23,6 +27,7 @@ use engram_core::model::{Filter, Memory, MemoryId, Scope, TenantId};
 pub use edge::{EdgeStore, EdgeStoreConfig};
 pub use error::{StoreError, StoreResult};
 pub use keywords::Keywords;
+pub use remote::{RemoteStore, RemoteStoreConfig};
 
 /// Name of the dense (semantic) vector of every point.
 pub const DENSE: &str = "dense";

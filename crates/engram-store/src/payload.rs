@@ -3,9 +3,8 @@
 use std::collections::BTreeMap;
 
 use engram_core::model::{Kind, Memory, MemoryId, MemoryState, Scope, TenantId, Timestamp};
-use qdrant_edge::Payload;
-use qdrant_edge::external::serde_json::{Map, Value, json};
-use qdrant_edge::external::uuid::Uuid;
+use serde_json::{Map, Value, json};
+use uuid::Uuid;
 
 use crate::error::StoreError;
 
@@ -31,11 +30,40 @@ pub const IMPORTANCE: &str = "importance";
 pub const CONTENT_HASH: &str = "content_hash";
 pub const IDEMPOTENCY_KEY: &str = "idempotency_key";
 
+/// How a payload field is indexed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexKind {
+    /// Keyword index that is also the tenant key (points stored together per tenant).
+    Tenant,
+    Keyword,
+    /// Integer index for range conditions.
+    Range,
+}
+
+/// The payload indexes every backend keeps: the tenant as the tenant key, and every field
+/// reads filter on.
+pub const INDEXED: &[(&str, IndexKind)] = &[
+    (TENANT, IndexKind::Tenant),
+    (USER_ID, IndexKind::Keyword),
+    (AGENT_ID, IndexKind::Keyword),
+    (SESSION_ID, IndexKind::Keyword),
+    (SCOPE_KEY, IndexKind::Keyword),
+    (KIND, IndexKind::Keyword),
+    (TAGS, IndexKind::Keyword),
+    (ENTITIES, IndexKind::Keyword),
+    (METADATA_KV, IndexKind::Keyword),
+    (CONTENT_HASH, IndexKind::Keyword),
+    (IDEMPOTENCY_KEY, IndexKind::Keyword),
+    (EVENT_TIME, IndexKind::Range),
+    (CREATED_AT, IndexKind::Range),
+];
+
 pub fn metadata_pair(key: &str, value: &str) -> String {
     format!("{key}\u{1f}{value}")
 }
 
-pub fn to_payload(memory: &Memory) -> Payload {
+/// The payload of a memory's point, as JSON (every backend stores this object).
+pub fn to_payload(memory: &Memory) -> Map<String, Value> {
     let metadata_kv: Vec<String> = memory
         .metadata
         .iter()
@@ -62,14 +90,13 @@ pub fn to_payload(memory: &Memory) -> Payload {
         IDEMPOTENCY_KEY: memory.idempotency_key,
     });
     match value {
-        Value::Object(map) => Payload(map),
+        Value::Object(map) => map,
         // `json!` of an object literal is always an object.
-        _ => Payload(Map::new()),
+        _ => Map::new(),
     }
 }
 
-pub fn from_payload(id: Uuid, payload: &Payload) -> Result<Memory, StoreError> {
-    let map = &payload.0;
+pub fn from_payload(id: Uuid, map: &Map<String, Value>) -> Result<Memory, StoreError> {
     let corrupt = |reason: String| StoreError::CorruptPayload {
         id: id.to_string(),
         reason,

@@ -50,6 +50,24 @@ pub struct RetrievalArgs {
         default_value_t = 64
     )]
     pub result_cache_local_mb: u64,
+    /// A Qdrant server or cluster (gRPC URL, e.g. http://qdrant:6334) to keep the index in,
+    /// instead of the embedded engine in the data directory.
+    #[arg(long = "qdrant-url", env = "ENGRAM_QDRANT_URL")]
+    pub qdrant_url: Option<String>,
+    /// API key for ENGRAM_QDRANT_URL, if the server requires one.
+    #[arg(
+        long = "qdrant-api-key",
+        env = "ENGRAM_QDRANT_API_KEY",
+        hide_env_values = true
+    )]
+    pub qdrant_api_key: Option<String>,
+    /// Collection on ENGRAM_QDRANT_URL (created on first start if absent).
+    #[arg(
+        long = "qdrant-collection",
+        env = "ENGRAM_QDRANT_COLLECTION",
+        default_value = "engram"
+    )]
+    pub qdrant_collection: String,
     /// How HYBRID fusion weighs each strategy (weighted reciprocal rank fusion), as
     /// `dense=1,keyword=1,temporal=1,entity=1` (the default); a weight of 0 turns a strategy
     /// off.
@@ -70,6 +88,9 @@ impl RetrievalArgs {
             result_cache_ttl: cache.ttl,
             result_cache_local_mb: cache.local_max_bytes >> 20,
             fusion_weights: FusionWeights::default(),
+            qdrant_url: None,
+            qdrant_api_key: None,
+            qdrant_collection: "engram".into(),
         }
     }
 }
@@ -92,6 +113,8 @@ pub struct Config {
     pub embedding_url: String,
     /// `None`: no result cache.
     pub result_cache: Option<ResultCacheConfig>,
+    /// `Some`: keep the index on this Qdrant server instead of in `index_dir`.
+    pub remote: Option<engram_store::RemoteStoreConfig>,
     pub fusion_weights: FusionWeights,
     pub common: CommonArgs,
 }
@@ -111,6 +134,14 @@ impl Config {
                 ttl: service.result_cache_ttl,
             }),
             fusion_weights: service.fusion_weights,
+            remote: service
+                .qdrant_url
+                .map(|url| engram_store::RemoteStoreConfig {
+                    api_key: service.qdrant_api_key,
+                    collection: service.qdrant_collection,
+                    timeout: common.internal_timeout,
+                    ..engram_store::RemoteStoreConfig::new(url, common.vector_dimension)
+                }),
             common,
         }
     }
@@ -123,8 +154,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
-    let store =
-        Arc::new(EdgeStore::open(EdgeStoreConfig::new(&config.index_dir, config.dimension)).await?);
+    let store: Arc<dyn VectorStore> = match &config.remote {
+        Some(remote) => Arc::new(engram_store::RemoteStore::connect(remote.clone()).await?),
+        None => Arc::new(
+            EdgeStore::open(EdgeStoreConfig::new(&config.index_dir, config.dimension)).await?,
+        ),
+    };
     let embedder = Arc::new(rpc::EmbedderClient::connect_lazy(
         "ENGRAM_EMBEDDING_URL",
         &config.embedding_url,
