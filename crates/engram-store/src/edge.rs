@@ -36,8 +36,11 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{StoreError, StoreResult};
 use crate::{
-    DENSE, KEYWORDS, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, filter, payload,
+    DENSE, KEYWORDS, Prefetch, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, filter,
+    payload,
 };
+use qdrant_edge::external::ordered_float::OrderedFloat;
+use qdrant_edge::{Fusion, Prefetch as EdgePrefetch};
 
 #[derive(Debug, Clone)]
 pub struct EdgeStoreConfig {
@@ -270,6 +273,50 @@ impl EdgeStore {
     ) -> StoreResult<T> {
         let _permit = self.reads.acquire().await.map_err(|_| StoreError::Closed)?;
         self.blocking(operation, f).await
+    }
+
+    /// A query as the engine's vector and the named vector it searches; `None` when it can
+    /// match nothing (a keyword query of stop words only).
+    fn vector(&self, query: StoreQuery) -> StoreResult<Option<(VectorInternal, &'static str)>> {
+        match query {
+            StoreQuery::Dense(vector) => {
+                if vector.len() != self.inner.dimension {
+                    return Err(StoreError::DimensionMismatch {
+                        id: "(query)".into(),
+                        expected: self.inner.dimension,
+                        got: vector.len(),
+                    });
+                }
+                Ok(Some((VectorInternal::Dense(vector), DENSE)))
+            }
+            StoreQuery::Keywords(terms) if terms.indices.is_empty() => Ok(None),
+            StoreQuery::Keywords(terms) => {
+                let terms =
+                    qdrant_edge::SparseVector::new(terms.indices, terms.values).map_err(|e| {
+                        StoreError::InvalidVector {
+                            id: "(query)".into(),
+                            reason: e.to_string(),
+                        }
+                    })?;
+                Ok(Some((VectorInternal::Sparse(terms), KEYWORDS)))
+            }
+        }
+    }
+
+    async fn run_query(&self, query: QueryRequest) -> StoreResult<Vec<ScoredMemory>> {
+        self.read("search", move |inner| {
+            let points = inner.shard()?.query(query).map_err(engine("search"))?;
+            points
+                .into_iter()
+                .map(|p| {
+                    Ok(ScoredMemory {
+                        memory: record_memory(p.id, p.payload.as_ref())?,
+                        score: p.score,
+                    })
+                })
+                .collect()
+        })
+        .await
     }
 
     async fn blocking<T: Send + 'static>(
@@ -559,65 +606,74 @@ impl VectorStore for EdgeStore {
             .await
     }
 
+    async fn search_fused(
+        &self,
+        prefetches: Vec<Prefetch>,
+        k: u32,
+        limit: usize,
+    ) -> StoreResult<Vec<ScoredMemory>> {
+        let mut sources = Vec::new();
+        let mut weights = Vec::new();
+        for prefetch in prefetches {
+            let Some((vector, using)) = self.vector(prefetch.query)? else {
+                continue;
+            };
+            weights.push(OrderedFloat(prefetch.weight));
+            sources.push(EdgePrefetch {
+                prefetches: vec![],
+                query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
+                    query: vector,
+                    using: Some(using.to_string()),
+                }))),
+                limit: prefetch.limit,
+                params: None,
+                filter: Some(filter::selection(&prefetch.selection).to_edge()),
+                score_threshold: None,
+            });
+        }
+        if sources.is_empty() {
+            return Ok(Vec::new());
+        }
+        let query = QueryRequest {
+            prefetches: sources,
+            query: Some(ScoringQuery::Fusion(Fusion::Rrf {
+                k: k as usize,
+                weights: Some(weights),
+            })),
+            filter: None,
+            score_threshold: None,
+            limit,
+            offset: 0,
+            params: None,
+            with_vector: WithVector::Bool(false),
+            with_payload: WithPayloadInterface::Bool(true),
+        };
+        self.run_query(query).await
+    }
+
     async fn search(
         &self,
         selection: &Selection,
         query: StoreQuery,
         limit: usize,
     ) -> StoreResult<Vec<ScoredMemory>> {
-        let (vector, using) =
-            match query {
-                StoreQuery::Dense(vector) => {
-                    if vector.len() != self.inner.dimension {
-                        return Err(StoreError::DimensionMismatch {
-                            id: "(query)".into(),
-                            expected: self.inner.dimension,
-                            got: vector.len(),
-                        });
-                    }
-                    (VectorInternal::Dense(vector), DENSE)
-                }
-                StoreQuery::Keywords(terms) => {
-                    if terms.indices.is_empty() {
-                        // Nothing but stop words: no memory matches by keyword.
-                        return Ok(Vec::new());
-                    }
-                    let terms = qdrant_edge::SparseVector::new(terms.indices, terms.values)
-                        .map_err(|e| StoreError::InvalidVector {
-                            id: "(query)".into(),
-                            reason: e.to_string(),
-                        })?;
-                    (VectorInternal::Sparse(terms), KEYWORDS)
-                }
-            };
-        let filter = filter::selection(selection).to_edge();
-        self.read("search", move |inner| {
-            let points = inner
-                .shard()?
-                .query(QueryRequest {
-                    prefetches: vec![],
-                    query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
-                        query: vector,
-                        using: Some(using.to_string()),
-                    }))),
-                    filter: Some(filter),
-                    score_threshold: None,
-                    limit,
-                    offset: 0,
-                    params: None,
-                    with_vector: WithVector::Bool(false),
-                    with_payload: WithPayloadInterface::Bool(true),
-                })
-                .map_err(engine("search"))?;
-            points
-                .into_iter()
-                .map(|p| {
-                    Ok(ScoredMemory {
-                        memory: record_memory(p.id, p.payload.as_ref())?,
-                        score: p.score,
-                    })
-                })
-                .collect()
+        let Some((vector, using)) = self.vector(query)? else {
+            // Nothing but stop words: no memory matches by keyword.
+            return Ok(Vec::new());
+        };
+        self.run_query(QueryRequest {
+            prefetches: vec![],
+            query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
+                query: vector,
+                using: Some(using.to_string()),
+            }))),
+            filter: Some(filter::selection(selection).to_edge()),
+            score_threshold: None,
+            limit,
+            offset: 0,
+            params: None,
+            with_vector: WithVector::Bool(false),
+            with_payload: WithPayloadInterface::Bool(true),
         })
         .await
     }

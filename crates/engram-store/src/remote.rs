@@ -8,7 +8,8 @@
 //! vector of another dimension is refused at start-up with the same message as the embedded
 //! store. Upserts go in batches and every write waits for the server to apply it (`wait`), so a
 //! write is searchable when `apply` returns. Filters come from [`crate::filter`], the same
-//! conditions the embedded store uses.
+//! conditions the embedded store uses. A HYBRID search without `explain` is one request: each
+//! strategy a prefetch, fused on the server by weighted RRF ([`VectorStore::search_fused`]).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -20,15 +21,17 @@ use qdrant_client::qdrant::{
     self, Condition, CountPointsBuilder, CreateCollectionBuilder,
     CreateFieldIndexCollectionBuilder, DeletePointsBuilder, Distance, FieldType,
     IntegerIndexParamsBuilder, KeywordIndexParamsBuilder, Modifier, NamedVectors, PointStruct,
-    QueryPointsBuilder, ScrollPointsBuilder, SparseVectorParamsBuilder, SparseVectorsConfigBuilder,
-    UpsertPointsBuilder, Vector, VectorInput, VectorParamsBuilder, VectorsConfigBuilder,
+    PrefetchQueryBuilder, QueryPointsBuilder, Rrf, ScrollPointsBuilder, SparseVectorParamsBuilder,
+    SparseVectorsConfigBuilder, UpsertPointsBuilder, Vector, VectorInput, VectorParamsBuilder,
+    VectorsConfigBuilder,
 };
 use qdrant_client::{Payload, Qdrant};
 
 use crate::error::{StoreError, StoreResult};
 use crate::filter::{Cond, Conditions};
 use crate::{
-    DENSE, KEYWORDS, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, filter, payload,
+    DENSE, KEYWORDS, Prefetch, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, filter,
+    payload,
 };
 
 /// Points per upsert request.
@@ -249,6 +252,28 @@ impl RemoteStore {
         Ok(())
     }
 
+    /// A query as the server's input and the vector it searches; `None` when it can match
+    /// nothing (a keyword query of stop words only).
+    fn input(&self, query: StoreQuery) -> StoreResult<Option<(VectorInput, &'static str)>> {
+        match query {
+            StoreQuery::Dense(vector) => {
+                if vector.len() != self.dimension {
+                    return Err(StoreError::DimensionMismatch {
+                        id: "(query)".into(),
+                        expected: self.dimension,
+                        got: vector.len(),
+                    });
+                }
+                Ok(Some((VectorInput::new_dense(vector), DENSE)))
+            }
+            StoreQuery::Keywords(terms) if terms.indices.is_empty() => Ok(None),
+            StoreQuery::Keywords(terms) => Ok(Some((
+                VectorInput::new_sparse(terms.indices, terms.values),
+                KEYWORDS,
+            ))),
+        }
+    }
+
     fn point(&self, tenant: &TenantId, indexed: IndexedMemory) -> StoreResult<PointStruct> {
         let IndexedMemory {
             memory,
@@ -382,32 +407,67 @@ impl VectorStore for RemoteStore {
         Ok(outcome)
     }
 
+    fn fuses(&self) -> bool {
+        true
+    }
+
+    async fn search_fused(
+        &self,
+        prefetches: Vec<Prefetch>,
+        k: u32,
+        limit: usize,
+    ) -> StoreResult<Vec<ScoredMemory>> {
+        let mut request = QueryPointsBuilder::new(&self.collection);
+        let mut weights = Vec::new();
+        for prefetch in prefetches {
+            let Some((input, using)) = self.input(prefetch.query)? else {
+                continue;
+            };
+            weights.push(prefetch.weight);
+            request = request.add_prefetch(
+                PrefetchQueryBuilder::default()
+                    .query(qdrant::Query::new_nearest(input))
+                    .using(using)
+                    .filter(to_filter(&filter::selection(&prefetch.selection)))
+                    .limit(prefetch.limit as u64),
+            );
+        }
+        if weights.is_empty() {
+            return Ok(Vec::new());
+        }
+        let response = self
+            .client
+            .query(
+                request
+                    .query(qdrant::Query::new_rrf(Rrf {
+                        k: Some(k),
+                        weights,
+                    }))
+                    .limit(limit as u64)
+                    .with_payload(true),
+            )
+            .await
+            .map_err(remote("fused search"))?;
+        response
+            .result
+            .into_iter()
+            .map(|p| {
+                Ok(ScoredMemory {
+                    memory: memory(p.id.as_ref(), p.payload)?,
+                    score: p.score,
+                })
+            })
+            .collect()
+    }
+
     async fn search(
         &self,
         selection: &Selection,
         query: StoreQuery,
         limit: usize,
     ) -> StoreResult<Vec<ScoredMemory>> {
-        let (input, using) = match query {
-            StoreQuery::Dense(vector) => {
-                if vector.len() != self.dimension {
-                    return Err(StoreError::DimensionMismatch {
-                        id: "(query)".into(),
-                        expected: self.dimension,
-                        got: vector.len(),
-                    });
-                }
-                (VectorInput::new_dense(vector), DENSE)
-            }
-            StoreQuery::Keywords(terms) => {
-                if terms.indices.is_empty() {
-                    return Ok(Vec::new());
-                }
-                (
-                    VectorInput::new_sparse(terms.indices, terms.values),
-                    KEYWORDS,
-                )
-            }
+        let Some((input, using)) = self.input(query)? else {
+            return Ok(Vec::new());
         };
         let response = self
             .client

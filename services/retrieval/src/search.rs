@@ -13,7 +13,8 @@
 //!
 //! SEMANTIC runs dense alone and KEYWORD keyword alone; their base score is the strategy's own
 //! (cosine, BM25). HYBRID runs every strategy that applies and fuses them by weighted
-//! reciprocal rank fusion, `Σ weight / (60 + rank)`, scaled so that first place in every
+//! reciprocal rank fusion, `Σ 1 / (rank / weight + 60)` (Qdrant's formula, so a backend that
+//! fuses on the server ranks the same), scaled so that first place in every
 //! strategy that ran scores 1. The final score is `base × recency × importance`, where recency
 //! is `0.5^(age / half_life)` when the request gives a half-life (age from the request time)
 //! and importance is `0.75 + importance / 2` (1 for the default 0.5); then `min_score` and
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use engram_core::api::{Explanation, Hit, Purpose, RecallQuery, RecallResult, Timings};
 use engram_core::model::{Filter, MemoryId, SearchMode, TenantId, Timestamp};
 use engram_core::{Error, Result};
-use engram_store::{ScoredMemory, Selection, StoreQuery};
+use engram_store::{Prefetch, ScoredMemory, Selection, StoreQuery};
 use engram_telemetry::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -39,6 +40,16 @@ const OVERSAMPLE: u32 = 3;
 const MIN_CANDIDATES: u32 = 30;
 /// The rank constant of reciprocal rank fusion (the usual 60).
 const RRF_K: f32 = 60.0;
+
+/// One place's contribution: `1 / (rank / weight + K)`, which is Qdrant's weighted RRF with
+/// its `k` set to `K + 1` (0 for a weight of 0).
+fn rrf(rank: u32, weight: f32) -> f32 {
+    if weight <= 0.0 {
+        0.0
+    } else {
+        1.0 / (rank as f32 / weight + RRF_K)
+    }
+}
 
 /// How much each strategy counts in HYBRID fusion. Equal weights measured best on LoCoMo
 /// (BENCHMARKS.md); a weight of 0 turns a strategy off.
@@ -145,6 +156,9 @@ enum Strategy {
     Keyword,
     Temporal,
     Entity,
+    /// All of them, fused by the store ([`engram_store::VectorStore::search_fused`]): scores are already
+    /// the scaled fused score.
+    Fused,
 }
 
 /// One strategy's ranking.
@@ -152,6 +166,9 @@ struct Ranking {
     strategy: Strategy,
     hits: Vec<ScoredMemory>,
 }
+
+/// Strategies beyond dense and keyword, each with its narrowed selection.
+type Extra = Vec<(Strategy, Selection)>;
 
 /// What the dense side found, and how long it took.
 #[derive(Default)]
@@ -252,8 +269,8 @@ pub(crate) async fn run(
 
     // The strategies to run besides dense and keyword (HYBRID only, and only with a weight):
     // a time window ranked by similarity, shared entities ranked by BM25.
-    let mut dense_extra: Vec<(Strategy, Selection)> = Vec::new();
-    let mut keyword_extra: Vec<(Strategy, Selection)> = Vec::new();
+    let mut dense_extra: Extra = Vec::new();
+    let mut keyword_extra: Extra = Vec::new();
     if hybrid
         && retrieval.weights.temporal > 0.0
         && let Some(window) = temporal::window(&query.query, now)
@@ -283,6 +300,18 @@ pub(crate) async fn run(
             ));
         }
     }
+    if hybrid && !query.explain && retrieval.store.fuses() {
+        return fused_in_store(
+            retrieval,
+            query,
+            &selection,
+            (dense_extra, keyword_extra),
+            candidates,
+            now,
+        )
+        .await;
+    }
+
     let dense_side = async {
         if !uses_dense {
             return Ok(DenseSide::default());
@@ -345,6 +374,104 @@ pub(crate) async fn run(
     })
 }
 
+/// HYBRID in one request to a store that fuses in its engine (a Qdrant server): each strategy
+/// a prefetch, weighted RRF on the server with the same formula [`fuse`] uses, so the order and
+/// scores match the embedded engine's. Used when no explanation is asked for, since the server
+/// returns only the fused ranking.
+async fn fused_in_store(
+    retrieval: &Retrieval,
+    query: &RecallQuery,
+    selection: &Selection,
+    (dense_extra, keyword_extra): (Extra, Extra),
+    candidates: usize,
+    now: Timestamp,
+) -> Result<RecallResult> {
+    let started = Instant::now();
+    let mut embedded = retrieval
+        .embedder
+        .embed(vec![query.query.clone()], Purpose::Query)
+        .await?;
+    let vector = embedded
+        .vectors
+        .pop()
+        .ok_or_else(|| Error::internal("the embedding service returned no vector"))?;
+    let embed = started.elapsed();
+    let weights = &retrieval.weights;
+    let weight = |strategy| match strategy {
+        Strategy::Temporal => weights.temporal,
+        Strategy::Entity => weights.entity,
+        _ => 0.0,
+    };
+    let terms = retrieval.keywords.query(&query.query);
+    let prefetch = |selection: Selection, query: StoreQuery, weight: f32| Prefetch {
+        selection,
+        query,
+        weight,
+        limit: candidates,
+    };
+    let mut prefetches = vec![
+        prefetch(
+            selection.clone(),
+            StoreQuery::Dense(vector.clone()),
+            weights.dense,
+        ),
+        prefetch(
+            selection.clone(),
+            StoreQuery::Keywords(terms.clone()),
+            weights.keyword,
+        ),
+    ];
+    for (strategy, selection) in dense_extra {
+        prefetches.push(prefetch(
+            selection,
+            StoreQuery::Dense(vector.clone()),
+            weight(strategy),
+        ));
+    }
+    for (strategy, selection) in keyword_extra {
+        prefetches.push(prefetch(
+            selection,
+            StoreQuery::Keywords(terms.clone()),
+            weight(strategy),
+        ));
+    }
+    prefetches.retain(|p| p.weight > 0.0);
+    let best: f32 = prefetches
+        .iter()
+        .map(|p| rrf(1, p.weight))
+        .sum::<f32>()
+        .max(f32::MIN_POSITIVE);
+    let started = Instant::now();
+    let mut hits = retrieval
+        .store
+        .search_fused(prefetches, RRF_K as u32 + 1, candidates)
+        .await?;
+    let search = started.elapsed();
+    for hit in &mut hits {
+        hit.score /= best;
+    }
+    let fusion_started = Instant::now();
+    let hits = fuse(
+        query,
+        vec![Ranking {
+            strategy: Strategy::Fused,
+            hits,
+        }],
+        weights,
+        now,
+    );
+    Ok(RecallResult {
+        hits,
+        cache_hit: false,
+        timings: Timings {
+            embed,
+            dense: search,
+            fusion: fusion_started.elapsed(),
+            ..Timings::default()
+        },
+    })
+}
+
 /// Fuse the rankings (weighted RRF in HYBRID, the one strategy's score otherwise), apply
 /// recency and importance, `min_score` and `top_k`.
 fn fuse(
@@ -358,12 +485,14 @@ fn fuse(
         Strategy::Keyword => weights.keyword,
         Strategy::Temporal => weights.temporal,
         Strategy::Entity => weights.entity,
+        Strategy::Fused => 1.0,
     };
     let hybrid = query.mode == SearchMode::Hybrid;
     // Best possible fused score: first place in every strategy that ran.
     let best: f32 = rankings
         .iter()
-        .map(|r| weight(r.strategy) / (RRF_K + 1.0))
+        .filter(|r| r.strategy != Strategy::Fused)
+        .map(|r| rrf(1, weight(r.strategy)))
         .sum::<f32>()
         .max(f32::MIN_POSITIVE);
 
@@ -380,10 +509,10 @@ fn fuse(
         }
         for (index, scored) in ranking.hits.into_iter().enumerate() {
             let rank = index as u32 + 1;
-            let contribution = if hybrid {
-                weight(strategy) / (RRF_K + rank as f32) / best
-            } else {
-                scored.score
+            let contribution = match strategy {
+                Strategy::Fused => scored.score,
+                _ if hybrid => rrf(rank, weight(strategy)) / best,
+                _ => scored.score,
             };
             let candidate = candidates
                 .entry(scored.memory.id)
@@ -399,6 +528,7 @@ fn fuse(
                 Strategy::Keyword => (e.keyword_rank, e.keyword_score) = (rank, scored.score),
                 Strategy::Temporal => (e.temporal_rank, e.temporal_score) = (rank, scored.score),
                 Strategy::Entity => (e.entity_rank, e.entity_score) = (rank, scored.score),
+                Strategy::Fused => {}
             }
         }
     }
