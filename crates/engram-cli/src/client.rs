@@ -115,6 +115,13 @@ pub struct RecallArgs {
     /// Say why each hit ranks where it does.
     #[arg(long)]
     explain: bool,
+    /// Skip the result cache.
+    #[arg(long)]
+    no_cache: bool,
+    /// Ask as of this time (RFC 3339, e.g. 2023-05-17T15:00:00Z): "yesterday" and recency are
+    /// relative to it.
+    #[arg(long, value_parser = parse_time)]
+    at: Option<engram_proto::prost_types::Timestamp>,
     /// The question or text to find memories for.
     query: String,
 }
@@ -198,6 +205,14 @@ pub async fn eval_locomo(args: LocomoArgs) -> Result<(), Failure> {
         print!("{}", engram_cli::eval::table(&report));
     }
     Ok(())
+}
+
+fn parse_time(value: &str) -> Result<engram_proto::prost_types::Timestamp, String> {
+    let time = humantime::parse_rfc3339_weak(value)
+        .map_err(|e| format!("{value:?} is not a time like 2023-05-17T15:00:00Z: {e}"))?;
+    Ok(engram_core::convert::timestamp(
+        engram_core::model::Timestamp::from(time),
+    ))
 }
 
 fn parse_key_value(value: &str) -> Result<(String, String), String> {
@@ -302,6 +317,8 @@ pub async fn recall(args: RecallArgs) -> Result<(), Failure> {
                 nanos: d.subsec_nanos() as i32,
             }),
             explain: args.explain,
+            bypass_cache: args.no_cache,
+            request_time: args.at,
             ..Default::default()
         })
         .await?

@@ -130,6 +130,8 @@ pub fn recall(response: &pb::RecallResponse, json_output: bool) {
                     hit["explanation"] = json!({
                         "dense_rank": e.dense_rank, "dense_score": e.dense_score,
                         "keyword_rank": e.keyword_rank, "keyword_score": e.keyword_score,
+                        "temporal_rank": e.temporal_rank, "temporal_score": e.temporal_score,
+                        "entity_rank": e.entity_rank, "entity_score": e.entity_score,
                         "fused_score": e.fused_score, "recency_factor": e.recency_factor,
                         "importance_factor": e.importance_factor,
                     });
@@ -141,9 +143,9 @@ pub fn recall(response: &pb::RecallResponse, json_output: bool) {
         print_json(&json!({
             "hits": hits,
             "cache_hit": response.cache_hit,
-            "timings_us": {"embed": timings.embed_us, "dense": timings.dense_us,
-                           "keyword": timings.keyword_us, "fusion": timings.fusion_us,
-                           "total": timings.total_us},
+            "timings_us": {"cache": timings.cache_us, "embed": timings.embed_us,
+                           "dense": timings.dense_us, "keyword": timings.keyword_us,
+                           "fusion": timings.fusion_us, "total": timings.total_us},
         }));
         return;
     }
@@ -160,17 +162,35 @@ pub fn recall(response: &pb::RecallResponse, json_output: bool) {
             one_line(&memory.text, 70)
         );
         if let Some(e) = &hit.explanation {
+            let ranks: Vec<String> = [
+                ("dense", e.dense_rank, e.dense_score),
+                ("keyword", e.keyword_rank, e.keyword_score),
+                ("temporal", e.temporal_rank, e.temporal_score),
+                ("entity", e.entity_rank, e.entity_score),
+            ]
+            .iter()
+            .filter(|(_, rank, _)| *rank > 0)
+            .map(|(name, rank, score)| format!("{name} #{rank} ({score:.3})"))
+            .collect();
             println!(
-                "      dense #{} ({:.3}) · recency ×{:.3} · importance ×{:.3}",
-                e.dense_rank, e.dense_score, e.recency_factor, e.importance_factor
+                "      {} · fused {:.3} · recency ×{:.3} · importance ×{:.3}",
+                ranks.join(" · "),
+                e.fused_score,
+                e.recency_factor,
+                e.importance_factor
             );
         }
     }
     if let Some(t) = response.timings {
         println!(
-            "({} hits in {:.1} ms)",
+            "({} hits in {:.1} ms{})",
             response.hits.len(),
-            t.total_us as f64 / 1000.0
+            t.total_us as f64 / 1000.0,
+            if response.cache_hit {
+                ", from the cache"
+            } else {
+                ""
+            }
         );
     }
 }
