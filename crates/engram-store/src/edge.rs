@@ -36,8 +36,8 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{StoreError, StoreResult};
 use crate::{
-    DENSE, KEYWORDS, Prefetch, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, filter,
-    payload,
+    DENSE, KEYWORDS, Prefetch, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore,
+    check_dimension, check_point, filter, payload,
 };
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{Fusion, Prefetch as EdgePrefetch};
@@ -280,13 +280,7 @@ impl EdgeStore {
     fn vector(&self, query: StoreQuery) -> StoreResult<Option<(VectorInternal, &'static str)>> {
         match query {
             StoreQuery::Dense(vector) => {
-                if vector.len() != self.inner.dimension {
-                    return Err(StoreError::DimensionMismatch {
-                        id: "(query)".into(),
-                        expected: self.inner.dimension,
-                        got: vector.len(),
-                    });
-                }
+                check_dimension("(query)", &vector, self.inner.dimension)?;
                 Ok(Some((VectorInternal::Dense(vector), DENSE)))
             }
             StoreQuery::Keywords(terms) if terms.indices.is_empty() => Ok(None),
@@ -472,25 +466,12 @@ impl Inner {
         tenant: &TenantId,
         indexed: IndexedMemory,
     ) -> StoreResult<PointStructPersisted> {
+        check_point(tenant, &indexed, self.dimension)?;
         let IndexedMemory {
             memory,
             dense,
             sparse,
         } = indexed;
-        if memory.tenant != *tenant {
-            return Err(StoreError::TenantMismatch {
-                id: memory.id.to_string(),
-                expected: tenant.to_string(),
-                actual: memory.tenant.to_string(),
-            });
-        }
-        if dense.len() != self.dimension {
-            return Err(StoreError::DimensionMismatch {
-                id: memory.id.to_string(),
-                expected: self.dimension,
-                got: dense.len(),
-            });
-        }
         let mut vectors = HashMap::from([(
             DENSE.to_string(),
             VectorPersisted::from(VectorInternal::Dense(dense)),

@@ -21,7 +21,7 @@ mod payload;
 mod remote;
 
 use async_trait::async_trait;
-use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexWrites, SparseVector};
+use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexWrites, IndexedMemory, SparseVector};
 use engram_core::model::{Filter, Memory, MemoryId, Scope, TenantId};
 
 pub use edge::{EdgeStore, EdgeStoreConfig};
@@ -33,6 +33,32 @@ pub use remote::{RemoteStore, RemoteStoreConfig};
 pub const DENSE: &str = "dense";
 /// Name of the sparse BM25 vector of every point (IDF applied by the engine at query time).
 pub const KEYWORDS: &str = "keywords";
+
+/// Refuse a memory of another tenant than the write's, or a dense vector of another
+/// dimension than the store's (every backend checks a point with this before writing it).
+fn check_point(tenant: &TenantId, indexed: &IndexedMemory, dimension: usize) -> StoreResult<()> {
+    let memory = &indexed.memory;
+    if memory.tenant != *tenant {
+        return Err(StoreError::TenantMismatch {
+            id: memory.id.to_string(),
+            expected: tenant.to_string(),
+            actual: memory.tenant.to_string(),
+        });
+    }
+    check_dimension(&memory.id.to_string(), &indexed.dense, dimension)
+}
+
+/// Refuse a dense vector (of the memory or query `id`) of another dimension than `dimension`.
+fn check_dimension(id: &str, vector: &[f32], dimension: usize) -> StoreResult<()> {
+    if vector.len() != dimension {
+        return Err(StoreError::DimensionMismatch {
+            id: id.to_string(),
+            expected: dimension,
+            got: vector.len(),
+        });
+    }
+    Ok(())
+}
 
 /// What a search ranks by.
 #[derive(Debug, Clone, PartialEq)]

@@ -30,8 +30,8 @@ use qdrant_client::{Payload, Qdrant};
 use crate::error::{StoreError, StoreResult};
 use crate::filter::{Cond, Conditions};
 use crate::{
-    DENSE, KEYWORDS, Prefetch, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, filter,
-    payload,
+    DENSE, KEYWORDS, Prefetch, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore,
+    check_dimension, check_point, filter, payload,
 };
 
 /// Points per upsert request.
@@ -135,6 +135,19 @@ fn memory(
         .map(|(k, v)| (k, v.into_json()))
         .collect();
     payload::from_payload(id.as_uuid(), &map)
+}
+
+/// Memories and scores of a query's answer.
+fn scored(points: Vec<qdrant::ScoredPoint>) -> StoreResult<Vec<ScoredMemory>> {
+    points
+        .into_iter()
+        .map(|p| {
+            Ok(ScoredMemory {
+                memory: memory(p.id.as_ref(), p.payload)?,
+                score: p.score,
+            })
+        })
+        .collect()
 }
 
 impl RemoteStore {
@@ -257,13 +270,7 @@ impl RemoteStore {
     fn input(&self, query: StoreQuery) -> StoreResult<Option<(VectorInput, &'static str)>> {
         match query {
             StoreQuery::Dense(vector) => {
-                if vector.len() != self.dimension {
-                    return Err(StoreError::DimensionMismatch {
-                        id: "(query)".into(),
-                        expected: self.dimension,
-                        got: vector.len(),
-                    });
-                }
+                check_dimension("(query)", &vector, self.dimension)?;
                 Ok(Some((VectorInput::new_dense(vector), DENSE)))
             }
             StoreQuery::Keywords(terms) if terms.indices.is_empty() => Ok(None),
@@ -275,25 +282,12 @@ impl RemoteStore {
     }
 
     fn point(&self, tenant: &TenantId, indexed: IndexedMemory) -> StoreResult<PointStruct> {
+        check_point(tenant, &indexed, self.dimension)?;
         let IndexedMemory {
             memory,
             dense,
             sparse,
         } = indexed;
-        if memory.tenant != *tenant {
-            return Err(StoreError::TenantMismatch {
-                id: memory.id.to_string(),
-                expected: tenant.to_string(),
-                actual: memory.tenant.to_string(),
-            });
-        }
-        if dense.len() != self.dimension {
-            return Err(StoreError::DimensionMismatch {
-                id: memory.id.to_string(),
-                expected: self.dimension,
-                got: dense.len(),
-            });
-        }
         let mut vectors = NamedVectors::default().add_vector(DENSE, Vector::new_dense(dense));
         if !sparse.indices.is_empty() {
             vectors =
@@ -448,16 +442,7 @@ impl VectorStore for RemoteStore {
             )
             .await
             .map_err(remote("fused search"))?;
-        response
-            .result
-            .into_iter()
-            .map(|p| {
-                Ok(ScoredMemory {
-                    memory: memory(p.id.as_ref(), p.payload)?,
-                    score: p.score,
-                })
-            })
-            .collect()
+        scored(response.result)
     }
 
     async fn search(
@@ -481,16 +466,7 @@ impl VectorStore for RemoteStore {
             )
             .await
             .map_err(remote("search"))?;
-        response
-            .result
-            .into_iter()
-            .map(|p| {
-                Ok(ScoredMemory {
-                    memory: memory(p.id.as_ref(), p.payload)?,
-                    score: p.score,
-                })
-            })
-            .collect()
+        scored(response.result)
     }
 
     async fn get(&self, tenant: &TenantId, ids: &[MemoryId]) -> StoreResult<Vec<Memory>> {
