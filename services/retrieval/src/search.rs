@@ -61,6 +61,19 @@ pub struct FusionWeights {
     pub entity: f32,
 }
 
+impl FusionWeights {
+    /// The weight of one strategy's list (a list the store already fused counts once).
+    fn of(&self, strategy: Strategy) -> f32 {
+        match strategy {
+            Strategy::Dense => self.dense,
+            Strategy::Keyword => self.keyword,
+            Strategy::Temporal => self.temporal,
+            Strategy::Entity => self.entity,
+            Strategy::Fused => 1.0,
+        }
+    }
+}
+
 impl std::str::FromStr for FusionWeights {
     type Err = String;
 
@@ -233,6 +246,20 @@ async fn distinctive_entities(
         .collect())
 }
 
+/// The query's embedding (through the embedding service and its cache), and how long it took.
+async fn embed_query(retrieval: &Retrieval, query: &str) -> Result<(Vec<f32>, Duration)> {
+    let started = Instant::now();
+    let mut embedded = retrieval
+        .embedder
+        .embed(vec![query.to_string()], Purpose::Query)
+        .await?;
+    let vector = embedded
+        .vectors
+        .pop()
+        .ok_or_else(|| Error::internal("the embedding service returned no vector"))?;
+    Ok((vector, started.elapsed()))
+}
+
 /// Run `query` for each strategy's selection, in parallel.
 async fn ranked(
     retrieval: &Retrieval,
@@ -316,16 +343,7 @@ pub(crate) async fn run(
         if !uses_dense {
             return Ok(DenseSide::default());
         }
-        let started = Instant::now();
-        let mut embedded = retrieval
-            .embedder
-            .embed(vec![query.query.clone()], Purpose::Query)
-            .await?;
-        let vector = embedded
-            .vectors
-            .pop()
-            .ok_or_else(|| Error::internal("the embedding service returned no vector"))?;
-        let embed = started.elapsed();
+        let (vector, embed) = embed_query(retrieval, &query.query).await?;
         let started = Instant::now();
         let strategies = std::iter::once((Strategy::Dense, &selection))
             .chain(dense_extra.iter().map(|(s, sel)| (*s, sel)))
@@ -386,22 +404,8 @@ async fn fused_in_store(
     candidates: usize,
     now: Timestamp,
 ) -> Result<RecallResult> {
-    let started = Instant::now();
-    let mut embedded = retrieval
-        .embedder
-        .embed(vec![query.query.clone()], Purpose::Query)
-        .await?;
-    let vector = embedded
-        .vectors
-        .pop()
-        .ok_or_else(|| Error::internal("the embedding service returned no vector"))?;
-    let embed = started.elapsed();
+    let (vector, embed) = embed_query(retrieval, &query.query).await?;
     let weights = &retrieval.weights;
-    let weight = |strategy| match strategy {
-        Strategy::Temporal => weights.temporal,
-        Strategy::Entity => weights.entity,
-        _ => 0.0,
-    };
     let terms = retrieval.keywords.query(&query.query);
     let prefetch = |selection: Selection, query: StoreQuery, weight: f32| Prefetch {
         selection,
@@ -425,14 +429,14 @@ async fn fused_in_store(
         prefetches.push(prefetch(
             selection,
             StoreQuery::Dense(vector.clone()),
-            weight(strategy),
+            weights.of(strategy),
         ));
     }
     for (strategy, selection) in keyword_extra {
         prefetches.push(prefetch(
             selection,
             StoreQuery::Keywords(terms.clone()),
-            weight(strategy),
+            weights.of(strategy),
         ));
     }
     prefetches.retain(|p| p.weight > 0.0);
@@ -480,19 +484,12 @@ fn fuse(
     weights: &FusionWeights,
     now: Timestamp,
 ) -> Vec<Hit> {
-    let weight = |strategy| match strategy {
-        Strategy::Dense => weights.dense,
-        Strategy::Keyword => weights.keyword,
-        Strategy::Temporal => weights.temporal,
-        Strategy::Entity => weights.entity,
-        Strategy::Fused => 1.0,
-    };
     let hybrid = query.mode == SearchMode::Hybrid;
     // Best possible fused score: first place in every strategy that ran.
     let best: f32 = rankings
         .iter()
         .filter(|r| r.strategy != Strategy::Fused)
-        .map(|r| rrf(1, weight(r.strategy)))
+        .map(|r| rrf(1, weights.of(r.strategy)))
         .sum::<f32>()
         .max(f32::MIN_POSITIVE);
 
@@ -504,14 +501,14 @@ fn fuse(
     let mut candidates: HashMap<MemoryId, Candidate> = HashMap::new();
     for ranking in rankings {
         let strategy = ranking.strategy;
-        if hybrid && weight(strategy) == 0.0 {
+        if hybrid && weights.of(strategy) == 0.0 {
             continue;
         }
         for (index, scored) in ranking.hits.into_iter().enumerate() {
             let rank = index as u32 + 1;
             let contribution = match strategy {
                 Strategy::Fused => scored.score,
-                _ if hybrid => rrf(rank, weight(strategy)) / best,
+                _ if hybrid => rrf(rank, weights.of(strategy)) / best,
                 _ => scored.score,
             };
             let candidate = candidates
