@@ -21,14 +21,12 @@ use std::time::{Duration, Instant};
 
 use engram_core::api::{WriteState, WriteToken};
 use engram_ingestion::LogArgs;
-use engram_proto::tonic::transport::Channel;
-use engram_proto::v1::memory_service_client::MemoryServiceClient;
 use engram_telemetry::Metrics;
 use engram_tests::bench::ms;
 use engram_tests::{Options, Sandbox, pb};
 use hdrhistogram::Histogram;
 
-type Client = MemoryServiceClient<Channel>;
+type Client = engram_cli::Client;
 
 const USERS: usize = 100;
 

@@ -81,6 +81,8 @@ pub struct Options {
     pub fake: Option<FakeProvider>,
     /// The ingestion service's write log.
     pub write_log: engram_ingestion::LogArgs,
+    /// The gateway's edge (authentication off by default).
+    pub edge: engram_gateway::EdgeArgs,
     pub common: CommonArgs,
 }
 
@@ -95,6 +97,7 @@ impl Default for Options {
                 claim_idle: Duration::from_secs(1),
                 ..engram_ingestion::LogArgs::default()
             },
+            edge: engram_gateway::EdgeArgs::default(),
             common: CommonArgs::for_test(),
         }
     }
@@ -179,6 +182,7 @@ impl Sandbox {
             embedding: options.embedding,
             provider,
             write_log: options.write_log,
+            edge: options.edge,
             common: common.clone(),
         };
         let mut cluster = LocalCluster::start(config, listeners)
@@ -234,10 +238,13 @@ impl Sandbox {
     }
 
     /// A client of the gateway's public API.
-    pub async fn client(&self) -> MemoryServiceClient<Channel> {
-        MemoryServiceClient::connect(format!("http://{}", self.addrs.gateway))
-            .await
-            .unwrap_or_else(|e| panic!("connecting to the gateway: {e}"))
+    pub async fn client(&self) -> engram_cli::Client {
+        self.client_with_key(None).await
+    }
+
+    /// A client of the gateway's public API sending `key` as its API key.
+    pub async fn client_with_key(&self, key: Option<&str>) -> engram_cli::Client {
+        client_at(self.addrs.gateway, key).await
     }
 
     /// Drain and stop every service, asserting they all stopped cleanly.
@@ -288,4 +295,98 @@ pub async fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
         .find(|line| line.starts_with(series) && line[series.len()..].starts_with(' '))
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
+}
+
+/// A service started beside a sandbox (another gateway, another retrieval replica), stopped
+/// by [`Extra::stop`] with a drain like any service.
+pub struct Extra {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<engram_core::Result<()>>,
+}
+
+impl Extra {
+    /// Serve with `serve(listeners, shutdown)` on fresh loopback ports.
+    pub async fn start<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(engram_core::server::Listeners, futures::future::BoxFuture<'static, ()>) -> Fut,
+        Fut: Future<Output = engram_core::Result<()>> + Send + 'static,
+    {
+        let listeners = engram_core::server::Listeners::ephemeral()
+            .await
+            .unwrap_or_else(|e| panic!("binding listeners: {e}"));
+        let addr = listeners
+            .grpc_addr()
+            .unwrap_or_else(|e| panic!("listener address: {e}"));
+        let admin = listeners.admin_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        let task = tokio::spawn(serve(listeners, shutdown));
+        Self {
+            addr,
+            admin,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Drain and stop, asserting a clean stop.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task)
+            .await
+            .unwrap_or_else(|e| panic!("service task: {e}"))
+            .unwrap_or_else(|e| panic!("service did not stop cleanly: {e}"));
+    }
+}
+
+impl Sandbox {
+    /// Another gateway in front of this sandbox's ingestion and of `retrieval_urls` (the
+    /// sandbox's retrieval if `None`), admitting calls as `edge` says.
+    pub async fn gateway(
+        &self,
+        edge: engram_gateway::EdgeArgs,
+        retrieval_urls: Option<String>,
+    ) -> Extra {
+        let config = engram_gateway::Config {
+            retrieval_url: retrieval_urls
+                .unwrap_or_else(|| format!("http://{}", self.addrs.retrieval)),
+            ingestion_url: format!("http://{}", self.addrs.ingestion),
+            edge,
+            common: self.common.clone(),
+        };
+        Extra::start(|listeners, shutdown| engram_gateway::serve(config, listeners, shutdown)).await
+    }
+
+    /// Another retrieval replica with its own index (in `dir`), embedding through this
+    /// sandbox's embedding service.
+    pub async fn retrieval_replica(&self, dir: &Path) -> Extra {
+        let config = engram_retrieval::Config::new(
+            engram_retrieval::RetrievalArgs::in_dir(dir),
+            format!("http://{}", self.addrs.embedding),
+            self.common.clone(),
+        );
+        Extra::start(|listeners, shutdown| engram_retrieval::serve(config, listeners, shutdown))
+            .await
+    }
+}
+
+/// A client of the public API at `addr` sending `key` as its API key.
+pub async fn client_at(addr: SocketAddr, key: Option<&str>) -> engram_cli::Client {
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap_or_else(|e| panic!("address: {e}"))
+        .connect()
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+    let key = engram_core::rpc::ApiKey::new("key", key).unwrap_or_else(|e| panic!("{e}"));
+    MemoryServiceClient::with_interceptor(channel, key)
 }

@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use engram_proto::tonic::transport::{Channel, Endpoint};
+use engram_core::rpc::ApiKey;
+use engram_proto::tonic::transport::Endpoint;
 use engram_proto::tonic::{Code, Status};
 use engram_proto::v1 as pb;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
@@ -24,6 +25,14 @@ pub struct Connection {
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// API key for a gateway with authentication on.
+    #[arg(
+        long = "api-key",
+        env = "ENGRAM_API_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    api_key: Option<String>,
     /// Give up on a call after this long.
     #[arg(long, default_value = "30s", value_parser = engram_core::config::parse_duration, global = true)]
     timeout: Duration,
@@ -245,7 +254,8 @@ pub async fn run(command: impl Future<Output = Result<(), Failure>>) -> ExitCode
     }
 }
 
-async fn connect(connection: &Connection) -> Result<MemoryServiceClient<Channel>, Failure> {
+async fn connect(connection: &Connection) -> Result<engram_cli::Client, Failure> {
+    let key = ApiKey::new("--api-key", connection.api_key.as_deref()).map_err(Status::from)?;
     let endpoint = Endpoint::from_shared(connection.addr.clone())
         .map_err(|e| Status::invalid_argument(format!("--addr {:?}: {e}", connection.addr)))?
         .connect_timeout(Duration::from_secs(3))
@@ -256,7 +266,7 @@ async fn connect(connection: &Connection) -> Result<MemoryServiceClient<Channel>
             connection.addr
         ))
     })?;
-    Ok(MemoryServiceClient::new(channel))
+    Ok(MemoryServiceClient::with_interceptor(channel, key))
 }
 
 pub async fn remember(args: RememberArgs) -> Result<(), Failure> {

@@ -50,6 +50,8 @@ pub struct ClusterConfig {
     pub provider: Option<Arc<dyn EmbeddingProvider>>,
     /// The ingestion service's write log settings.
     pub write_log: engram_ingestion::LogArgs,
+    /// How the gateway admits calls: authentication, limits, deadlines.
+    pub edge: engram_gateway::EdgeArgs,
     pub common: CommonArgs,
 }
 
@@ -173,6 +175,7 @@ impl LocalCluster {
         let gateway_config = engram_gateway::Config {
             retrieval_url: url(addrs.retrieval),
             ingestion_url: url(addrs.ingestion),
+            edge: config.edge,
             common,
         };
         let gateway = RunningService::spawn(engram_gateway::SERVICE_NAME, |stop| {
@@ -249,7 +252,10 @@ async fn wait_serving(name: &str, addr: SocketAddr) -> Result<()> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     loop {
-        let channel = engram_core::rpc::channel(name, &url(addr), Duration::from_secs(2))?;
+        let channel = engram_proto::tonic::transport::Endpoint::from_shared(url(addr))
+            .map_err(|e| Error::invalid(name, format!("{addr}: {e}")))?
+            .timeout(Duration::from_secs(2))
+            .connect_lazy();
         let status = HealthClient::new(channel)
             .check(tonic_health::pb::HealthCheckRequest::default())
             .await;

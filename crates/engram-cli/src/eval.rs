@@ -20,9 +20,7 @@ use std::time::{Duration, Instant};
 use engram_core::calendar;
 use engram_core::model::Timestamp;
 use engram_proto::tonic::Status;
-use engram_proto::tonic::transport::Channel;
 use engram_proto::v1 as pb;
-use engram_proto::v1::memory_service_client::MemoryServiceClient;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -176,7 +174,7 @@ fn user(conversation: &Conversation) -> String {
 
 /// Store a conversation's turns (SYNC, idempotent); how many were new.
 pub async fn ingest(
-    client: &mut MemoryServiceClient<Channel>,
+    client: &mut crate::Client,
     conversation: &Conversation,
 ) -> Result<usize, Status> {
     let mut created = 0;
@@ -298,7 +296,7 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 
 /// Ask every scored question of `conversations` (already ingested) in every mode.
 pub async fn evaluate(
-    client: &mut MemoryServiceClient<Channel>,
+    client: &mut crate::Client,
     conversations: &[Conversation],
     k: u32,
 ) -> Result<Report, Status> {

@@ -4,6 +4,13 @@
 //! local `redis-server`; `engram up` and the test sandbox both use them, so what tests exercise
 //! is what a developer runs.
 
+use engram_proto::tonic::service::interceptor::InterceptedService;
+use engram_proto::tonic::transport::Channel;
+use engram_proto::v1::memory_service_client::MemoryServiceClient;
+
 pub mod cluster;
 pub mod eval;
 pub mod redis;
+
+/// A client of the public API that sends the caller's API key (if it has one).
+pub type Client = MemoryServiceClient<InterceptedService<Channel, engram_core::rpc::ApiKey>>;

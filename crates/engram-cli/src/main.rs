@@ -38,6 +38,9 @@ enum Command {
     /// Manage the local embedding model.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Manage the gateway's API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Measure recall quality against a running gateway.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -48,6 +51,52 @@ enum EvalCommand {
     /// Ingest LoCoMo conversations (one user each) and score evidence recall@k, all-recall@k,
     /// MRR and latency of their questions in HYBRID, SEMANTIC and KEYWORD modes.
     Locomo(client::LocomoArgs),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new random API key: prints the key once (give it to the caller) and, on stderr,
+    /// the entry to append to the key file, which holds only its SHA-256.
+    New {
+        /// Tenant the key acts for.
+        #[arg(long)]
+        tenant: String,
+        /// What the key may do.
+        #[arg(long, value_enum, default_value_t = RoleArg::Write)]
+        role: RoleArg,
+        /// Name of the key in logs and errors (default: `<tenant>-<role>`).
+        #[arg(long)]
+        name: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RoleArg {
+    Read,
+    Write,
+    Admin,
+}
+
+fn new_key(tenant: &str, role: RoleArg, name: Option<String>) -> ExitCode {
+    use engram_gateway::Role;
+    let tenant = match engram_core::model::TenantId::parse(tenant) {
+        Ok(tenant) => tenant,
+        Err(e) => {
+            eprintln!("error: --tenant: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let role = match role {
+        RoleArg::Read => Role::Read,
+        RoleArg::Write => Role::Write,
+        RoleArg::Admin => Role::Admin,
+    };
+    let name = name.unwrap_or_else(|| format!("{}-{}", tenant.as_str(), role.as_str()));
+    let (key, entry) = engram_gateway::new_key(&name, &tenant, role);
+    eprintln!("# append to the API key file (ENGRAM_API_KEYS_FILE); the gateway reloads it:");
+    eprintln!("{entry}");
+    println!("{key}");
+    ExitCode::SUCCESS
 }
 
 #[derive(Subcommand)]
@@ -76,8 +125,12 @@ fn fetch_model(dir: Option<std::path::PathBuf>) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Model(ModelCommand::Fetch { dir }) = cli.command {
-        return fetch_model(dir);
+    match cli.command {
+        Command::Model(ModelCommand::Fetch { dir }) => return fetch_model(dir),
+        Command::Keys(KeysCommand::New { tenant, role, name }) => {
+            return new_key(&tenant, role, name);
+        }
+        _ => {}
     }
     engram_core::server::main_entry(|| async move {
         match cli.command {
@@ -88,6 +141,7 @@ fn main() -> ExitCode {
             Command::List(args) => client::run(client::list(args)).await,
             Command::Forget(args) => client::run(client::forget(args)).await,
             Command::Model(ModelCommand::Fetch { dir }) => fetch_model(dir),
+            Command::Keys(KeysCommand::New { tenant, role, name }) => new_key(&tenant, role, name),
             Command::Eval(EvalCommand::Locomo(args)) => {
                 client::run(client::eval_locomo(args)).await
             }

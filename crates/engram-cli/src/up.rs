@@ -21,6 +21,8 @@ pub struct UpArgs {
     #[command(flatten)]
     write_log: engram_ingestion::LogArgs,
     #[command(flatten)]
+    edge: engram_gateway::EdgeArgs,
+    #[command(flatten)]
     gateway_listen: engram_gateway::Listen,
     #[command(flatten)]
     retrieval_listen: engram_retrieval::Listen,
@@ -41,11 +43,13 @@ pub async fn run(args: UpArgs) -> ExitCode {
     let UpArgs { log, common, .. } = &args;
     let log = log.clone();
     let common = common.clone();
-    engram_core::server::run_main(&log, common, |common| start(args, common)).await
+    engram_core::server::run_main("engram", &log, common, |common| start(args, common)).await
 }
 
 async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
     let started = Instant::now();
+    let edge = args.edge.clone().off_unless_configured();
+    let auth_off = edge.auth == Some(engram_gateway::AuthMode::Off);
     let data_dir = args.retrieval.data_dir.clone();
     let embedding = engram_embedding::Config::from_args(args.embedding.clone(), common.clone());
     if let Some(dir) = embedding.model_dir() {
@@ -81,10 +85,11 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
         embedding,
         provider: None,
         write_log: args.write_log.clone(),
+        edge: edge.clone(),
         common: common.clone(),
     };
     let mut cluster = LocalCluster::start(config, listeners)?;
-    let outcome = serve_until_stopped(&mut cluster, &common, &data_dir, started).await;
+    let outcome = serve_until_stopped(&mut cluster, &common, &data_dir, started, auth_off).await;
     let stopped = cluster.shutdown().await;
     if let Some(redis) = &mut redis {
         redis.stop().await;
@@ -101,12 +106,13 @@ async fn serve_until_stopped(
     common: &CommonArgs,
     data_dir: &std::path::Path,
     started: Instant,
+    auth_off: bool,
 ) -> Result<()> {
     tokio::select! {
         ready = cluster.wait_ready(Duration::from_secs(120)) => ready?,
         () = shutdown_signal() => return Ok(()),
     }
-    print_banner(cluster, common, data_dir, started.elapsed());
+    print_banner(cluster, common, data_dir, started.elapsed(), auth_off);
     tokio::select! {
         () = shutdown_signal() => {
             eprintln!("engram: stopping (draining in-flight requests)…");
@@ -128,16 +134,22 @@ fn print_banner(
     common: &CommonArgs,
     data_dir: &std::path::Path,
     took: Duration,
+    auth_off: bool,
 ) {
     let a = cluster.addrs;
     let admin = |addr: Option<std::net::SocketAddr>| {
         addr.map_or_else(|| "-".to_string(), |a| format!("http://{a}"))
     };
     eprintln!();
-    eprintln!(
-        "engram is up in {:.1}s (authentication off: every caller is tenant `default`)",
-        took.as_secs_f64()
-    );
+    eprintln!("engram is up in {:.1}s", took.as_secs_f64());
+    if auth_off {
+        eprintln!("  !! AUTHENTICATION IS OFF: every caller is tenant `default` with every right.");
+        eprintln!(
+            "  !! For anything beyond this machine set ENGRAM_API_KEYS_FILE (see `engram keys new`)."
+        );
+    } else {
+        eprintln!("  authentication on: every call needs `authorization: Bearer <API key>`");
+    }
     eprintln!(
         "  {:<10} {:<22} admin (/healthz /readyz /metrics)",
         "service", "gRPC"

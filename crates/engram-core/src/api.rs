@@ -426,6 +426,8 @@ pub struct LoggedWrite {
     pub op: LogOp,
     pub submitted_unix_ms: i64,
     pub reservations: Vec<String>,
+    /// W3C `traceparent` of the request that wrote it (empty when not traced).
+    pub traceparent: String,
 }
 
 /// Waits for logged writes to be indexed (read-your-writes); retrieval holds one.

@@ -17,6 +17,10 @@ pub struct CommonArgs {
     /// Timeout of a call from one engram service to another.
     #[arg(long, env = "ENGRAM_INTERNAL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub internal_timeout: Duration,
+    /// How often a peer URL naming a host (a Kubernetes headless Service) is resolved again to
+    /// find the replicas behind it.
+    #[arg(long, env = "ENGRAM_DISCOVERY_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub discovery_interval: Duration,
     /// Redis for caches (and the write log), e.g. `redis://127.0.0.1:6379/0`. Unset: caches
     /// are in-process only. `engram up` starts its own Redis when this is unset.
     #[arg(long, env = "ENGRAM_REDIS_URL")]
@@ -34,6 +38,7 @@ impl CommonArgs {
             limits: Limits::default(),
             drain_grace: Duration::from_secs(5),
             internal_timeout: Duration::from_secs(30),
+            discovery_interval: Duration::from_secs(5),
             redis_url: None,
             vector_dimension: 384,
         }
@@ -44,6 +49,12 @@ impl CommonArgs {
         if self.internal_timeout.is_zero() {
             return Err(Error::invalid(
                 "ENGRAM_INTERNAL_TIMEOUT",
+                "must be greater than zero",
+            ));
+        }
+        if self.discovery_interval.is_zero() {
+            return Err(Error::invalid(
+                "ENGRAM_DISCOVERY_INTERVAL",
                 "must be greater than zero",
             ));
         }
@@ -124,7 +135,8 @@ macro_rules! listen_args {
 /// Where the embedding service is (for the services that call it).
 #[derive(Debug, Clone, clap::Args)]
 pub struct EmbeddingUrl {
-    /// URL of the embedding service.
+    /// URL of the embedding service: one `http://host:port`, or several separated by commas;
+    /// a host name is re-resolved to find every replica.
     #[arg(
         long = "embedding-url",
         env = "ENGRAM_EMBEDDING_URL",
@@ -136,7 +148,8 @@ pub struct EmbeddingUrl {
 /// Where the retrieval service is (for the services that call it).
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetrievalUrl {
-    /// URL of the retrieval service.
+    /// URL of the retrieval service: one `http://host:port`, or several separated by commas;
+    /// a host name is re-resolved to find every replica.
     #[arg(
         long = "retrieval-url",
         env = "ENGRAM_RETRIEVAL_URL",
@@ -148,7 +161,8 @@ pub struct RetrievalUrl {
 /// Where the ingestion service is (for the gateway).
 #[derive(Debug, Clone, clap::Args)]
 pub struct IngestionUrl {
-    /// URL of the ingestion service.
+    /// URL of the ingestion service: one `http://host:port`, or several separated by commas;
+    /// a host name is re-resolved to find every replica.
     #[arg(
         long = "ingestion-url",
         env = "ENGRAM_INGESTION_URL",

@@ -17,6 +17,7 @@ pub mod entities;
 pub mod error;
 pub mod limits;
 pub mod model;
+pub mod peers;
 pub mod rpc;
 pub mod server;
 pub mod validate;

@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use engram_proto::internal::v1 as ipb;
 use engram_proto::prost::Message as _;
 use engram_proto::tonic::service::interceptor::InterceptedService;
-use engram_proto::tonic::transport::{Channel, Endpoint};
-use engram_proto::tonic::{Request, Response, Status};
+use engram_proto::tonic::{Code, Request, Response, Status};
+use engram_telemetry::{GrpcClient, GrpcClientLayer, Metrics};
+use tower::Layer as _;
 
 use crate::api::{
     ApplyOutcome, DuplicateMatch, Embedder, Embeddings, ForgetOutcome, ForgetTarget, GetQuery,
@@ -21,33 +22,84 @@ use crate::api::{
     ListQuery, LogOp, LoggedWrite, Purpose, RecallQuery, RecallResult, RememberBatch,
     RememberOutcome, SparseVector, UpdateCommand, UpdateOutcome, WriteState, WriteToken,
 };
+use crate::config::CommonArgs;
 use crate::convert;
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::model::{Scope, TenantId};
+use crate::peers::{Balanced, PeerSettings, RetryBudget};
 use crate::validate;
 
 /// Largest message an internal server or client accepts: a full batch of maximal memories with
 /// their vectors.
 pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
 
-/// A lazily connecting channel to a peer service at `url` (for example
-/// `http://127.0.0.1:50052`). `setting` names the configuration it came from, for the error.
-pub fn channel(setting: &str, url: &str, request_timeout: Duration) -> Result<Channel> {
-    let endpoint = Endpoint::from_shared(url.to_string())
-        .map_err(|e| Error::invalid(setting, format!("{url:?} is not a valid URL: {e}")))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(request_timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true);
-    Ok(endpoint.connect_lazy())
+/// How a service reaches its peers: the channel settings and the client layer (metrics and
+/// trace context) every client of the service shares.
+#[derive(Debug, Clone)]
+pub struct Peers {
+    settings: PeerSettings,
+    layer: GrpcClientLayer,
+}
+
+impl Peers {
+    /// Clients reporting into `metrics` (the service's registry: create one `Peers` per
+    /// service, since each registers the `grpc_client_*` series).
+    pub fn new(common: &CommonArgs, metrics: &Metrics) -> Self {
+        Self {
+            settings: PeerSettings::new(common.internal_timeout, common.discovery_interval),
+            layer: GrpcClientLayer::new(metrics),
+        }
+    }
+
+    /// For tools and tests: clients with their own unexported metrics.
+    pub fn standalone(request_timeout: Duration) -> Self {
+        Self {
+            settings: PeerSettings::new(request_timeout, Duration::from_secs(5)),
+            layer: GrpcClientLayer::new(&Metrics::new()),
+        }
+    }
+
+    /// A channel to the peers `urls` lists (`setting` names where they came from), whose
+    /// calls carry the caller's remaining deadline and trace context.
+    fn connect(&self, setting: &str, urls: &str) -> Result<Peer> {
+        let balanced = Balanced::new(setting, urls, self.settings)?;
+        Ok(InterceptedService::new(
+            self.layer.layer(balanced),
+            crate::deadline::propagate as Propagate,
+        ))
+    }
 }
 
 type Propagate = fn(Request<()>) -> std::result::Result<Request<()>, Status>;
 
-/// A channel to a peer whose calls carry the caller's remaining deadline.
-type Peer = InterceptedService<Channel, Propagate>;
+/// A balanced channel to a peer's replicas whose calls carry the caller's remaining deadline.
+type Peer = InterceptedService<GrpcClient<Balanced>, Propagate>;
+
+/// Run an idempotent read, once more on another endpoint if it failed as UNAVAILABLE and the
+/// budget allows.
+async fn read<T, Fut>(
+    budget: &RetryBudget,
+    mut call: impl FnMut() -> Fut,
+) -> std::result::Result<T, Status>
+where
+    Fut: Future<Output = std::result::Result<Response<T>, Status>>,
+{
+    let mut retried = false;
+    loop {
+        match call().await {
+            Ok(response) => {
+                budget.deposit();
+                return Ok(response.into_inner());
+            }
+            Err(status) if status.code() == Code::Unavailable && !retried && budget.withdraw() => {
+                tracing::debug!(error = %status.message(), "retrying a read on another endpoint");
+                retried = true;
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
 
 fn tenant(raw: &str) -> Result<TenantId> {
     TenantId::parse(raw)
@@ -137,20 +189,14 @@ pub struct EmbedderClient {
 }
 
 impl EmbedderClient {
-    /// A client that connects to `url` on first use; `setting` names where the URL came from.
-    pub fn connect_lazy(setting: &str, url: &str, timeout: Duration) -> Result<Self> {
-        Ok(Self::new(channel(setting, url, timeout)?))
-    }
-
-    pub fn new(channel: Channel) -> Self {
-        Self {
-            client: ipb::embedder_client::EmbedderClient::with_interceptor(
-                channel,
-                crate::deadline::propagate as Propagate,
-            )
-            .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
-        }
+    /// A client of the replicas `urls` lists, connecting on first use; `setting` names where
+    /// the URLs came from.
+    pub fn connect(peers: &Peers, setting: &str, urls: &str) -> Result<Self> {
+        Ok(Self {
+            client: ipb::embedder_client::EmbedderClient::new(peers.connect(setting, urls)?)
+                .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
+        })
     }
 }
 
@@ -208,6 +254,7 @@ impl LoggedWrite {
             op: Some(op),
             submitted_unix_ms: self.submitted_unix_ms,
             dedup_keys: self.reservations.clone(),
+            traceparent: self.traceparent.clone(),
         }
         .encode_to_vec()
     }
@@ -237,6 +284,7 @@ impl LoggedWrite {
             op,
             submitted_unix_ms: entry.submitted_unix_ms,
             reservations: entry.dedup_keys,
+            traceparent: entry.traceparent,
         })
     }
 }
@@ -427,62 +475,61 @@ impl ipb::index_server::Index for IndexGrpc {
 #[derive(Clone)]
 pub struct IndexClient {
     client: ipb::index_client::IndexClient<Peer>,
+    budget: Arc<RetryBudget>,
 }
 
 impl IndexClient {
-    /// A client that connects to `url` on first use; `setting` names where the URL came from.
-    pub fn connect_lazy(setting: &str, url: &str, timeout: Duration) -> Result<Self> {
-        Ok(Self::new(channel(setting, url, timeout)?))
-    }
-
-    pub fn new(channel: Channel) -> Self {
-        Self {
-            client: ipb::index_client::IndexClient::with_interceptor(
-                channel,
-                crate::deadline::propagate as Propagate,
-            )
-            .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
-        }
+    /// A client of the replicas `urls` lists, connecting on first use; `setting` names where
+    /// the URLs came from.
+    pub fn connect(peers: &Peers, setting: &str, urls: &str) -> Result<Self> {
+        Ok(Self {
+            client: ipb::index_client::IndexClient::new(peers.connect(setting, urls)?)
+                .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
+            budget: Arc::new(RetryBudget::default()),
+        })
     }
 }
 
 #[async_trait]
 impl Index for IndexClient {
     async fn search(&self, tenant: &TenantId, query: RecallQuery) -> Result<RecallResult> {
-        let response = self
-            .client
-            .clone()
-            .search(ipb::SearchRequest {
-                tenant: tenant.to_string(),
-                recall: Some(convert::recall_request(&query)),
-            })
-            .await?;
-        convert::recall_result_from_pb(response.into_inner(), tenant)
+        let request = ipb::SearchRequest {
+            tenant: tenant.to_string(),
+            recall: Some(convert::recall_request(&query)),
+        };
+        let response = read(&self.budget, || {
+            let (mut client, request) = (self.client.clone(), request.clone());
+            async move { client.search(request).await }
+        })
+        .await?;
+        convert::recall_result_from_pb(response, tenant)
     }
 
     async fn get(&self, tenant: &TenantId, query: GetQuery) -> Result<GetResult> {
-        let response = self
-            .client
-            .clone()
-            .get(ipb::IndexGetRequest {
-                tenant: tenant.to_string(),
-                get: Some(convert::get_request(&query)),
-            })
-            .await?;
-        convert::get_result_from_pb(response.into_inner(), tenant)
+        let request = ipb::IndexGetRequest {
+            tenant: tenant.to_string(),
+            get: Some(convert::get_request(&query)),
+        };
+        let response = read(&self.budget, || {
+            let (mut client, request) = (self.client.clone(), request.clone());
+            async move { client.get(request).await }
+        })
+        .await?;
+        convert::get_result_from_pb(response, tenant)
     }
 
     async fn list(&self, tenant: &TenantId, query: ListQuery) -> Result<ListPage> {
-        let response = self
-            .client
-            .clone()
-            .list(ipb::IndexListRequest {
-                tenant: tenant.to_string(),
-                list: Some(convert::list_request(&query)),
-            })
-            .await?;
-        convert::list_page_from_pb(response.into_inner(), tenant)
+        let request = ipb::IndexListRequest {
+            tenant: tenant.to_string(),
+            list: Some(convert::list_request(&query)),
+        };
+        let response = read(&self.budget, || {
+            let (mut client, request) = (self.client.clone(), request.clone());
+            async move { client.list(request).await }
+        })
+        .await?;
+        convert::list_page_from_pb(response, tenant)
     }
 
     async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> Result<ApplyOutcome> {
@@ -622,20 +669,14 @@ pub struct IngestionClient {
 }
 
 impl IngestionClient {
-    /// A client that connects to `url` on first use; `setting` names where the URL came from.
-    pub fn connect_lazy(setting: &str, url: &str, timeout: Duration) -> Result<Self> {
-        Ok(Self::new(channel(setting, url, timeout)?))
-    }
-
-    pub fn new(channel: Channel) -> Self {
-        Self {
-            client: ipb::ingestion_client::IngestionClient::with_interceptor(
-                channel,
-                crate::deadline::propagate as Propagate,
-            )
-            .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
-        }
+    /// A client of the replicas `urls` lists, connecting on first use; `setting` names where
+    /// the URLs came from.
+    pub fn connect(peers: &Peers, setting: &str, urls: &str) -> Result<Self> {
+        Ok(Self {
+            client: ipb::ingestion_client::IngestionClient::new(peers.connect(setting, urls)?)
+                .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES),
+        })
     }
 }
 
@@ -695,5 +736,36 @@ impl Ingestion for IngestionClient {
                 response.state
             ))),
         }
+    }
+}
+
+// ---- Public API clients ----
+
+/// A client interceptor sending an API key as `authorization: Bearer <key>` (no key: nothing).
+#[derive(Debug, Clone, Default)]
+pub struct ApiKey(Option<engram_proto::tonic::metadata::AsciiMetadataValue>);
+
+impl ApiKey {
+    /// `setting` names where the key came from, for the error if it cannot be sent.
+    pub fn new(setting: &str, key: Option<&str>) -> Result<Self> {
+        key.filter(|k| !k.is_empty())
+            .map(|key| {
+                format!("Bearer {key}").parse().map_err(|_| {
+                    Error::invalid(setting, "an API key is printable ASCII without spaces")
+                })
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl engram_proto::tonic::service::Interceptor for ApiKey {
+    fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
     }
 }

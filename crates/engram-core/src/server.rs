@@ -1,8 +1,9 @@
 //! How every engram service runs: bound listeners in, gRPC (with health, reflection and the
 //! metrics layer) and the admin HTTP port out, until a shutdown signal, then a drain.
 //!
-//! Server-side layers, outermost first: metrics → the caller's deadline ([`crate::deadline`]) → the
-//! service. (Trace context, auth and load shedding join this stack in the gateway.)
+//! Server-side layers, outermost first: metrics → the trace span (continuing the caller's trace)
+//! → the caller's deadline ([`crate::deadline`]) → the service. (The gateway adds its edge —
+//! authentication, rate limits, load shedding — around its own service.)
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use engram_proto::tonic::service::Routes;
 use engram_proto::tonic::transport::Server;
 use engram_proto::tonic::transport::server::TcpIncoming;
-use engram_telemetry::{GrpcMetricsLayer, Health, Metrics};
+use engram_telemetry::{GrpcMetricsLayer, Health, Metrics, TraceLayer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic_health::ServingStatus;
@@ -109,6 +110,11 @@ impl ServiceRuntime {
         &self.metrics
     }
 
+    /// How this service reaches its peers, reporting into its metrics.
+    pub fn peers(&self, common: &crate::config::CommonArgs) -> crate::rpc::Peers {
+        crate::rpc::Peers::new(common, &self.metrics)
+    }
+
     /// Serve `routes` (plus health and reflection) on `listener` until `shutdown` completes,
     /// then stop accepting, let in-flight requests finish for up to `drain_grace`, and stop the
     /// admin server. `health_names` are the gRPC service names reported by the health service.
@@ -171,6 +177,7 @@ impl ServiceRuntime {
         let server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(GrpcMetricsLayer::new(&self.metrics))
+            .layer(TraceLayer::new(self.name))
             .layer(crate::deadline::DeadlineLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal);
@@ -274,17 +281,19 @@ where
         common,
         log,
     } = cli;
-    run_main(&log, common, |common| async move {
+    run_main(name, &log, common, |common| async move {
         let listeners = listen.bind().await?;
         serve(args, common, listeners).await
     })
     .await
 }
 
-/// The body of every binary's `main`: set up logging, check the shared settings, run, and
+/// The body of every binary's `main`: set up logging and tracing (spans carry `name` as their
+/// `service.name`), check the shared settings, run, flush the spans, and
 /// turn the outcome into an exit code (0 after a clean drain, 1 on an error, 2 on bad
 /// configuration), printing the error where an operator will see it.
 pub async fn run_main<F, Fut>(
+    name: &str,
     log: &engram_telemetry::LogConfig,
     common: crate::config::CommonArgs,
     run: F,
@@ -293,15 +302,22 @@ where
     F: FnOnce(crate::config::CommonArgs) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    if let Err(e) = engram_telemetry::init_logging(log) {
-        eprintln!("error: {e}");
-        return std::process::ExitCode::from(2);
-    }
+    let tracing = match engram_telemetry::init_logging(log, name) {
+        Ok(tracing) => tracing,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     if let Err(e) = common.check() {
         eprintln!("error: {e}");
         return std::process::ExitCode::from(2);
     }
-    match run(common).await {
+    let outcome = run(common).await;
+    if let Some(tracing) = tracing {
+        tracing.shutdown().await;
+    }
+    match outcome {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "exiting after an error");

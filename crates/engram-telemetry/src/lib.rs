@@ -10,8 +10,10 @@ pub mod admin;
 mod health;
 mod logging;
 mod metrics;
+pub mod trace;
 
 pub use health::Health;
 pub use logging::{LogConfig, LogFormat, init_logging};
-pub use metrics::{GrpcMetricsLayer, Metrics, latency_buckets};
+pub use metrics::{GrpcClient, GrpcClientLayer, GrpcMetricsLayer, Metrics, latency_buckets};
 pub use prometheus_client;
+pub use trace::{TraceConfig, TraceLayer, Tracing};

@@ -1,6 +1,10 @@
 //! Process-wide logging set-up, done once by a binary's `main`.
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
+
+use crate::trace::{TraceConfig, Tracing};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -23,19 +27,32 @@ pub struct LogConfig {
     /// Log line format.
     #[arg(long = "log-format", env = "ENGRAM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub format: LogFormat,
+    #[command(flatten)]
+    pub trace: TraceConfig,
 }
 
-/// Install the global subscriber. Fails if the filter does not parse, naming the variable.
-pub fn init_logging(config: &LogConfig) -> Result<(), String> {
+/// Install the global subscriber: log lines on stderr and, when an OTLP endpoint is
+/// configured, spans exported for `service`. Fails if the filter does not parse, naming the
+/// variable. Must run inside the tokio runtime; keep the returned exporter and
+/// [`Tracing::shutdown`] it before exiting.
+pub fn init_logging(config: &LogConfig, service: &str) -> Result<Option<Tracing>, String> {
     let filter = EnvFilter::try_new(&config.filter)
         .map_err(|e| format!("ENGRAM_LOG: invalid filter {:?}: {e}", config.filter))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let tracing = Tracing::start(&config.trace, service)?;
+    crate::trace::install_propagator();
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(true)
         .with_writer(std::io::stderr);
-    let result = match config.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    let fmt: Box<dyn Layer<Registry> + Send + Sync> = match config.format {
+        LogFormat::Text => Box::new(fmt),
+        LogFormat::Json => Box::new(fmt.json().flatten_event(true)),
     };
-    result.map_err(|e| format!("logging already initialised: {e}"))
+    let otel = tracing.as_ref().map(Tracing::layer);
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .with(filter)
+        .try_init()
+        .map_err(|e| format!("logging already initialised: {e}"))?;
+    Ok(tracing)
 }

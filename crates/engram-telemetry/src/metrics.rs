@@ -13,6 +13,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
 
+use crate::trace::{header_status, split_path};
+
 /// Latency buckets in seconds from 50 µs to about 6.5 s, doubling: engram's fast paths are
 /// sub-millisecond and its slow ones (model calls) take seconds.
 pub fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -37,7 +39,7 @@ impl Metrics {
         Self::default()
     }
 
-    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+    pub fn register(&self, name: impl Into<String>, help: impl Into<String>, metric: impl Metric) {
         self.registry.lock().register(name, help, metric);
     }
 
@@ -81,23 +83,28 @@ pub struct GrpcMetricsLayer {
 
 impl GrpcMetricsLayer {
     pub fn new(metrics: &Metrics) -> Self {
+        Self::for_side(metrics, "server")
+    }
+
+    /// The same series for calls this process makes (`grpc_client_*`).
+    fn for_side(metrics: &Metrics, side: &str) -> Self {
         let started = Family::<MethodLabels, Counter>::default();
         let handled = Family::<HandledLabels, Counter>::default();
         let handling: HistogramFamily<MethodLabels> =
             Family::new_with_constructor(latency_histogram);
         metrics.register(
-            "grpc_server_started",
-            "RPCs started on the server",
+            format!("grpc_{side}_started"),
+            format!("RPCs started on the {side}"),
             started.clone(),
         );
         metrics.register(
-            "grpc_server_handled",
-            "RPCs completed on the server, by status code",
+            format!("grpc_{side}_handled"),
+            format!("RPCs completed on the {side}, by status code"),
             handled.clone(),
         );
         metrics.register(
-            "grpc_server_handling_seconds",
-            "Time to handle an RPC on the server, until its response headers",
+            format!("grpc_{side}_handling_seconds"),
+            format!("Time an RPC took on the {side}, until its response headers"),
             handling.clone(),
         );
         Self {
@@ -105,6 +112,21 @@ impl GrpcMetricsLayer {
             handled,
             handling,
         }
+    }
+}
+
+impl GrpcMetricsLayer {
+    fn record(&self, labels: MethodLabels, code: &'static str, started: Instant) {
+        self.handling
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        self.handled
+            .get_or_create(&HandledLabels {
+                grpc_service: labels.grpc_service,
+                grpc_method: labels.grpc_method,
+                grpc_code: code,
+            })
+            .inc();
     }
 }
 
@@ -139,54 +161,37 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let (service, method) = split_path(request.uri().path());
+        let labels = MethodLabels::of(request.uri().path());
         let layer = self.layer.clone();
-        let labels = MethodLabels {
-            grpc_service: service,
-            grpc_method: method,
-        };
         layer.started.get_or_create(&labels).inc();
         let started = Instant::now();
         let response = self.inner.call(request);
         Box::pin(async move {
             let result = response.await;
+            // Errors carry their status in the headers (trailers-only responses); a response
+            // without one succeeded or streams its status in the trailers.
             let code = match &result {
-                // Errors carry their status in the headers (trailers-only responses); a
-                // response without one succeeded or streams its status in the trailers.
-                Ok(response) => response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<usize>().ok())
-                    .and_then(|code| CODE_NAMES.get(code).copied())
-                    .unwrap_or("OK"),
+                Ok(response) => code_name(header_status(response.headers()).unwrap_or(0)),
                 Err(_) => "Unavailable",
             };
-            let elapsed = started.elapsed();
-            layer
-                .handling
-                .get_or_create(&labels)
-                .observe(elapsed.as_secs_f64());
-            layer
-                .handled
-                .get_or_create(&HandledLabels {
-                    grpc_service: labels.grpc_service,
-                    grpc_method: labels.grpc_method,
-                    grpc_code: code,
-                })
-                .inc();
+            layer.record(labels, code, started);
             result
         })
     }
 }
 
-/// `/engram.v1.MemoryService/Recall` → (`engram.v1.MemoryService`, `Recall`).
-fn split_path(path: &str) -> (String, String) {
-    let path = path.trim_start_matches('/');
-    match path.split_once('/') {
-        Some((service, method)) => (service.to_string(), method.to_string()),
-        None => (path.to_string(), String::new()),
+impl MethodLabels {
+    fn of(path: &str) -> Self {
+        let (service, method) = split_path(path);
+        Self {
+            grpc_service: service.to_string(),
+            grpc_method: method.to_string(),
+        }
     }
+}
+
+fn code_name(code: usize) -> &'static str {
+    CODE_NAMES.get(code).copied().unwrap_or("Unknown")
 }
 
 /// gRPC status code names, indexed by code.
@@ -209,6 +214,92 @@ const CODE_NAMES: [&str; 17] = [
     "DataLoss",
     "Unauthenticated",
 ];
+
+/// Client layer, one per service, shared by all its clients: `grpc_client_started_total`,
+/// `grpc_client_handled_total` and `grpc_client_handling_seconds` by service, method and
+/// code, and a client span per call whose trace context goes to the peer as `traceparent`.
+#[derive(Clone)]
+pub struct GrpcClientLayer {
+    metrics: GrpcMetricsLayer,
+}
+
+impl std::fmt::Debug for GrpcClientLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcClientLayer").finish_non_exhaustive()
+    }
+}
+
+impl GrpcClientLayer {
+    pub fn new(metrics: &Metrics) -> Self {
+        Self {
+            metrics: GrpcMetricsLayer::for_side(metrics, "client"),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for GrpcClientLayer {
+    type Service = GrpcClient<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcClient {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcClient<S> {
+    inner: S,
+    layer: GrpcClientLayer,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for GrpcClient<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        use tracing::Instrument as _;
+        let labels = MethodLabels::of(request.uri().path());
+        let span = tracing::info_span!(
+            "grpc.client",
+            otel.name = %format_args!("{}/{}", labels.grpc_service, labels.grpc_method),
+            otel.kind = "client",
+            rpc.system = "grpc",
+            rpc.service = %labels.grpc_service,
+            rpc.method = %labels.grpc_method,
+            rpc.grpc.status_code = tracing::field::Empty,
+        );
+        crate::trace::inject(&span, request.headers_mut());
+        let metrics = self.layer.metrics.clone();
+        metrics.started.get_or_create(&labels).inc();
+        let started = Instant::now();
+        let response = self.inner.call(request);
+        let recorded = span.clone();
+        Box::pin(
+            async move {
+                let result = response.await;
+                let code = match &result {
+                    Ok(response) => header_status(response.headers()).unwrap_or(0),
+                    Err(_) => 14,
+                };
+                recorded.record("rpc.grpc.status_code", code);
+                metrics.record(labels, code_name(code), started);
+                result
+            }
+            .instrument(span),
+        )
+    }
+}
 
 #[cfg(test)]
 mod tests {

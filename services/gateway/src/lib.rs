@@ -1,22 +1,32 @@
 //! The gateway: engram's only public surface, serving `engram.v1.MemoryService`.
 //!
-//! A request passes through the server layers (metrics), then the handler here: the tenant is
-//! taken from the caller's credentials (until authentication is configured, every caller is the
-//! tenant `default`), the request is validated and bounded (`engram_core::validate`), and it is
-//! routed: Recall, Get and List to retrieval, Remember, Update and Forget to ingestion.
+//! A request passes through the server layers (metrics, trace), then the [`edge`] (load
+//! shedding, API key, rate limit, deadline), then the handler here: the tenant is the one the
+//! caller's key names, the request is validated and bounded (`engram_core::validate`), and it
+//! is routed — Recall, Get and List to retrieval, Remember, Update and Forget to ingestion —
+//! over balanced channels to every replica (`engram_core::peers`).
 
+mod auth;
+mod edge;
+
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use engram_core::api::{Index, Ingestion};
-use engram_core::config::{CommonArgs, IngestionUrl, RetrievalUrl};
+use engram_core::config::{CommonArgs, IngestionUrl, RetrievalUrl, parse_duration};
 use engram_core::model::TenantId;
 use engram_core::server::{Listeners, ServiceRuntime};
-use engram_core::{Limits, Result, convert, rpc, validate};
+use engram_core::{Error, Limits, Result, convert, rpc, validate};
+use engram_proto::tonic::codec::CompressionEncoding;
 use engram_proto::tonic::service::Routes;
 use engram_proto::tonic::{Request, Response, Status};
 use engram_proto::v1 as pb;
 use engram_proto::v1::memory_service_server::{MemoryService, MemoryServiceServer};
+
+pub use auth::{Caller, KeySource, KeyStore, Keys, Rate, Role, new_key};
+pub use edge::{Deadlines, Edge, EdgeConfig};
 
 pub const SERVICE_NAME: &str = "gateway";
 
@@ -35,18 +45,213 @@ pub struct GatewayPeers {
     pub ingestion: IngestionUrl,
 }
 
+/// The gateway's binary: where its peers are, and its edge.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    pub peers: GatewayPeers,
+    #[command(flatten)]
+    pub edge: EdgeArgs,
+}
+
+/// Authentication is on unless turned off, and then needs keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// Every call needs an API key.
+    Keys,
+    /// No authentication: every caller is the tenant `default`. Only for a trusted network.
+    Off,
+}
+
+/// How the gateway admits public calls (also flattened into `engram up`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct EdgeArgs {
+    /// `keys` (every call needs an API key) or `off`. Unset: `keys` when keys are configured;
+    /// otherwise the gateway binary refuses to start, and `engram up` runs with it off.
+    #[arg(long = "auth", env = "ENGRAM_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+    /// API key file (TOML; see the README), reloaded when it changes and on SIGHUP.
+    #[arg(long = "api-keys-file", env = "ENGRAM_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// API keys inline, in the key file's TOML (read once at start-up).
+    #[arg(long = "api-keys", env = "ENGRAM_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// How often the key file is checked for changes.
+    #[arg(long = "api-keys-reload", env = "ENGRAM_API_KEYS_RELOAD", default_value = "5s", value_parser = parse_duration)]
+    pub api_keys_reload: Duration,
+    /// Calls per second a key may make unless its entry sets `rate` (0: unlimited).
+    #[arg(
+        long = "rate-limit",
+        env = "ENGRAM_RATE_LIMIT",
+        default_value_t = 1000.0
+    )]
+    pub rate_limit: f64,
+    /// Burst a key may make unless its entry sets `burst` (default: twice the rate).
+    #[arg(long = "rate-burst", env = "ENGRAM_RATE_BURST")]
+    pub rate_burst: Option<f64>,
+    /// Most public calls running at once; beyond it calls are refused at once with
+    /// RESOURCE_EXHAUSTED instead of queueing.
+    #[arg(
+        long = "max-in-flight",
+        env = "ENGRAM_MAX_IN_FLIGHT",
+        default_value_t = 512
+    )]
+    pub max_in_flight: usize,
+    /// Deadline of a call whose client sends none (or a later one).
+    #[arg(long = "default-deadline", env = "ENGRAM_DEFAULT_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub default_deadline: Duration,
+    /// Default deadlines by method, e.g. `Recall=2s,Remember=5s`.
+    #[arg(
+        long = "rpc-deadlines",
+        env = "ENGRAM_RPC_DEADLINES",
+        default_value = ""
+    )]
+    pub rpc_deadlines: String,
+    /// Largest public request or response, in bytes.
+    #[arg(long = "max-message-bytes", env = "ENGRAM_MAX_MESSAGE_BYTES", default_value_t = MAX_PUBLIC_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+}
+
+impl Default for EdgeArgs {
+    /// Authentication off, the documented defaults otherwise (tests, `engram up`).
+    fn default() -> Self {
+        Self {
+            auth: Some(AuthMode::Off),
+            api_keys_file: None,
+            api_keys: None,
+            api_keys_reload: Duration::from_secs(5),
+            rate_limit: 1000.0,
+            rate_burst: None,
+            max_in_flight: 512,
+            default_deadline: Duration::from_secs(10),
+            rpc_deadlines: String::new(),
+            max_message_bytes: MAX_PUBLIC_MESSAGE_BYTES,
+        }
+    }
+}
+
+const METHODS: [&str; 6] = ["Remember", "Recall", "Get", "List", "Update", "Forget"];
+
+impl EdgeArgs {
+    /// `engram up`'s reading: no keys and no `ENGRAM_AUTH` means authentication off.
+    pub fn off_unless_configured(mut self) -> Self {
+        if self.auth.is_none() && self.api_keys_file.is_none() && self.api_keys.is_none() {
+            self.auth = Some(AuthMode::Off);
+        }
+        self
+    }
+
+    fn deadlines(&self) -> Result<Deadlines> {
+        let bad = |why: String| Error::invalid("ENGRAM_RPC_DEADLINES", why);
+        if self.default_deadline.is_zero() {
+            return Err(Error::invalid(
+                "ENGRAM_DEFAULT_DEADLINE",
+                "must be greater than zero",
+            ));
+        }
+        let mut by_method = std::collections::HashMap::new();
+        for pair in self
+            .rpc_deadlines
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
+            let (method, value) = pair
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{pair:?} is not Method=duration")))?;
+            let method = method.trim();
+            if !METHODS.contains(&method) {
+                return Err(bad(format!(
+                    "unknown method {method:?}; known: {}",
+                    METHODS.join(", ")
+                )));
+            }
+            let duration = parse_duration(value.trim()).map_err(bad)?;
+            if duration.is_zero() {
+                return Err(bad(format!("{method}: must be greater than zero")));
+            }
+            by_method.insert(method.to_string(), duration);
+        }
+        Ok(Deadlines {
+            default: self.default_deadline,
+            by_method,
+        })
+    }
+
+    /// Check the settings and load the keys.
+    pub fn build(&self) -> Result<EdgeConfig> {
+        if self.rate_limit.is_nan() || self.rate_limit < 0.0 {
+            return Err(Error::invalid(
+                "ENGRAM_RATE_LIMIT",
+                "must be 0 (unlimited) or more",
+            ));
+        }
+        let burst = self.rate_burst.unwrap_or((self.rate_limit * 2.0).max(1.0));
+        if burst.is_nan() || burst < 1.0 {
+            return Err(Error::invalid("ENGRAM_RATE_BURST", "must be at least 1"));
+        }
+        if self.max_in_flight == 0 {
+            return Err(Error::invalid("ENGRAM_MAX_IN_FLIGHT", "must be at least 1"));
+        }
+        let rate = Rate {
+            per_second: self.rate_limit,
+            burst,
+        };
+        let source = match (&self.api_keys_file, &self.api_keys) {
+            (Some(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "ENGRAM_API_KEYS",
+                    "set either ENGRAM_API_KEYS_FILE or ENGRAM_API_KEYS, not both",
+                ));
+            }
+            (Some(path), None) => Some(KeySource::File(path.clone())),
+            (None, Some(text)) => Some(KeySource::Inline(text.clone())),
+            (None, None) => None,
+        };
+        let keys = match (self.auth, source) {
+            (Some(AuthMode::Off), _) => None,
+            (_, Some(source)) => {
+                let store = Arc::new(KeyStore::load(source, rate)?);
+                if store.keys().is_empty() {
+                    tracing::warn!("the API key file lists no keys: every call will be refused");
+                }
+                store.watch(self.api_keys_reload);
+                Some(store)
+            }
+            (_, None) => {
+                return Err(Error::invalid(
+                    "ENGRAM_API_KEYS_FILE",
+                    "authentication is on and no API keys are configured: set ENGRAM_API_KEYS_FILE (or ENGRAM_API_KEYS), or ENGRAM_AUTH=off on a trusted network",
+                ));
+            }
+        };
+        Ok(EdgeConfig {
+            keys,
+            // Rate limits are per key: with authentication off there are none.
+            anonymous_rate: Rate {
+                per_second: 0.0,
+                burst: 1.0,
+            },
+            max_in_flight: self.max_in_flight,
+            deadlines: self.deadlines()?,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub retrieval_url: String,
     pub ingestion_url: String,
+    pub edge: EdgeArgs,
     pub common: CommonArgs,
 }
 
 impl Config {
-    pub fn from_args(peers: GatewayPeers, common: CommonArgs) -> Self {
+    pub fn from_args(args: GatewayArgs, common: CommonArgs) -> Self {
         Self {
-            retrieval_url: peers.retrieval.retrieval_url,
-            ingestion_url: peers.ingestion.ingestion_url,
+            retrieval_url: args.peers.retrieval.retrieval_url,
+            ingestion_url: args.peers.ingestion.ingestion_url,
+            edge: args.edge,
             common,
         }
     }
@@ -57,31 +262,42 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    let edge = config.edge.build()?;
     let runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
-    let timeout = config.common.internal_timeout;
-    let index = Arc::new(rpc::IndexClient::connect_lazy(
+    let peers = runtime.peers(&config.common);
+    let index = Arc::new(rpc::IndexClient::connect(
+        &peers,
         "ENGRAM_RETRIEVAL_URL",
         &config.retrieval_url,
-        timeout,
     )?);
-    let ingestion = Arc::new(rpc::IngestionClient::connect_lazy(
+    let ingestion = Arc::new(rpc::IngestionClient::connect(
+        &peers,
         "ENGRAM_INGESTION_URL",
         &config.ingestion_url,
-        timeout,
     )?);
-    tracing::warn!(
-        "authentication is off: every caller is the tenant `default`; do not expose this gateway beyond a trusted network"
-    );
+    match &edge.keys {
+        Some(store) => tracing::info!(
+            keys = store.keys().len(),
+            "authentication on: every call needs an API key"
+        ),
+        None => tracing::warn!(
+            "AUTHENTICATION IS OFF: every caller is the tenant `default` with every right; do not expose this gateway beyond a trusted network"
+        ),
+    }
     let gateway = Gateway {
         index,
         ingestion,
         limits: config.common.limits.clone(),
     };
-    let routes = Routes::new(
-        MemoryServiceServer::new(gateway)
-            .max_decoding_message_size(MAX_PUBLIC_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_PUBLIC_MESSAGE_BYTES),
-    );
+    let max = config.edge.max_message_bytes;
+    let service = MemoryServiceServer::new(gateway)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd);
+    let routes = Routes::new(Edge::new(service, edge, runtime.metrics()));
     runtime
         .serve(
             routes,
@@ -101,10 +317,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// The tenant a request acts for. Until authentication is configured every caller is
-    /// `default`; nothing in a request body can choose another.
-    fn tenant<T>(&self, _request: &Request<T>) -> TenantId {
-        TenantId::default_tenant()
+    /// The tenant a request acts for: always the one its credential names (the edge put it
+    /// there); nothing in a request body can choose another.
+    fn tenant<T>(&self, request: &Request<T>) -> Result<TenantId, Status> {
+        request
+            .extensions()
+            .get::<Caller>()
+            .map(|caller| caller.tenant.clone())
+            .ok_or_else(|| {
+                Status::internal("the call reached its handler without passing the gateway's edge")
+            })
     }
 }
 
@@ -114,7 +336,7 @@ impl MemoryService for Gateway {
         &self,
         request: Request<pb::RememberRequest>,
     ) -> Result<Response<pb::RememberResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.tenant(&request)?;
         let batch = validate::remember(request.into_inner(), &self.limits)?;
         let outcome = self.ingestion.submit(&tenant, batch).await?;
         Ok(Response::new(convert::remember_response(&outcome)))
@@ -124,7 +346,7 @@ impl MemoryService for Gateway {
         &self,
         request: Request<pb::RecallRequest>,
     ) -> Result<Response<pb::RecallResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.tenant(&request)?;
         let query = validate::recall(request.into_inner(), &self.limits)?;
         let result = self.index.search(&tenant, query).await?;
         Ok(Response::new(convert::recall_response(&result)))
@@ -134,7 +356,7 @@ impl MemoryService for Gateway {
         &self,
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.tenant(&request)?;
         let query = validate::get(request.into_inner(), &self.limits)?;
         let result = self.index.get(&tenant, query).await?;
         Ok(Response::new(convert::get_response(&result)))
@@ -144,7 +366,7 @@ impl MemoryService for Gateway {
         &self,
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.tenant(&request)?;
         let query = validate::list(request.into_inner(), &self.limits)?;
         let page = self.index.list(&tenant, query).await?;
         Ok(Response::new(convert::list_response(&page)))
@@ -154,7 +376,7 @@ impl MemoryService for Gateway {
         &self,
         request: Request<pb::UpdateRequest>,
     ) -> Result<Response<pb::UpdateResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.tenant(&request)?;
         let command = validate::update(request.into_inner(), &self.limits)?;
         let outcome = self.ingestion.update(&tenant, command).await?;
         Ok(Response::new(convert::update_response(&outcome)))
@@ -164,7 +386,7 @@ impl MemoryService for Gateway {
         &self,
         request: Request<pb::ForgetRequest>,
     ) -> Result<Response<pb::ForgetResponse>, Status> {
-        let tenant = self.tenant(&request);
+        let tenant = self.tenant(&request)?;
         let target = validate::forget(request.into_inner(), &self.limits)?;
         let outcome = self.ingestion.forget(&tenant, target).await?;
         Ok(Response::new(convert::forget_response(&outcome)))

@@ -4,7 +4,7 @@ engram_core::service_binary! {
     name: "engram-gateway",
     about: "engram's gateway: the public MemoryService API",
     listen: engram_gateway::Listen,
-    args: engram_gateway::GatewayPeers,
+    args: engram_gateway::GatewayArgs,
     config: engram_gateway::Config::from_args,
     serve: engram_gateway::serve,
 }

@@ -244,16 +244,16 @@ impl Pipeline {
     /// The pipeline `config` describes: clients of the embedding and retrieval services and,
     /// with Redis, the write log.
     pub fn from_config(config: &Config, metrics: &Metrics) -> Result<Self> {
-        let timeout = config.common.internal_timeout;
-        let embedder = Arc::new(rpc::EmbedderClient::connect_lazy(
+        let peers = rpc::Peers::new(&config.common, metrics);
+        let embedder = Arc::new(rpc::EmbedderClient::connect(
+            &peers,
             "ENGRAM_EMBEDDING_URL",
             &config.embedding_url,
-            timeout,
         )?);
-        let index = Arc::new(rpc::IndexClient::connect_lazy(
+        let index = Arc::new(rpc::IndexClient::connect(
+            &peers,
             "ENGRAM_RETRIEVAL_URL",
             &config.retrieval_url,
-            timeout,
         )?);
         let log = match &config.common.redis_url {
             Some(url) => Some(LogSettings {
@@ -406,6 +406,7 @@ impl Pipeline {
             op,
             submitted_unix_ms: Timestamp::now().as_micros() / 1000,
             reservations: Vec::new(),
+            traceparent: engram_telemetry::trace::current_traceparent(),
         };
         let appended = settings
             .log
@@ -581,6 +582,7 @@ impl Ingestion for Pipeline {
         };
 
         let now = Timestamp::now();
+        let traceparent = engram_telemetry::trace::current_traceparent();
         let partition = settings.log.partition_of(tenant, &scope);
         let mut appends = Vec::new();
         let mut new_inputs = Vec::new();
@@ -609,6 +611,7 @@ impl Ingestion for Pipeline {
                     .filter(|k| !k.is_empty())
                     .cloned()
                     .collect(),
+                traceparent: traceparent.clone(),
             };
             appends.push(Append {
                 key_reservation,

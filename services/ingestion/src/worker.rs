@@ -12,6 +12,7 @@
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use engram_core::api::{LogOp, LoggedWrite};
 use engram_core::error::Code;
@@ -352,7 +353,12 @@ impl PartitionWorker {
                 healthy = true;
             }
             let run: Vec<usize> = (i..end).collect();
-            match self.apply_run(&run, &decoded).await {
+            // Indexing is its own trace, linked to the requests that wrote these entries.
+            let span = tracing::info_span!("ingest.index", partition = p, writes = run.len());
+            for write in run.iter().filter_map(|&k| decoded[k].as_ref().ok()) {
+                engram_telemetry::trace::link_to(&span, &write.traceparent);
+            }
+            match self.apply_run(&run, &decoded).instrument(span).await {
                 Ok(outcomes) => {
                     done.extend(run.iter().map(|&k| entries[k].id).zip(outcomes));
                 }

@@ -73,6 +73,7 @@ impl ResultCache {
 
     /// The key `query`'s result is cached under now, or `None` when the generations cannot
     /// be read (the cache is then skipped).
+    #[tracing::instrument(name = "cache.generations", level = "info", skip_all)]
     pub async fn key(&self, tenant: &TenantId, query: &RecallQuery) -> Option<String> {
         let generations = self
             .generations
@@ -97,6 +98,7 @@ impl ResultCache {
         Some(hex::encode(Sha256::digest(material.as_bytes())))
     }
 
+    #[tracing::instrument(name = "cache.lookup", level = "info", skip_all)]
     pub async fn get(&self, key: &str, tenant: &TenantId) -> Option<RecallResult> {
         let bytes = self.results.get(key).await?;
         let response = engram_proto::v1::RecallResponse::decode(bytes).ok()?;
@@ -109,6 +111,7 @@ impl ResultCache {
         }
     }
 
+    #[tracing::instrument(name = "cache.store", level = "info", skip_all)]
     pub async fn put(&self, key: String, result: &RecallResult) {
         let bytes = convert::recall_response(result).encode_to_vec();
         self.results.put(key, Bytes::from(bytes)).await;

@@ -160,10 +160,10 @@ pub async fn serve(
             EdgeStore::open(EdgeStoreConfig::new(&config.index_dir, config.dimension)).await?,
         ),
     };
-    let embedder = Arc::new(rpc::EmbedderClient::connect_lazy(
+    let embedder = Arc::new(rpc::EmbedderClient::connect(
+        &runtime.peers(&config.common),
         "ENGRAM_EMBEDDING_URL",
         &config.embedding_url,
-        config.common.internal_timeout,
     )?);
     let mut retrieval = Retrieval::new(store.clone(), embedder, runtime.metrics());
     retrieval.weights = config.fusion_weights;

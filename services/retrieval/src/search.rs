@@ -31,6 +31,7 @@ use engram_telemetry::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
+use tracing::Instrument as _;
 
 use crate::{Retrieval, temporal};
 
@@ -213,6 +214,7 @@ const MAX_QUERY_ENTITIES: usize = 4;
 
 /// The query's entities that single out few of the scope's memories: counted in the index
 /// (one indexed count each, in parallel), like an inverse document frequency cut.
+#[tracing::instrument(name = "store.count_entities", level = "info", skip_all)]
 async fn distinctive_entities(
     retrieval: &Retrieval,
     selection: &Selection,
@@ -247,6 +249,7 @@ async fn distinctive_entities(
 }
 
 /// The query's embedding (through the embedding service and its cache), and how long it took.
+#[tracing::instrument(name = "embed.query", level = "info", skip_all)]
 async fn embed_query(retrieval: &Retrieval, query: &str) -> Result<(Vec<f32>, Duration)> {
     let started = Instant::now();
     let mut embedded = retrieval
@@ -270,7 +273,11 @@ async fn ranked(
     let searches = strategies.into_iter().map(|(strategy, selection)| {
         let query = query.clone();
         async move {
-            let hits = retrieval.store.search(selection, query, candidates).await?;
+            let hits = retrieval
+                .store
+                .search(selection, query, candidates)
+                .instrument(tracing::info_span!("store.search", strategy = ?strategy))
+                .await?;
             Ok::<_, Error>(Ranking { strategy, hits })
         }
     });
@@ -449,6 +456,7 @@ async fn fused_in_store(
     let mut hits = retrieval
         .store
         .search_fused(prefetches, RRF_K as u32 + 1, candidates)
+        .instrument(tracing::info_span!("store.search_fused"))
         .await?;
     let search = started.elapsed();
     for hit in &mut hits {

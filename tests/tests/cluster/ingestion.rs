@@ -10,15 +10,13 @@ use engram_core::api::{WriteState, WriteToken};
 use engram_ingestion::LogArgs;
 use engram_proto::internal::v1 as ipb;
 use engram_proto::tonic::Code;
-use engram_proto::tonic::transport::Channel;
-use engram_proto::v1::memory_service_client::MemoryServiceClient;
 use engram_telemetry::Metrics;
 use engram_tests::{FakeProvider, Options, Sandbox, fast_policy, pb};
 use parking_lot::Mutex;
 
 const DIM: usize = 8;
 
-type Client = MemoryServiceClient<Channel>;
+type Client = engram_cli::Client;
 
 fn scope(user: &str) -> Option<pb::Scope> {
     Some(pb::Scope {

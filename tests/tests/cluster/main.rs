@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod embedding;
+mod gateway;
 mod ingestion;
 mod operations;
 mod retrieval;

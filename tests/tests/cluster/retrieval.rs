@@ -8,11 +8,9 @@ use engram_core::api::{Index as _, Ingestion as _, RecallQuery, RememberBatch};
 use engram_core::calendar::Date;
 use engram_core::model::{Filter, NewMemory, Scope, TenantId, WriteMode};
 use engram_core::rpc::{IndexClient, IngestionClient};
-use engram_proto::tonic::transport::Channel;
 use engram_tests::{Sandbox, pb};
-use pb::memory_service_client::MemoryServiceClient;
 
-type Client = MemoryServiceClient<Channel>;
+type Client = engram_cli::Client;
 
 fn scope(user: &str) -> Option<pb::Scope> {
     Some(pb::Scope {
@@ -352,17 +350,17 @@ async fn a_write_through_one_replica_invalidates_the_cache_of_another() {
 #[tokio::test]
 async fn filters_select_alone_and_combined_and_never_cross_tenants_or_users() {
     let sandbox = Sandbox::start().await;
-    let timeout = Duration::from_secs(30);
-    let ingestion = IngestionClient::connect_lazy(
+    let peers = engram_core::rpc::Peers::standalone(Duration::from_secs(30));
+    let ingestion = IngestionClient::connect(
+        &peers,
         "ingestion",
         &format!("http://{}", sandbox.addrs.ingestion),
-        timeout,
     )
     .unwrap();
-    let index = IndexClient::connect_lazy(
+    let index = IndexClient::connect(
+        &peers,
         "retrieval",
         &format!("http://{}", sandbox.addrs.retrieval),
-        timeout,
     )
     .unwrap();
     let memory = |t: &str, kind, tags: &[&str], day: Date, source: &str| NewMemory {

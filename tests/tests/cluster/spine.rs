@@ -2,13 +2,11 @@
 //! restart, and refusal of bad input.
 
 use engram_proto::prost_types::{FieldMask, Timestamp};
-use engram_proto::tonic::transport::Channel;
 use engram_proto::tonic::{Code, Status};
 use engram_tests::{Sandbox, pb};
-use pb::memory_service_client::MemoryServiceClient;
 use tonic_types::StatusExt as _;
 
-type Client = MemoryServiceClient<Channel>;
+type Client = engram_cli::Client;
 
 fn scope(user: &str) -> Option<pb::Scope> {
     Some(pb::Scope {
