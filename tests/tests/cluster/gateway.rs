@@ -559,3 +559,20 @@ async fn traffic_reaches_both_retrieval_replicas_and_survives_one_stopping() {
     one.stop().await;
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn gzip_and_zstd_requests_are_accepted_and_answered_compressed() {
+    use engram_proto::tonic::codec::CompressionEncoding;
+    let sandbox = Sandbox::start().await;
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Zstd] {
+        let mut client = sandbox
+            .client()
+            .await
+            .send_compressed(encoding)
+            .accept_compressed(encoding);
+        remember(&mut client, "u", "compressed on the wire", &[]).await;
+        let response = client.recall(recall_request("u", "wire")).await.unwrap();
+        assert!(!response.into_inner().hits.is_empty(), "{encoding:?}");
+    }
+    sandbox.stop().await;
+}
