@@ -12,8 +12,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use engram_core::model::TenantId;
 use engram_core::api::Index as _;
+use engram_core::model::TenantId;
 use engram_gateway::{AuthMode, EdgeArgs, Role};
 use engram_proto::internal::v1 as ipb;
 use engram_tests::bench::ms;
@@ -65,12 +65,10 @@ fn main() -> ExitCode {
             top_k: 10,
             ..Default::default()
         };
-        let mut direct = ipb::index_client::IndexClient::connect(format!(
-            "http://{}",
-            sandbox.addrs.retrieval
-        ))
-        .await
-        .unwrap();
+        let mut direct =
+            ipb::index_client::IndexClient::connect(format!("http://{}", sandbox.addrs.retrieval))
+                .await
+                .unwrap();
         let search = ipb::SearchRequest {
             tenant: tenant.to_string(),
             recall: Some(recall.clone()),
@@ -85,7 +83,8 @@ fn main() -> ExitCode {
             &format!("http://{}", sandbox.addrs.retrieval),
         )
         .unwrap();
-        let query = engram_core::validate::recall(recall.clone(), &engram_core::Limits::default()).unwrap();
+        let query =
+            engram_core::validate::recall(recall.clone(), &engram_core::Limits::default()).unwrap();
 
         // Warm up every path (and fill the result cache).
         for _ in 0..200 {
@@ -150,9 +149,8 @@ fn main() -> ExitCode {
                 ms(h.value_at_quantile(0.99))
             );
         }
-        let diff = |q: f64| {
-            through.value_at_quantile(q) as i64 - straight.value_at_quantile(q) as i64
-        };
+        let diff =
+            |q: f64| through.value_at_quantile(q) as i64 - straight.value_at_quantile(q) as i64;
         println!(
             "| gateway overhead | {} µs | {} µs | {} µs |",
             diff(0.5),

@@ -570,7 +570,8 @@ async fn gzip_and_zstd_requests_are_accepted_and_answered_compressed() {
             .await
             .send_compressed(encoding)
             .accept_compressed(encoding);
-        remember(&mut client, "u", "compressed on the wire", &[]).await;
+        let text = format!("compressed on the wire with {encoding:?}");
+        remember(&mut client, "u", &text, &[]).await;
         let response = client.recall(recall_request("u", "wire")).await.unwrap();
         assert!(!response.into_inner().hits.is_empty(), "{encoding:?}");
     }
