@@ -246,6 +246,7 @@ pub async fn run(command: impl Future<Output = Result<(), Failure>>) -> ExitCode
         Err(Failure(status)) => {
             let hint = match status.code() {
                 Code::Unavailable => " (is the cluster running? start it with `engram up`)",
+                Code::Unauthenticated => " (pass an API key with --api-key or ENGRAM_API_KEY)",
                 _ => "",
             };
             eprintln!("error: {:?}: {}{hint}", status.code(), status.message());
