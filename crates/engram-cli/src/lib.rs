@@ -10,6 +10,7 @@ use engram_proto::v1::memory_service_client::MemoryServiceClient;
 
 pub mod cluster;
 pub mod eval;
+pub mod loadtest;
 pub mod redis;
 
 /// A client of the public API that sends the caller's API key (if it has one).

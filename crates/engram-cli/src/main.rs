@@ -38,6 +38,9 @@ enum Command {
     /// Manage the local embedding model.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// Load-test a gateway with a ghz configuration file (the keys ghz reads) and write ghz's
+    /// JSON report.
+    Bench(engram_cli::loadtest::BenchArgs),
     /// Manage the gateway's API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -141,6 +144,16 @@ fn main() -> ExitCode {
             Command::List(args) => client::run(client::list(args)).await,
             Command::Forget(args) => client::run(client::forget(args)).await,
             Command::Model(ModelCommand::Fetch { dir }) => fetch_model(dir),
+            Command::Bench(args) => match engram_cli::loadtest::command(args).await {
+                Ok(report) => {
+                    print!("{}", report.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Command::Keys(KeysCommand::New { tenant, role, name }) => new_key(&tenant, role, name),
             Command::Eval(EvalCommand::Locomo(args)) => {
                 client::run(client::eval_locomo(args)).await

@@ -6,6 +6,7 @@
 mod embedding;
 mod gateway;
 mod ingestion;
+mod loadtest;
 mod operations;
 mod retrieval;
 mod spine;
