@@ -41,6 +41,8 @@ enum Command {
     /// Load-test a gateway with a ghz configuration file (the keys ghz reads) and write ghz's
     /// JSON report.
     Bench(engram_cli::loadtest::BenchArgs),
+    /// Turn ghz JSON reports into a Markdown table (stdout) and an SVG latency chart.
+    BenchReport(engram_cli::loadtest::ReportArgs),
     /// Manage the gateway's API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -147,6 +149,16 @@ fn main() -> ExitCode {
             Command::Bench(args) => match engram_cli::loadtest::command(args).await {
                 Ok(report) => {
                     print!("{}", report.summary());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            },
+            Command::BenchReport(args) => match engram_cli::loadtest::report_command(args) {
+                Ok(table) => {
+                    print!("{table}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 pub use call::Method;
 pub use config::{CallData, Config, Plan, Stop, parse_duration, render};
-pub use report::{Report, code_name};
+pub use report::{Report, code_name, latency_svg};
 
 /// What the workers gather.
 #[derive(Debug)]
@@ -267,4 +267,65 @@ fn progress_bar(plan: &Plan, done: Arc<AtomicU64>) -> tokio::task::JoinHandle<()
             let _ = std::io::stderr().flush();
         }
     })
+}
+
+/// `engram bench-report`: ghz JSON reports into a Markdown table and an SVG latency chart.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReportArgs {
+    /// ghz JSON reports (from `engram bench --output` or from ghz itself).
+    #[arg(required = true)]
+    pub reports: Vec<std::path::PathBuf>,
+    /// Write the latency chart here.
+    #[arg(long)]
+    pub svg: Option<std::path::PathBuf>,
+}
+
+/// The Markdown table of `reports` (printed), and the chart.
+pub fn report_command(args: ReportArgs) -> Result<String, String> {
+    let mut reports = Vec::new();
+    for path in &args.reports {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let report: Report = serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a ghz report: {e}", path.display()))?;
+        let name = report.name.clone().unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_default()
+        });
+        reports.push((name, report));
+    }
+    if let Some(svg) = &args.svg {
+        std::fs::write(svg, latency_svg(&reports))
+            .map_err(|e| format!("{}: {e}", svg.display()))?;
+    }
+    Ok(markdown(&reports))
+}
+
+fn markdown(reports: &[(String, Report)]) -> String {
+    let ms = |d: Option<Duration>| {
+        d.map_or("—".to_string(), |d| {
+            format!("{:.2} ms", d.as_secs_f64() * 1e3)
+        })
+    };
+    let mut out = String::from(
+        "| scenario | calls | calls/s | p50 | p90 | p99 | max | status codes |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for (name, r) in reports {
+        let codes: Vec<String> = r
+            .status_code_distribution
+            .iter()
+            .map(|(code, n)| format!("{code} {n}"))
+            .collect();
+        out.push_str(&format!(
+            "| {name} | {} | {:.0} | {} | {} | {} | {} | {} |\n",
+            r.count,
+            r.rps,
+            ms(r.percentile(50)),
+            ms(r.percentile(90)),
+            ms(r.percentile(99)),
+            ms(Some(Duration::from_nanos(r.slowest))),
+            codes.join(", ")
+        ));
+    }
+    out
 }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
 use engram_proto::tonic::Code;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{Plan, Stop, Tally};
 
@@ -13,12 +13,12 @@ use super::{Plan, Stop, Tally};
 const PERCENTAGES: [u32; 7] = [10, 25, 50, 75, 90, 95, 99];
 const BUCKETS: usize = 10;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Report {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    pub end_reason: &'static str,
+    pub end_reason: String,
     pub options: Options,
     pub date: String,
     pub count: u64,
@@ -28,13 +28,14 @@ pub struct Report {
     pub slowest: u64,
     pub rps: f64,
     pub error_distribution: BTreeMap<String, u64>,
-    pub status_code_distribution: BTreeMap<&'static str, u64>,
+    pub status_code_distribution: BTreeMap<String, u64>,
     pub latency_distribution: Vec<Percentile>,
     pub histogram: Vec<Bucket>,
-    pub details: Vec<()>,
+    #[serde(default)]
+    pub details: Vec<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Options {
     pub host: String,
     pub call: String,
@@ -52,14 +53,14 @@ pub struct Options {
     pub timeout: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Percentile {
     pub percentage: u32,
     /// Nanoseconds.
     pub latency: u64,
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Bucket {
     /// Seconds.
     pub mark: f64,
@@ -133,7 +134,7 @@ impl Report {
                 .collect();
             let mut counts = vec![0u64; marks.len()];
             for value in ok.iter_recorded() {
-                let v = value.value_iterated_to() as f64;
+                let v = ok.lowest_equivalent(value.value_iterated_to()) as f64;
                 let bucket = marks.iter().position(|m| v <= *m).unwrap_or(BUCKETS);
                 counts[bucket] += value.count_at_value();
             }
@@ -163,7 +164,8 @@ impl Report {
             end_reason: match plan.stop {
                 Stop::Total(_) => "normal",
                 Stop::Duration(_) => "timeout",
-            },
+            }
+            .to_string(),
             options: Options {
                 host: plan.host.clone(),
                 call: plan.call.clone(),
@@ -183,7 +185,11 @@ impl Report {
             slowest,
             rps: tally.count as f64 / elapsed.as_secs_f64().max(f64::MIN_POSITIVE),
             error_distribution: tally.errors.clone(),
-            status_code_distribution: tally.codes.clone(),
+            status_code_distribution: tally
+                .codes
+                .iter()
+                .map(|(code, n)| (code.to_string(), *n))
+                .collect(),
             latency_distribution,
             histogram,
             details: Vec::new(),
@@ -245,4 +251,63 @@ impl Report {
         }
         out
     }
+}
+
+/// A bar chart (SVG) of p50, p90 and p99 of each named report, in milliseconds on a log scale,
+/// with the value written on each bar.
+pub fn latency_svg(reports: &[(String, Report)]) -> String {
+    const W: f64 = 900.0;
+    const ROW: f64 = 70.0;
+    const LEFT: f64 = 20.0;
+    const RIGHT: f64 = 60.0;
+    let shown: [(u32, &str); 3] = [(50, "#4c78a8"), (90, "#f58518"), (99, "#e45756")];
+    let values: Vec<Vec<f64>> = reports
+        .iter()
+        .map(|(_, r)| {
+            shown
+                .iter()
+                .map(|(p, _)| r.percentile(*p).map_or(0.0, |d| d.as_secs_f64() * 1e3))
+                .collect()
+        })
+        .collect();
+    let top = values.iter().flatten().copied().fold(1.0f64, f64::max);
+    let (lo, hi) = (0.1f64.log10(), (top * 2.0).log10());
+    let x = |ms: f64| LEFT + (ms.max(0.1).log10() - lo) / (hi - lo) * (W - LEFT - RIGHT);
+    let height = 70.0 + ROW * reports.len() as f64;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    svg.push_str(&format!(
+        r#"<rect width="{W}" height="{height}" fill="white"/><text x="10" y="20" font-size="14">Latency per scenario (ms, log scale): p50, p90, p99</text>"#
+    ));
+    let mut tick = 0.1;
+    while tick <= top * 2.0 {
+        let tx = x(tick);
+        let label = if tick < 1.0 { format!("{tick:.1}") } else { format!("{tick:.0}") };
+        svg.push_str(&format!(
+            r##"<line x1="{tx:.1}" y1="35" x2="{tx:.1}" y2="{:.1}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle" fill="#666">{label} ms</text>"##,
+            height - 25.0,
+            height - 10.0
+        ));
+        tick *= 10.0;
+    }
+    for (i, ((name, _), row)) in reports.iter().zip(&values).enumerate() {
+        let y = 40.0 + ROW * i as f64;
+        svg.push_str(&format!(
+            r#"<text x="{LEFT}" y="{:.1}" font-weight="bold">{}</text>"#,
+            y + 10.0,
+            name.replace('&', "&amp;").replace('<', "&lt;")
+        ));
+        for (k, ((p, colour), ms)) in shown.iter().zip(row).enumerate() {
+            let by = y + 16.0 + 15.0 * k as f64;
+            svg.push_str(&format!(
+                r#"<rect x="{LEFT}" y="{by:.1}" width="{:.1}" height="13" fill="{colour}"/><text x="{:.1}" y="{:.1}" font-size="10">p{p} {ms:.2}</text>"#,
+                (x(*ms) - LEFT).max(1.0),
+                x(*ms) + 4.0,
+                by + 10.0
+            ));
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
 }
