@@ -283,7 +283,11 @@ pub fn latency_svg(reports: &[(String, Report)]) -> String {
     let mut tick = 0.1;
     while tick <= top * 2.0 {
         let tx = x(tick);
-        let label = if tick < 1.0 { format!("{tick:.1}") } else { format!("{tick:.0}") };
+        let label = if tick < 1.0 {
+            format!("{tick:.1}")
+        } else {
+            format!("{tick:.0}")
+        };
         svg.push_str(&format!(
             r##"<line x1="{tx:.1}" y1="35" x2="{tx:.1}" y2="{:.1}" stroke="#ddd"/><text x="{tx:.1}" y="{:.1}" text-anchor="middle" fill="#666">{label} ms</text>"##,
             height - 25.0,
