@@ -14,6 +14,8 @@ pub mod trace;
 
 pub use health::Health;
 pub use logging::{LogConfig, LogFormat, init_logging};
-pub use metrics::{GrpcClient, GrpcClientLayer, GrpcMetricsLayer, Metrics, latency_buckets};
+pub use metrics::{
+    GrpcClient, GrpcClientLayer, GrpcMetricsLayer, Metrics, code_name, latency_buckets,
+};
 pub use prometheus_client;
 pub use trace::{TraceConfig, TraceLayer, Tracing};

@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
 
-use crate::trace::{header_status, split_path};
+use crate::trace::{TraceLayer, Traced, UNAVAILABLE, header_status, split_path};
 
 /// Latency buckets in seconds from 50 µs to about 6.5 s, doubling: engram's fast paths are
 /// sub-millisecond and its slow ones (model calls) take seconds.
@@ -172,7 +172,7 @@ where
             // without one succeeded or streams its status in the trailers.
             let code = match &result {
                 Ok(response) => code_name(header_status(response.headers()).unwrap_or(0)),
-                Err(_) => "Unavailable",
+                Err(_) => code_name(UNAVAILABLE),
             };
             layer.record(labels, code, started);
             result
@@ -190,7 +190,9 @@ impl MethodLabels {
     }
 }
 
-fn code_name(code: usize) -> &'static str {
+/// The name of gRPC status code `code` as Prometheus labels and ghz reports write it (Go's
+/// names: `OK`, `Canceled`, `ResourceExhausted`, ...).
+pub fn code_name(code: usize) -> &'static str {
     CODE_NAMES.get(code).copied().unwrap_or("Unknown")
 }
 
@@ -217,7 +219,7 @@ const CODE_NAMES: [&str; 17] = [
 
 /// Client layer, one per service, shared by all its clients: `grpc_client_started_total`,
 /// `grpc_client_handled_total` and `grpc_client_handling_seconds` by service, method and
-/// code, and a client span per call whose trace context goes to the peer as `traceparent`.
+/// code, inside a client span per call whose trace context goes to the peer as `traceparent`.
 #[derive(Clone)]
 pub struct GrpcClientLayer {
     metrics: GrpcMetricsLayer,
@@ -237,67 +239,14 @@ impl GrpcClientLayer {
     }
 }
 
+/// A client wrapped in its span and its metrics.
+pub type GrpcClient<S> = Traced<GrpcMetrics<S>>;
+
 impl<S> tower::Layer<S> for GrpcClientLayer {
     type Service = GrpcClient<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcClient {
-            inner,
-            layer: self.clone(),
-        }
-    }
-}
-
-#[derive(Clone)]
-pub struct GrpcClient<S> {
-    inner: S,
-    layer: GrpcClientLayer,
-}
-
-impl<S, B, R> tower::Service<http::Request<B>> for GrpcClient<S>
-where
-    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        use tracing::Instrument as _;
-        let labels = MethodLabels::of(request.uri().path());
-        let span = tracing::info_span!(
-            "grpc.client",
-            otel.name = %format_args!("{}/{}", labels.grpc_service, labels.grpc_method),
-            otel.kind = "client",
-            rpc.system = "grpc",
-            rpc.service = %labels.grpc_service,
-            rpc.method = %labels.grpc_method,
-            rpc.grpc.status_code = tracing::field::Empty,
-        );
-        crate::trace::inject(&span, request.headers_mut());
-        let metrics = self.layer.metrics.clone();
-        metrics.started.get_or_create(&labels).inc();
-        let started = Instant::now();
-        let response = self.inner.call(request);
-        let recorded = span.clone();
-        Box::pin(
-            async move {
-                let result = response.await;
-                let code = match &result {
-                    Ok(response) => header_status(response.headers()).unwrap_or(0),
-                    Err(_) => 14,
-                };
-                recorded.record("rpc.grpc.status_code", code);
-                metrics.record(labels, code_name(code), started);
-                result
-            }
-            .instrument(span),
-        )
+        TraceLayer::client().layer(self.metrics.layer(inner))
     }
 }
 

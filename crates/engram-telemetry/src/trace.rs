@@ -225,17 +225,34 @@ pub(crate) fn header_status(headers: &http::HeaderMap) -> Option<usize> {
         .and_then(|v| v.parse::<usize>().ok())
 }
 
-/// Server layer: one span per RPC, child of the trace context the caller sent.
+/// Which end of an RPC a [`TraceLayer`] wraps.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    /// The span continues the caller's trace; the engram service serving is recorded as
+    /// `engram.service` so services sharing one process stay distinguishable.
+    Server(&'static str),
+    /// The span's context goes to the peer as `traceparent`.
+    Client,
+}
+
+/// One span per RPC: on a server, child of the trace context the caller sent; on a client,
+/// sent to the peer.
 #[derive(Debug, Clone, Copy)]
 pub struct TraceLayer {
-    service: &'static str,
+    side: Side,
 }
 
 impl TraceLayer {
-    /// `service` is the engram service serving (gateway, retrieval, ...), recorded on each span
-    /// as `engram.service` so services sharing one process stay distinguishable.
+    /// For the server of `service` (gateway, retrieval, ...).
     pub fn new(service: &'static str) -> Self {
-        Self { service }
+        Self {
+            side: Side::Server(service),
+        }
+    }
+
+    /// For a client (see [`crate::GrpcClientLayer`], which adds the client metrics).
+    pub fn client() -> Self {
+        Self { side: Side::Client }
     }
 }
 
@@ -245,7 +262,7 @@ impl<S> tower::Layer<S> for TraceLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Traced {
             inner,
-            service: self.service,
+            side: self.side,
         }
     }
 }
@@ -253,7 +270,7 @@ impl<S> tower::Layer<S> for TraceLayer {
 #[derive(Debug, Clone)]
 pub struct Traced<S> {
     inner: S,
-    service: &'static str,
+    side: Side,
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for Traced<S>
@@ -269,22 +286,40 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let (service, method) = split_path(request.uri().path());
-        let span = tracing::info_span!(
-            "grpc.server",
-            otel.name = %format_args!("{service}/{method}"),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
-            engram.service = self.service,
-            rpc.grpc.status_code = tracing::field::Empty,
-        );
-        let parent = extract(request.headers());
-        if parent.span().span_context().is_valid() {
-            let _ = span.set_parent(parent);
-        }
+        let span = match self.side {
+            Side::Server(engram_service) => {
+                let span = tracing::info_span!(
+                    "grpc.server",
+                    otel.name = %format_args!("{service}/{method}"),
+                    otel.kind = "server",
+                    rpc.system = "grpc",
+                    rpc.service = %service,
+                    rpc.method = %method,
+                    engram.service = engram_service,
+                    rpc.grpc.status_code = tracing::field::Empty,
+                );
+                let parent = extract(request.headers());
+                if parent.span().span_context().is_valid() {
+                    let _ = span.set_parent(parent);
+                }
+                span
+            }
+            Side::Client => {
+                let span = tracing::info_span!(
+                    "grpc.client",
+                    otel.name = %format_args!("{service}/{method}"),
+                    otel.kind = "client",
+                    rpc.system = "grpc",
+                    rpc.service = %service,
+                    rpc.method = %method,
+                    rpc.grpc.status_code = tracing::field::Empty,
+                );
+                inject(&span, request.headers_mut());
+                span
+            }
+        };
         let response = {
             let _entered = span.enter();
             self.inner.call(request)
@@ -293,15 +328,18 @@ where
         Box::pin(
             async move {
                 let result = response.await;
-                if let Ok(response) = &result {
-                    recorded.record(
-                        "rpc.grpc.status_code",
-                        header_status(response.headers()).unwrap_or(0),
-                    );
-                }
+                // A transport error is UNAVAILABLE, as the metrics count it.
+                let code = match &result {
+                    Ok(response) => header_status(response.headers()).unwrap_or(0),
+                    Err(_) => UNAVAILABLE,
+                };
+                recorded.record("rpc.grpc.status_code", code);
                 result
             }
             .instrument(span),
         )
     }
 }
+
+/// gRPC's code for UNAVAILABLE.
+pub(crate) const UNAVAILABLE: usize = 14;

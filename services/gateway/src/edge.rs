@@ -89,7 +89,8 @@ impl<S> Edge<S> {
         let rejected = Family::<RejectLabels, Counter>::default();
         metrics.register(
             "engram_gateway_rejected",
-            "Calls the gateway refused before running them, by reason",
+            "Calls the gateway answered itself, by reason: overloaded, unauthenticated, \
+             permission_denied, rate_limited (refused before running) or deadline (cut short)",
             rejected.clone(),
         );
         let in_flight_gauge = Gauge::default();

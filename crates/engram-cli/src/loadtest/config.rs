@@ -165,8 +165,7 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration, String> {
     if let Ok(seconds) = text.parse::<f64>() {
         return Ok(Duration::from_secs_f64(seconds.max(0.0)));
     }
-    humantime::parse_duration(text)
-        .map_err(|e| format!("{key}: {text:?} is not a duration like 30s or 1m30s: {e}"))
+    engram_core::config::parse_duration(text).map_err(|e| format!("{key}: {e}"))
 }
 
 /// `data` as ghz takes it: one object, or a non-empty array of objects.
