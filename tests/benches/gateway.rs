@@ -56,6 +56,7 @@ fn main() -> ExitCode {
                     .collect(),
                 mode: pb::WriteMode::Sync.into(),
                 extract: false,
+                privacy: 0,
             })
             .await
             .unwrap();

@@ -208,6 +208,7 @@ async fn remember(client: &Client, user: &str, texts: Vec<String>) -> pb::Rememb
                 .collect(),
             mode: pb::WriteMode::Async.into(),
             extract: false,
+            privacy: 0,
         })
         .await
         .unwrap()

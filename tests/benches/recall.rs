@@ -71,6 +71,7 @@ fn main() -> ExitCode {
                     memories,
                     mode: pb::WriteMode::Sync.into(),
                     extract: false,
+                    privacy: 0,
                 })
                 .await
                 .unwrap();

@@ -1,6 +1,7 @@
 //! A fake model provider for tests: a real HTTP/1.1 server on a free port speaking the OpenAI
-//! embeddings protocol (`POST /v1/embeddings`), scriptable request by request. It stands only
-//! for the external API; everything on engram's side of the wire is real.
+//! embeddings protocol (`POST /v1/embeddings`) and streamed chat completions
+//! (`POST /v1/chat/completions`, server-sent events), each scriptable request by request. It
+//! stands only for the external API; everything on engram's side of the wire is real.
 //!
 //! Each request takes the next scripted [`Behavior`] (or the default one) and answers with it.
 //! `Ok` answers with a deterministic unit vector per input ([`FakeProvider::vector_for`]), so a
@@ -37,6 +38,26 @@ pub enum Behavior {
     Drop,
 }
 
+/// How the fake answers one chat completion.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatBehavior {
+    /// Stream the reply (see [`FakeProvider::set_reply`]) word by word, then `[DONE]`.
+    Reply,
+    /// Stream this text instead.
+    Text(String),
+    /// An HTTP error status, with `Retry-After: <seconds>` if given.
+    Status {
+        status: u16,
+        retry_after: Option<u64>,
+    },
+    /// Accept the request and never answer.
+    Hang,
+    /// Send this many words of the reply, then nothing more until the client goes away.
+    StallAfter(usize),
+    /// 200 with events that are not chat completion chunks.
+    Malformed,
+}
+
 struct State {
     dimension: usize,
     script: VecDeque<Behavior>,
@@ -48,6 +69,15 @@ struct State {
     requests: Vec<Vec<String>>,
     /// Requests received and not yet answered.
     in_flight: usize,
+    chat_script: VecDeque<ChatBehavior>,
+    chat_default: ChatBehavior,
+    reply: String,
+    /// Pause between two streamed words.
+    word_delay: Duration,
+    /// The body of every chat request received, in order.
+    chat_requests: Vec<serde_json::Value>,
+    /// Chat streams whose client closed the connection before the stream ended.
+    chat_disconnects: usize,
 }
 
 #[derive(Clone)]
@@ -72,6 +102,12 @@ impl FakeProvider {
             poison: HashSet::new(),
             requests: Vec::new(),
             in_flight: 0,
+            chat_script: VecDeque::new(),
+            chat_default: ChatBehavior::Reply,
+            reply: "Hello from the fake model.".into(),
+            word_delay: Duration::ZERO,
+            chat_requests: Vec::new(),
+            chat_disconnects: 0,
         }));
         let serving = state.clone();
         tokio::spawn(async move {
@@ -122,6 +158,50 @@ impl FakeProvider {
         self.state.lock().requests.clone()
     }
 
+    /// Answer the next chat completion (after those already scripted) this way.
+    pub fn then_chat(&self, behavior: ChatBehavior) -> &Self {
+        self.state.lock().chat_script.push_back(behavior);
+        self
+    }
+
+    /// How chat completions are answered once the chat script is used up.
+    pub fn set_chat_default(&self, behavior: ChatBehavior) {
+        self.state.lock().chat_default = behavior;
+    }
+
+    /// The text [`ChatBehavior::Reply`] streams.
+    pub fn set_reply(&self, reply: &str) {
+        self.state.lock().reply = reply.to_string();
+    }
+
+    /// Pause between two streamed words.
+    pub fn set_word_delay(&self, delay: Duration) {
+        self.state.lock().word_delay = delay;
+    }
+
+    /// The JSON body of every chat request so far.
+    pub fn chat_requests(&self) -> Vec<serde_json::Value> {
+        self.state.lock().chat_requests.clone()
+    }
+
+    /// Chat streams the client closed before they ended.
+    pub fn chat_disconnects(&self) -> usize {
+        self.state.lock().chat_disconnects
+    }
+
+    /// The words a reply is streamed in: each word with the space before it.
+    pub fn words(text: &str) -> Vec<String> {
+        let mut words = Vec::new();
+        for (i, word) in text.split(' ').enumerate() {
+            words.push(if i == 0 {
+                word.to_string()
+            } else {
+                format!(" {word}")
+            });
+        }
+        words
+    }
+
     /// The vector this fake returns for `text`: unit length, derived from its SHA-256.
     pub fn vector_for(text: &str, dimension: usize) -> Vec<f32> {
         let mut values = Vec::with_capacity(dimension);
@@ -149,9 +229,15 @@ impl FakeProvider {
 async fn serve_connection(mut stream: TcpStream, state: Arc<Mutex<State>>) {
     let mut buffer = Vec::new();
     loop {
-        let Some(body) = read_request(&mut stream, &mut buffer).await else {
+        let Some((path, body)) = read_request(&mut stream, &mut buffer).await else {
             return;
         };
+        if path.ends_with("/chat/completions") {
+            if serve_chat(&mut stream, &state, &body).await {
+                continue;
+            }
+            return;
+        }
         let inputs: Vec<String> = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
             .and_then(|v| v.get("input").cloned())
@@ -239,8 +325,103 @@ fn http(status: u16, content_type: &str, body: &str, retry_after: Option<u64>) -
     )
 }
 
-/// Read one request (head and `Content-Length` body); `None` when the client closed.
-async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Vec<u8>> {
+/// Answer one chat completion; false when the connection is done with.
+async fn serve_chat(stream: &mut TcpStream, state: &Arc<Mutex<State>>, body: &[u8]) -> bool {
+    let _answering = InFlight::enter(state);
+    let (behavior, latency, reply, delay) = {
+        let mut state = state.lock();
+        let request = serde_json::from_slice(body).unwrap_or(serde_json::Value::Null);
+        state.chat_requests.push(request);
+        let behavior = state
+            .chat_script
+            .pop_front()
+            .unwrap_or_else(|| state.chat_default.clone());
+        (
+            behavior,
+            state.latency,
+            state.reply.clone(),
+            state.word_delay,
+        )
+    };
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let (words, stall) = match behavior {
+        ChatBehavior::Status {
+            status,
+            retry_after,
+        } => {
+            let response = http(
+                status,
+                "application/json",
+                "{\"error\":{\"message\":\"scripted failure\"}}",
+                retry_after,
+            );
+            return stream.write_all(response.as_bytes()).await.is_ok();
+        }
+        ChatBehavior::Hang => {
+            std::future::pending::<()>().await;
+            return false;
+        }
+        ChatBehavior::Malformed => (vec!["not a chunk".to_string()], false),
+        ChatBehavior::Reply => (FakeProvider::words(&reply), false),
+        ChatBehavior::Text(text) => (FakeProvider::words(&text), false),
+        ChatBehavior::StallAfter(n) => (
+            FakeProvider::words(&reply).into_iter().take(n).collect(),
+            true,
+        ),
+    };
+    let head =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if stream.write_all(head.as_bytes()).await.is_err() {
+        return false;
+    }
+    let malformed = words.first().is_some_and(|w| w == "not a chunk");
+    for (i, word) in words.iter().enumerate() {
+        if i > 0 && !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let data = if malformed {
+            word.clone()
+        } else {
+            json!({"choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}]})
+                .to_string()
+        };
+        if !send_event(stream, &data).await {
+            state.lock().chat_disconnects += 1;
+            return false;
+        }
+    }
+    if stall {
+        // Wait for the client to give up and close the connection.
+        let mut byte = [0u8; 1];
+        while let Ok(n) = stream.read(&mut byte).await {
+            if n == 0 {
+                break;
+            }
+        }
+        state.lock().chat_disconnects += 1;
+        return false;
+    }
+    let completion_tokens = words.len();
+    let finish = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 42, "completion_tokens": completion_tokens}});
+    if !send_event(stream, &finish.to_string()).await || !send_event(stream, "[DONE]").await {
+        state.lock().chat_disconnects += 1;
+        return false;
+    }
+    stream.write_all(b"0\r\n\r\n").await.is_ok()
+}
+
+/// One server-sent event as one HTTP chunk; false if the client is gone.
+async fn send_event(stream: &mut TcpStream, data: &str) -> bool {
+    let event = format!("data: {data}\n\n");
+    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+    stream.write_all(chunk.as_bytes()).await.is_ok() && stream.flush().await.is_ok()
+}
+
+/// Read one request (head and `Content-Length` body): its path and body; `None` when the
+/// client closed.
+async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<(String, Vec<u8>)> {
     let head_end = loop {
         if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
             break at + 4;
@@ -273,5 +454,10 @@ async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<Ve
     }
     let body = buffer[head_end..head_end + length].to_vec();
     buffer.drain(..head_end + length);
-    Some(body)
+    let path = head
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    Some((path, body))
 }

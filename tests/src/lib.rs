@@ -21,7 +21,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 pub use engram_proto::v1 as pb;
-pub use fake_provider::{Behavior, FakeProvider};
+pub use fake_provider::{Behavior, ChatBehavior, FakeProvider};
+
+/// A client of the public ChatService.
+pub type ChatClient = engram_proto::v1::chat_service_client::ChatServiceClient<
+    engram_proto::tonic::service::interceptor::InterceptedService<
+        Channel,
+        engram_core::rpc::ApiKey,
+    >,
+>;
 
 /// Helpers the benchmarks share.
 pub mod bench {
@@ -83,6 +91,8 @@ pub struct Options {
     pub write_log: engram_ingestion::LogArgs,
     /// The gateway's edge (authentication off by default).
     pub edge: engram_gateway::EdgeArgs,
+    /// The chat model (none by default).
+    pub chat: engram_models::ChatArgs,
     pub common: CommonArgs,
 }
 
@@ -98,12 +108,28 @@ impl Default for Options {
                 ..engram_ingestion::LogArgs::default()
             },
             edge: engram_gateway::EdgeArgs::default(),
+            chat: engram_models::ChatArgs::default(),
             common: CommonArgs::for_test(),
         }
     }
 }
 
 impl Options {
+    /// Answer Converse and extract facts with `fake` as an OpenAI-compatible chat model under
+    /// `policy`, with a 300 ms idle timeout (embeddings stay the local model).
+    pub fn with_chat(fake: &FakeProvider, policy: engram_resilience::Policy) -> Self {
+        Self {
+            chat: engram_models::ChatArgs {
+                base_url: Some(fake.url()),
+                model: "fake-chat".into(),
+                idle_timeout: Duration::from_millis(300),
+                policy: engram_models::chat::ChatPolicyArgs::from_policy(&policy),
+                ..engram_models::ChatArgs::default()
+            },
+            ..Self::default()
+        }
+    }
+
     /// Embed through `fake` as an OpenAI-compatible provider with `policy`.
     pub fn with_fake(
         fake: &FakeProvider,
@@ -130,6 +156,7 @@ pub struct Sandbox {
     redis: Option<RedisProcess>,
     data_dir: PathBuf,
     common: CommonArgs,
+    chat: engram_models::ChatArgs,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -183,6 +210,7 @@ impl Sandbox {
             provider,
             write_log: options.write_log,
             edge: options.edge,
+            chat: options.chat.clone(),
             common: common.clone(),
         };
         let mut cluster = LocalCluster::start(config, listeners)
@@ -197,6 +225,7 @@ impl Sandbox {
             redis,
             data_dir,
             common,
+            chat: options.chat,
             _temp: temp,
         }
     }
@@ -208,6 +237,7 @@ impl Sandbox {
             embedding_url: format!("http://{}", self.addrs.embedding),
             retrieval_url: format!("http://{}", self.addrs.retrieval),
             log,
+            chat: self.chat.clone(),
             common: self.common.clone(),
         }
     }
@@ -245,6 +275,17 @@ impl Sandbox {
     /// A client of the gateway's public API sending `key` as its API key.
     pub async fn client_with_key(&self, key: Option<&str>) -> engram_cli::Client {
         client_at(self.addrs.gateway, key).await
+    }
+
+    /// A client of the gateway's ChatService.
+    pub async fn chat_client(&self) -> ChatClient {
+        let channel = Channel::from_shared(format!("http://{}", self.addrs.gateway))
+            .unwrap_or_else(|e| panic!("address: {e}"))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the gateway: {e}"));
+        let key = engram_core::rpc::ApiKey::new("key", None).unwrap_or_else(|e| panic!("{e}"));
+        engram_proto::v1::chat_service_client::ChatServiceClient::with_interceptor(channel, key)
     }
 
     /// Drain and stop every service, asserting they all stopped cleanly.
@@ -362,6 +403,7 @@ impl Sandbox {
                 .unwrap_or_else(|| format!("http://{}", self.addrs.retrieval)),
             ingestion_url: format!("http://{}", self.addrs.ingestion),
             edge,
+            chat: self.chat.clone(),
             common: self.common.clone(),
         };
         Extra::start(|listeners, shutdown| engram_gateway::serve(config, listeners, shutdown)).await

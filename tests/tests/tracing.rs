@@ -143,6 +143,7 @@ async fn a_recall_and_a_remember_are_each_one_trace_across_the_services() {
             }],
             mode: pb::WriteMode::Async.into(),
             extract: false,
+            privacy: 0,
         })
         .await
         .unwrap();

@@ -8,6 +8,7 @@
 //! with or without it.
 
 mod generations;
+pub mod history;
 mod redis;
 
 use std::time::Duration;
@@ -20,6 +21,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
 pub use crate::generations::Generations;
+pub use crate::history::History;
 pub use crate::redis::{Redis, RedisConfig, pool, pool_sized};
 
 #[derive(Debug, Clone)]

@@ -302,6 +302,7 @@ pub async fn remember(args: RememberArgs) -> Result<(), Failure> {
             memories,
             mode: mode.into(),
             extract: false,
+            privacy: 0,
         })
         .await?
         .into_inner();

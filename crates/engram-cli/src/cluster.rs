@@ -52,6 +52,8 @@ pub struct ClusterConfig {
     pub write_log: engram_ingestion::LogArgs,
     /// How the gateway admits calls: authentication, limits, deadlines.
     pub edge: engram_gateway::EdgeArgs,
+    /// The chat model (Converse in the gateway, fact extraction in ingestion).
+    pub chat: engram_models::ChatArgs,
     pub common: CommonArgs,
 }
 
@@ -162,6 +164,7 @@ impl LocalCluster {
             embedding_url: url(addrs.embedding),
             retrieval_url: url(addrs.retrieval),
             log: config.write_log.clone(),
+            chat: config.chat.clone(),
             common: common.clone(),
         };
         let ingestion = RunningService::spawn(engram_ingestion::SERVICE_NAME, |stop| {
@@ -176,6 +179,7 @@ impl LocalCluster {
             retrieval_url: url(addrs.retrieval),
             ingestion_url: url(addrs.ingestion),
             edge: config.edge,
+            chat: config.chat,
             common,
         };
         let gateway = RunningService::spawn(engram_gateway::SERVICE_NAME, |stop| {

@@ -205,6 +205,7 @@ pub async fn ingest(
                 memories,
                 mode: pb::WriteMode::Sync.into(),
                 extract: false,
+                privacy: 0,
             })
             .await?
             .into_inner();

@@ -23,6 +23,8 @@ pub struct UpArgs {
     #[command(flatten)]
     edge: engram_gateway::EdgeArgs,
     #[command(flatten)]
+    chat: engram_models::ChatArgs,
+    #[command(flatten)]
     gateway_listen: engram_gateway::Listen,
     #[command(flatten)]
     retrieval_listen: engram_retrieval::Listen,
@@ -86,6 +88,7 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
         provider: None,
         write_log: args.write_log.clone(),
         edge: edge.clone(),
+        chat: args.chat.clone(),
         common: common.clone(),
     };
     let mut cluster = LocalCluster::start(config, listeners)?;

@@ -134,6 +134,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
                         memories,
                         mode: pb::WriteMode::Sync.into(),
                         extract: false,
+                        privacy: 0,
                     })
                     .await
             })

@@ -348,12 +348,37 @@ pub trait Index: Send + Sync + 'static {
     async fn stats(&self, tenant: Option<&TenantId>) -> Result<IndexStats>;
 }
 
+/// What to put in a prompt's context (BuildContext, and the context of a Converse).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContextRequest {
+    pub scope: Scope,
+    pub query: String,
+    pub token_budget: u32,
+    pub max_memories: u32,
+    pub max_turns: u32,
+    pub request_time: Option<Timestamp>,
+}
+
+/// A Converse turn, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConverseCommand {
+    /// `query` is the user's message.
+    pub context: ContextRequest,
+    pub system_prompt: Option<String>,
+    pub privacy: Option<crate::privacy::PrivacyMode>,
+    pub max_tokens: Option<u32>,
+    pub extract: bool,
+    pub ephemeral: bool,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RememberBatch {
     pub scope: Scope,
     pub memories: Vec<NewMemory>,
     pub mode: WriteMode,
     pub extract: bool,
+    /// A stricter privacy mode than the tenant's, if the request asks for one.
+    pub privacy: Option<crate::privacy::PrivacyMode>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -416,6 +441,8 @@ pub enum LogOp {
     Remember(Box<Memory>),
     Update(UpdateCommand),
     Forget(ForgetTarget),
+    /// Extract facts from a remembered memory (the extraction log only).
+    Extract(Box<Memory>),
 }
 
 /// A write log entry: the operation, whose it is, when it was acknowledged, and the

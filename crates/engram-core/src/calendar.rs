@@ -19,6 +19,13 @@ pub struct Date {
     pub day: u32,
 }
 
+impl std::fmt::Display for Date {
+    /// ISO 8601: `2024-05-01`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04}-{:02}-{:02}", self.year, self.month, self.day)
+    }
+}
+
 impl Date {
     /// The date, if it exists (no 31 April).
     pub fn new(year: i32, month: u32, day: u32) -> Option<Self> {

@@ -29,6 +29,12 @@ pub struct CommonArgs {
     /// others; the embedding service checks every provider answer against it.
     #[arg(long, env = "ENGRAM_VECTOR_DIMENSION", default_value_t = 384)]
     pub vector_dimension: usize,
+    #[command(flatten)]
+    pub privacy: crate::privacy::PrivacyArgs,
+    /// How long a session's recent turns stay cached in Redis after its last turn (the index
+    /// holds them for good).
+    #[arg(long, env = "ENGRAM_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub history_ttl: Duration,
 }
 
 impl CommonArgs {
@@ -41,6 +47,8 @@ impl CommonArgs {
             discovery_interval: Duration::from_secs(5),
             redis_url: None,
             vector_dimension: 384,
+            privacy: crate::privacy::PrivacyArgs::default(),
+            history_ttl: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -52,6 +60,7 @@ impl CommonArgs {
                 "must be greater than zero",
             ));
         }
+        self.privacy.policy()?;
         if self.discovery_interval.is_zero() {
             return Err(Error::invalid(
                 "ENGRAM_DISCOVERY_INTERVAL",

@@ -181,29 +181,29 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
+pub fn hit(h: &crate::api::Hit) -> pb::Hit {
+    pb::Hit {
+        memory: Some(memory(&h.memory)),
+        score: h.score,
+        explanation: h.explanation.map(|e| pb::Explanation {
+            dense_rank: e.dense_rank,
+            dense_score: e.dense_score,
+            keyword_rank: e.keyword_rank,
+            keyword_score: e.keyword_score,
+            temporal_rank: e.temporal_rank,
+            temporal_score: e.temporal_score,
+            entity_rank: e.entity_rank,
+            entity_score: e.entity_score,
+            fused_score: e.fused_score,
+            recency_factor: e.recency_factor,
+            importance_factor: e.importance_factor,
+        }),
+    }
+}
+
 pub fn recall_response(r: &RecallResult) -> pb::RecallResponse {
     pb::RecallResponse {
-        hits: r
-            .hits
-            .iter()
-            .map(|h| pb::Hit {
-                memory: Some(memory(&h.memory)),
-                score: h.score,
-                explanation: h.explanation.map(|e| pb::Explanation {
-                    dense_rank: e.dense_rank,
-                    dense_score: e.dense_score,
-                    keyword_rank: e.keyword_rank,
-                    keyword_score: e.keyword_score,
-                    temporal_rank: e.temporal_rank,
-                    temporal_score: e.temporal_score,
-                    entity_rank: e.entity_rank,
-                    entity_score: e.entity_score,
-                    fused_score: e.fused_score,
-                    recency_factor: e.recency_factor,
-                    importance_factor: e.importance_factor,
-                }),
-            })
-            .collect(),
+        hits: r.hits.iter().map(hit).collect(),
         cache_hit: r.cache_hit,
         timings: Some(pb::Timings {
             cache_us: micros(r.timings.cache),
@@ -337,6 +337,17 @@ pub fn remember_request(b: &RememberBatch) -> pb::RememberRequest {
         memories: b.memories.iter().map(memory_input).collect(),
         mode: write_mode(b.mode).into(),
         extract: b.extract,
+        privacy: privacy_mode(b.privacy).into(),
+    }
+}
+
+pub fn privacy_mode(mode: Option<crate::privacy::PrivacyMode>) -> pb::PrivacyMode {
+    use crate::privacy::PrivacyMode;
+    match mode {
+        None => pb::PrivacyMode::Unspecified,
+        Some(PrivacyMode::Off) => pb::PrivacyMode::Off,
+        Some(PrivacyMode::Redact) => pb::PrivacyMode::Redact,
+        Some(PrivacyMode::Block) => pb::PrivacyMode::Block,
     }
 }
 

@@ -18,6 +18,7 @@ pub mod error;
 pub mod limits;
 pub mod model;
 pub mod peers;
+pub mod privacy;
 pub mod rpc;
 pub mod server;
 pub mod validate;

@@ -69,6 +69,12 @@ impl MemoryId {
         Self(uuid)
     }
 
+    /// The smallest time-ordered id of the millisecond `unix_ms`: a page token that starts a
+    /// listing at that time.
+    pub fn first_at(unix_ms: u64) -> Self {
+        Self(uuid::Builder::from_unix_timestamp_millis(unix_ms, &[0; 10]).into_uuid())
+    }
+
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
@@ -108,6 +114,11 @@ impl Timestamp {
     }
 
     /// Time elapsed from `self` to `later`, zero if `later` is earlier.
+    /// The UTC date, as `2024-05-01`.
+    pub fn date_string(self) -> String {
+        crate::calendar::Date::of(self).to_string()
+    }
+
     pub fn elapsed_until(self, later: Timestamp) -> Duration {
         Duration::from_micros(later.0.saturating_sub(self.0).max(0).unsigned_abs())
     }

@@ -248,6 +248,7 @@ impl LoggedWrite {
             }),
             LogOp::Update(command) => ipb::log_entry::Op::Update(convert::update_request(command)),
             LogOp::Forget(target) => ipb::log_entry::Op::Forget(convert::forget_request(target)),
+            LogOp::Extract(memory) => ipb::log_entry::Op::Extract(convert::memory(memory)),
         };
         ipb::LogEntry {
             tenant: self.tenant.to_string(),
@@ -276,6 +277,9 @@ impl LoggedWrite {
             }
             Some(ipb::log_entry::Op::Forget(forget)) => {
                 LogOp::Forget(validate::forget(forget, limits)?)
+            }
+            Some(ipb::log_entry::Op::Extract(memory)) => {
+                LogOp::Extract(Box::new(convert::memory_from_pb(memory, &tenant)?))
             }
             None => return Err(Error::invalid("op", "is required")),
         };

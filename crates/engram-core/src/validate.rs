@@ -10,7 +10,8 @@ use std::time::Duration;
 use engram_proto::v1 as pb;
 
 use crate::api::{
-    ForgetTarget, GetQuery, ListQuery, RecallQuery, RememberBatch, UpdateCommand, WriteToken,
+    ContextRequest, ConverseCommand, ForgetTarget, GetQuery, ListQuery, RecallQuery, RememberBatch,
+    UpdateCommand, WriteToken,
 };
 use crate::error::{Error, Result};
 use crate::limits::{Limits, fixed};
@@ -51,7 +52,20 @@ pub fn remember(request: pb::RememberRequest, limits: &Limits) -> Result<Remembe
         memories,
         mode: write_mode(request.mode)?,
         extract: request.extract,
+        privacy: privacy_mode(request.privacy).map_err(|e| e.in_field("privacy"))?,
     })
+}
+
+/// A request's privacy mode; `None` means the tenant's.
+pub fn privacy_mode(value: i32) -> Result<Option<crate::privacy::PrivacyMode>> {
+    use crate::privacy::PrivacyMode;
+    match pb::PrivacyMode::try_from(value) {
+        Ok(pb::PrivacyMode::Unspecified) => Ok(None),
+        Ok(pb::PrivacyMode::Off) => Ok(Some(PrivacyMode::Off)),
+        Ok(pb::PrivacyMode::Redact) => Ok(Some(PrivacyMode::Redact)),
+        Ok(pb::PrivacyMode::Block) => Ok(Some(PrivacyMode::Block)),
+        Err(_) => Err(Error::invalid("", format!("{value} is not a PrivacyMode"))),
+    }
 }
 
 pub fn memory_input(input: pb::MemoryInput, limits: &Limits) -> Result<NewMemory> {
@@ -71,6 +85,112 @@ pub fn memory_input(input: pb::MemoryInput, limits: &Limits) -> Result<NewMemory
             input.idempotency_key,
             fixed::MAX_ID_BYTES,
         )?,
+    })
+}
+
+/// Default and largest token budget of a context.
+pub const DEFAULT_TOKEN_BUDGET: u32 = 1024;
+pub const MAX_TOKEN_BUDGET: u32 = 32_768;
+/// Default memories and turns of a context; most turns.
+pub const DEFAULT_CONTEXT_MEMORIES: u32 = 20;
+pub const DEFAULT_CONTEXT_TURNS: u32 = 10;
+pub const MAX_CONTEXT_TURNS: u32 = 100;
+/// Longest system prompt a Converse may set.
+pub const MAX_SYSTEM_PROMPT_BYTES: usize = 16 * 1024;
+
+fn defaulted(field: &str, value: u32, default: u32, max: u32) -> Result<u32> {
+    match value {
+        0 => Ok(default.min(max)),
+        v if v <= max => Ok(v),
+        v => Err(Error::invalid(
+            field,
+            format!("must be at most {max} (0 means {default}), got {v}"),
+        )),
+    }
+}
+
+pub fn build_context(request: pb::BuildContextRequest, limits: &Limits) -> Result<ContextRequest> {
+    let scope = read_scope(request.scope.as_ref())?;
+    let query = text(request.query, limits).map_err(|e| e.in_field("query"))?;
+    if query.len() > limits.max_query_bytes {
+        return Err(Error::invalid(
+            "query",
+            format!(
+                "{} bytes is over the limit of {}",
+                query.len(),
+                limits.max_query_bytes
+            ),
+        ));
+    }
+    Ok(ContextRequest {
+        scope,
+        query,
+        token_budget: defaulted(
+            "token_budget",
+            request.token_budget,
+            DEFAULT_TOKEN_BUDGET,
+            MAX_TOKEN_BUDGET,
+        )?,
+        max_memories: defaulted(
+            "max_memories",
+            request.max_memories,
+            DEFAULT_CONTEXT_MEMORIES,
+            limits.max_top_k,
+        )?,
+        max_turns: defaulted(
+            "max_turns",
+            request.max_turns,
+            DEFAULT_CONTEXT_TURNS,
+            MAX_CONTEXT_TURNS,
+        )?,
+        request_time: request
+            .request_time
+            .map(|t| timestamp(&t).map_err(|e| e.in_field("request_time")))
+            .transpose()?,
+    })
+}
+
+pub fn converse(request: pb::ConverseRequest, limits: &Limits) -> Result<ConverseCommand> {
+    let scope = write_scope(request.scope.as_ref())?;
+    if scope.session_id.is_empty() {
+        return Err(Error::invalid(
+            "scope.session_id",
+            "is required: the session's history is part of the prompt and the turn is remembered in it",
+        ));
+    }
+    let message = text(request.message, limits).map_err(|e| e.in_field("message"))?;
+    let system_prompt = match request.system_prompt {
+        p if p.is_empty() => None,
+        p if p.len() > MAX_SYSTEM_PROMPT_BYTES => {
+            return Err(Error::invalid(
+                "system_prompt",
+                format!("must be at most {MAX_SYSTEM_PROMPT_BYTES} bytes"),
+            ));
+        }
+        p => Some(p),
+    };
+    Ok(ConverseCommand {
+        context: ContextRequest {
+            scope,
+            query: message,
+            token_budget: defaulted(
+                "token_budget",
+                request.token_budget,
+                DEFAULT_TOKEN_BUDGET,
+                MAX_TOKEN_BUDGET,
+            )?,
+            max_memories: DEFAULT_CONTEXT_MEMORIES.min(limits.max_top_k),
+            max_turns: DEFAULT_CONTEXT_TURNS,
+            request_time: request
+                .request_time
+                .map(|t| timestamp(&t).map_err(|e| e.in_field("request_time")))
+                .transpose()?,
+        },
+        system_prompt,
+        privacy: privacy_mode(request.privacy).map_err(|e| e.in_field("privacy"))?,
+        max_tokens: (request.max_tokens > 0).then_some(request.max_tokens),
+        extract: request.extract,
+        ephemeral: request.ephemeral,
     })
 }
 

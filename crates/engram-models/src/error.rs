@@ -17,13 +17,17 @@ pub enum ModelError {
     Config { setting: String, reason: String },
     #[error(transparent)]
     Provider(#[from] CallError),
+    #[error("{provider} {reason}")]
+    Stream { provider: String, reason: String },
 }
 
 impl From<ModelError> for Error {
     fn from(e: ModelError) -> Self {
         match e {
             ModelError::Provider(call) => Error::from(call),
-            ModelError::Closed { .. } => Error::unavailable(e.to_string()),
+            ModelError::Closed { .. } | ModelError::Stream { .. } => {
+                Error::unavailable(e.to_string())
+            }
             ModelError::Overloaded { .. } => Error::ResourceExhausted {
                 reason: e.to_string(),
                 retry_after: Some(std::time::Duration::from_millis(50)),

@@ -1,4 +1,7 @@
-//! Embedding models behind one trait, [`EmbeddingProvider`]:
+//! Models: embedding models behind one trait, [`EmbeddingProvider`], a streamed chat model
+//! ([`ChatModel`]) and the token counter prompt budgets use ([`TokenCounter`]).
+//!
+//! Embedding providers:
 //!
 //! - [`LocalEmbedder`]: all-MiniLM-L6-v2 on candle, on a dedicated inference thread fed by a
 //!   bounded queue (never on the async runtime); [`fetch`] puts its weights on the machine.
@@ -6,19 +9,25 @@
 //!   text-embeddings-inference, vLLM, Ollama), every call through `engram-resilience`, every
 //!   response checked (count, order, dimension, finite values) before it is used.
 
+pub mod chat;
 mod error;
 pub mod fetch;
 mod local;
 mod openai;
+pub mod tokens;
 
 use async_trait::async_trait;
 use engram_core::api::Purpose;
 
+pub use chat::{
+    ChatArgs, ChatChunk, ChatConfig, ChatMessage, ChatModel, ChatRequest, ChatStream, Completion,
+};
 pub use error::ModelError;
 pub use local::{
     DIMENSION as LOCAL_DIMENSION, LocalEmbedder, LocalOptions, MODEL_ID as LOCAL_MODEL_ID,
 };
 pub use openai::{ApiKey, OpenAiConfig, OpenAiEmbedder};
+pub use tokens::{TokenCounter, TokenizerKind};
 
 /// A source of text embeddings.
 #[async_trait]

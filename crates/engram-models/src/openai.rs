@@ -30,6 +30,11 @@ impl std::fmt::Debug for ApiKey {
 }
 
 impl ApiKey {
+    /// The key itself, for the `Authorization` header.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+
     pub fn new(key: impl Into<String>) -> Self {
         Self(key.into())
     }
@@ -111,7 +116,7 @@ impl std::fmt::Debug for OpenAiEmbedder {
 }
 
 /// reqwest is built without a bundled crypto provider; use ring, once per process.
-fn install_tls_provider() {
+pub(crate) fn install_tls_provider() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         // Fails only if another provider was installed first, which is as good.
@@ -224,7 +229,7 @@ impl OpenAiEmbedder {
     }
 }
 
-fn describe(e: &reqwest::Error) -> String {
+pub(crate) fn describe(e: &reqwest::Error) -> String {
     let mut message = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(cause) = source {
@@ -235,7 +240,7 @@ fn describe(e: &reqwest::Error) -> String {
     message
 }
 
-fn snippet(body: &[u8]) -> String {
+pub(crate) fn snippet(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(body);
     let text = text.trim();
     if text.chars().count() > 200 {
@@ -246,7 +251,7 @@ fn snippet(body: &[u8]) -> String {
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is not used by model providers).
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     headers
         .get(reqwest::header::RETRY_AFTER)?
         .to_str()
@@ -258,7 +263,11 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs_f64)
 }
 
-fn classify_status(status: StatusCode, retry_after: Option<Duration>, body: &[u8]) -> Failure {
+pub(crate) fn classify_status(
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    body: &[u8],
+) -> Failure {
     let message = snippet(body);
     if status == StatusCode::TOO_MANY_REQUESTS {
         Failure::RateLimited { retry_after }

@@ -146,6 +146,11 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether a call now would be refused without trying: open and still cooling down.
+    pub fn failing_fast(&self) -> bool {
+        matches!(&*self.state.lock(), State::Open { until } if Instant::now() < *until)
+    }
+
     /// Ask to make a call. Also returns the transition this caused (open → half-open).
     pub fn acquire(&self) -> (Result<Permit<'_>, Rejected>, Option<Transition>) {
         let mut state = self.state.lock();

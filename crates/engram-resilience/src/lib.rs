@@ -13,6 +13,7 @@ mod breaker;
 mod policy;
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker, Rejected, Transition};
@@ -260,8 +261,22 @@ pub struct Outbound {
     provider: String,
     policy: Policy,
     breaker: CircuitBreaker,
-    bulkhead: Semaphore,
+    bulkhead: Arc<Semaphore>,
     metrics: OutboundMetrics,
+}
+
+/// A place in a provider's bulkhead, held for as long as the call's result is in use (a
+/// streamed answer holds it until the stream is dropped).
+#[derive(Debug)]
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    in_flight: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
 }
 
 impl fmt::Debug for Outbound {
@@ -286,7 +301,7 @@ impl Outbound {
         let provider = provider.into();
         let this = Self {
             breaker: CircuitBreaker::new(policy.breaker),
-            bulkhead: Semaphore::new(policy.max_concurrency.max(1)),
+            bulkhead: Arc::new(Semaphore::new(policy.max_concurrency.max(1))),
             provider,
             policy,
             metrics: metrics.clone(),
@@ -302,6 +317,11 @@ impl Outbound {
 
     pub fn breaker_state(&self) -> BreakerState {
         self.breaker.state()
+    }
+
+    /// Whether a call now would fail fast on the open circuit.
+    pub fn failing_fast(&self) -> bool {
+        self.breaker.failing_fast()
     }
 
     fn labels(&self) -> ProviderLabels {
@@ -357,10 +377,25 @@ impl Outbound {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, Failure>>,
     {
+        self.call_holding(attempt).await.map(|(value, _slot)| value)
+    }
+
+    /// [`Self::call`], keeping the call's place in the bulkhead until the returned [`Slot`]
+    /// is dropped: for a streamed answer, whose attempt ends at its first part (retries happen
+    /// only before it) while the stream goes on.
+    pub async fn call_holding<T, F, Fut>(&self, attempt: F) -> Result<(T, Slot), CallError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, Failure>>,
+    {
         let policy = &self.policy;
-        let _slot = match tokio::time::timeout(policy.bulkhead_wait, self.bulkhead.acquire()).await
+        let permit = match tokio::time::timeout(
+            policy.bulkhead_wait,
+            Arc::clone(&self.bulkhead).acquire_owned(),
+        )
+        .await
         {
-            Ok(Ok(slot)) => slot,
+            Ok(Ok(permit)) => permit,
             Ok(Err(_)) | Err(_) => {
                 self.count(&self.metrics.calls, "bulkhead");
                 return Err(CallError::Bulkhead {
@@ -371,6 +406,10 @@ impl Outbound {
         };
         let in_flight = self.labels_gauge(&self.metrics.in_flight);
         in_flight.inc();
+        let slot = Slot {
+            _permit: permit,
+            in_flight,
+        };
         let started = Instant::now();
         let attempts = AtomicU32::new(0);
         // Called only once the breaker admits the attempt.
@@ -434,14 +473,13 @@ impl Outbound {
                 tracing::debug!(provider = %self.provider, error = ?e, ?wait, "retrying");
             });
         let result = tokio::time::timeout(policy.deadline, retried).await;
-        in_flight.dec();
         self.metrics
             .latency
             .get_or_create(&self.labels())
             .observe(started.elapsed().as_secs_f64());
         let attempts = attempts.load(Ordering::Relaxed);
         let result = match result {
-            Ok(Ok(value)) => Ok(value),
+            Ok(Ok(value)) => Ok((value, slot)),
             Ok(Err(AttemptError::Open(rejected))) => Err(CallError::CircuitOpen {
                 provider: self.provider.clone(),
                 retry_in: rejected.retry_in,

@@ -173,6 +173,9 @@ pub struct WriteLog {
     pool: Pool,
     partitions: u32,
     op_timeout: Duration,
+    /// Prefix of the partitions' keys: `engram:log` for writes, `engram:extract` for fact
+    /// extraction.
+    prefix: &'static str,
 }
 
 impl std::fmt::Debug for WriteLog {
@@ -181,26 +184,6 @@ impl std::fmt::Debug for WriteLog {
             .field("partitions", &self.partitions)
             .finish_non_exhaustive()
     }
-}
-
-fn stream(partition: u32) -> String {
-    format!("engram:log:{partition}")
-}
-
-fn watermark_key(partition: u32) -> String {
-    format!("engram:log:{partition}:applied")
-}
-
-fn outcome_key(partition: u32) -> String {
-    format!("engram:log:{partition}:outcome")
-}
-
-fn failures_key(partition: u32) -> String {
-    format!("engram:log:{partition}:failures")
-}
-
-fn lease_key(partition: u32) -> String {
-    format!("engram:log:{partition}:lease")
 }
 
 /// The consumer that reads a partition, whoever holds its lease.
@@ -213,6 +196,33 @@ fn unavailable(e: impl std::fmt::Display) -> Error {
 }
 
 impl WriteLog {
+    fn stream(&self, partition: u32) -> String {
+        format!("{}:{partition}", self.prefix)
+    }
+
+    fn watermark_key(&self, partition: u32) -> String {
+        format!("{}:{partition}:applied", self.prefix)
+    }
+
+    fn outcome_key(&self, partition: u32) -> String {
+        format!("{}:{partition}:outcome", self.prefix)
+    }
+
+    fn failures_key(&self, partition: u32) -> String {
+        format!("{}:{partition}:failures", self.prefix)
+    }
+
+    fn lease_key(&self, partition: u32) -> String {
+        format!("{}:{partition}:lease", self.prefix)
+    }
+
+    /// The same Redis and partitioning under another key prefix: a second log with its own
+    /// streams, workers and leases (its dead letters go to the one dead-letter stream).
+    pub fn with_prefix(mut self, prefix: &'static str) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
     /// A log of `partitions` streams on the Redis at `url`; `setting` names the URL's source.
     pub fn connect(setting: &str, url: &str, partitions: u32) -> Result<Self> {
         // Workers hold a connection per partition in blocking reads; writers need their own.
@@ -221,6 +231,7 @@ impl WriteLog {
             pool,
             partitions: partitions.max(1),
             op_timeout: Duration::from_secs(2),
+            prefix: "engram:log",
         })
     }
 
@@ -231,6 +242,7 @@ impl WriteLog {
             pool: engram_cache::pool(setting, url)?,
             partitions: u32::MAX,
             op_timeout: Duration::from_secs(2),
+            prefix: "engram:log",
         })
     }
 
@@ -286,7 +298,7 @@ impl WriteLog {
         let script = redis::Script::new(APPEND);
         let mut invocation = script.prepare_invoke();
         invocation
-            .key(stream(partition))
+            .key(self.stream(partition))
             .arg(max_backlog)
             .arg(writes.len());
         for w in writes {
@@ -343,8 +355,8 @@ impl WriteLog {
         let (outcome, watermark): (Option<String>, Option<String>) = self
             .run(|mut conn| async move {
                 redis::pipe()
-                    .hget(outcome_key(partition), entry.to_string())
-                    .get(watermark_key(partition))
+                    .hget(self.outcome_key(partition), entry.to_string())
+                    .get(self.watermark_key(partition))
                     .query_async(&mut conn)
                     .await
             })
@@ -364,7 +376,7 @@ impl WriteLog {
         let outcome: Option<String> = self
             .run(|mut conn| async move {
                 redis::cmd("HGET")
-                    .arg(outcome_key(partition))
+                    .arg(self.outcome_key(partition))
                     .arg(entry.to_string())
                     .query_async(&mut conn)
                     .await
@@ -385,7 +397,7 @@ impl WriteLog {
             })?;
             redis::cmd("XGROUP")
                 .arg("CREATE")
-                .arg(stream(partition))
+                .arg(self.stream(partition))
                 .arg(GROUP)
                 .arg("0")
                 .arg("MKSTREAM")
@@ -405,7 +417,7 @@ impl WriteLog {
         let taken: i64 = self
             .run(|mut conn| async move {
                 redis::Script::new(LEASE)
-                    .key(lease_key(partition))
+                    .key(self.lease_key(partition))
                     .arg(owner)
                     .arg(ttl.as_millis() as u64)
                     .invoke_async(&mut conn)
@@ -419,7 +431,7 @@ impl WriteLog {
         let owner = owner.to_string();
         self.run(|mut conn| async move {
             redis::Script::new(RELEASE)
-                .key(lease_key(partition))
+                .key(self.lease_key(partition))
                 .arg(owner)
                 .invoke_async::<i64>(&mut conn)
                 .await
@@ -447,7 +459,7 @@ impl WriteLog {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
         }
         cmd.arg("STREAMS")
-            .arg(stream(partition))
+            .arg(self.stream(partition))
             .arg(if pending { "0" } else { ">" });
         let mut conn = self.conn().await?;
         let reply: Option<StreamReadReply> =
@@ -479,7 +491,7 @@ impl WriteLog {
             return Ok(());
         }
         let mut ack = redis::cmd("XACK");
-        ack.arg(stream(partition)).arg(GROUP);
+        ack.arg(self.stream(partition)).arg(GROUP);
         for id in entries {
             ack.arg(id.to_string());
         }
@@ -492,7 +504,7 @@ impl WriteLog {
     pub async fn charge_failure(&self, partition: u32, entry: EntryId) -> Result<u64> {
         self.run(|mut conn| async move {
             redis::cmd("HINCRBY")
-                .arg(failures_key(partition))
+                .arg(self.failures_key(partition))
                 .arg(entry.to_string())
                 .arg(1)
                 .query_async(&mut conn)
@@ -519,7 +531,7 @@ impl WriteLog {
                 Done::Applied => {}
                 Done::Forgot(n) => {
                     pipe.hset(
-                        outcome_key(partition),
+                        self.outcome_key(partition),
                         id.to_string(),
                         format!("forgot:{n}"),
                     )
@@ -527,7 +539,7 @@ impl WriteLog {
                 }
                 Done::Failed(reason) => {
                     pipe.hset(
-                        outcome_key(partition),
+                        self.outcome_key(partition),
                         id.to_string(),
                         format!("failed:{reason}"),
                     )
@@ -536,22 +548,22 @@ impl WriteLog {
             }
         }
         if done.iter().any(|(_, d)| !matches!(d, Done::Applied)) {
-            pipe.expire(outcome_key(partition), OUTCOME_TTL_SECS as i64)
+            pipe.expire(self.outcome_key(partition), OUTCOME_TTL_SECS as i64)
                 .ignore();
         }
         let mut ack = redis::cmd("XACK");
-        ack.arg(stream(partition)).arg(GROUP);
+        ack.arg(self.stream(partition)).arg(GROUP);
         for (id, _) in done {
             ack.arg(id.to_string());
         }
         pipe.add_command(ack).ignore();
         let mut forget_failures = redis::cmd("HDEL");
-        forget_failures.arg(failures_key(partition));
+        forget_failures.arg(self.failures_key(partition));
         for (id, _) in done {
             forget_failures.arg(id.to_string());
         }
         pipe.add_command(forget_failures).ignore();
-        pipe.set(watermark_key(partition), last.to_string())
+        pipe.set(self.watermark_key(partition), last.to_string())
             .ignore();
         for key in reservations {
             pipe.expire(key, RESERVATION_TTL_SECS as i64).ignore();
@@ -559,7 +571,7 @@ impl WriteLog {
         // Entries before the watermark are applied and acknowledged: the stream's length is the
         // backlog.
         pipe.cmd("XTRIM")
-            .arg(stream(partition))
+            .arg(self.stream(partition))
             .arg("MINID")
             .arg(format!("{}-{}", last.ms, last.seq + 1))
             .ignore();
@@ -605,9 +617,9 @@ impl WriteLog {
             .run(|mut conn| async move {
                 redis::pipe()
                     .cmd("XLEN")
-                    .arg(stream(partition))
+                    .arg(self.stream(partition))
                     .cmd("XPENDING")
-                    .arg(stream(partition))
+                    .arg(self.stream(partition))
                     .arg(GROUP)
                     .query_async(&mut conn)
                     .await

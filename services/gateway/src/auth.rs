@@ -46,11 +46,12 @@ impl Role {
         }
     }
 
-    /// The role a MemoryService method needs; unknown methods need admin.
+    /// The role a public method needs; unknown methods need admin.
     pub fn needed_for(method: &str) -> Role {
         match method {
-            "Recall" | "Get" | "List" => Role::Read,
-            "Remember" | "Update" | "Forget" => Role::Write,
+            "Recall" | "Get" | "List" | "BuildContext" => Role::Read,
+            // Converse remembers the turn.
+            "Remember" | "Update" | "Forget" | "Converse" => Role::Write,
             _ => Role::Admin,
         }
     }

@@ -119,6 +119,17 @@ impl<S> Edge<S> {
     }
 }
 
+impl<S> Edge<S> {
+    /// Another public service behind this same edge: one in-flight limit, one set of rate
+    /// buckets, one set of metrics.
+    pub fn also<T>(&self, inner: T) -> Edge<T> {
+        Edge {
+            inner,
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
 impl EdgeState {
     fn reject(&self, reason: &'static str, error: Error) -> http::Response<Body> {
         self.rejected.get_or_create(&RejectLabels { reason }).inc();

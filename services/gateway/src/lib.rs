@@ -7,6 +7,8 @@
 //! over balanced channels to every replica (`engram_core::peers`).
 
 mod auth;
+pub mod context;
+pub mod conversation;
 mod edge;
 
 use std::path::PathBuf;
@@ -14,16 +16,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use engram_cache::{History, Redis, RedisConfig};
 use engram_core::api::{Index, Ingestion};
 use engram_core::config::{CommonArgs, IngestionUrl, RetrievalUrl, parse_duration};
 use engram_core::model::TenantId;
 use engram_core::server::{Listeners, ServiceRuntime};
 use engram_core::{Error, Limits, Result, convert, rpc, validate};
+use engram_models::{ChatArgs, ChatModel};
 use engram_proto::tonic::codec::CompressionEncoding;
 use engram_proto::tonic::service::Routes;
 use engram_proto::tonic::{Request, Response, Status};
 use engram_proto::v1 as pb;
+use engram_proto::v1::chat_service_server::ChatServiceServer;
 use engram_proto::v1::memory_service_server::{MemoryService, MemoryServiceServer};
+
+use crate::context::ContextBuilder;
+use crate::conversation::{Chat, ChatEndpoint};
 
 pub use auth::{Caller, KeySource, KeyStore, Keys, Rate, Role, new_key};
 pub use edge::{Deadlines, Edge, EdgeConfig};
@@ -52,6 +60,8 @@ pub struct GatewayArgs {
     pub peers: GatewayPeers,
     #[command(flatten)]
     pub edge: EdgeArgs,
+    #[command(flatten)]
+    pub chat: ChatArgs,
 }
 
 /// Authentication is on unless turned off, and then needs keys.
@@ -130,7 +140,16 @@ impl Default for EdgeArgs {
     }
 }
 
-const METHODS: [&str; 6] = ["Remember", "Recall", "Get", "List", "Update", "Forget"];
+const METHODS: [&str; 8] = [
+    "Remember",
+    "Recall",
+    "Get",
+    "List",
+    "Update",
+    "Forget",
+    "BuildContext",
+    "Converse",
+];
 
 impl EdgeArgs {
     /// `engram up`'s reading: no keys and no `ENGRAM_AUTH` means authentication off.
@@ -243,6 +262,8 @@ pub struct Config {
     pub retrieval_url: String,
     pub ingestion_url: String,
     pub edge: EdgeArgs,
+    /// The chat model Converse answers with, and the tokenizer budgets are counted with.
+    pub chat: ChatArgs,
     pub common: CommonArgs,
 }
 
@@ -252,6 +273,7 @@ impl Config {
             retrieval_url: args.peers.retrieval.retrieval_url,
             ingestion_url: args.peers.ingestion.ingestion_url,
             edge: args.edge,
+            chat: args.chat,
             common,
         }
     }
@@ -265,12 +287,12 @@ pub async fn serve(
     let edge = config.edge.build()?;
     let runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
     let peers = runtime.peers(&config.common);
-    let index = Arc::new(rpc::IndexClient::connect(
+    let index: Arc<dyn Index> = Arc::new(rpc::IndexClient::connect(
         &peers,
         "ENGRAM_RETRIEVAL_URL",
         &config.retrieval_url,
     )?);
-    let ingestion = Arc::new(rpc::IngestionClient::connect(
+    let ingestion: Arc<dyn Ingestion> = Arc::new(rpc::IngestionClient::connect(
         &peers,
         "ENGRAM_INGESTION_URL",
         &config.ingestion_url,
@@ -284,9 +306,48 @@ pub async fn serve(
             "AUTHENTICATION IS OFF: every caller is the tenant `default` with every right; do not expose this gateway beyond a trusted network"
         ),
     }
+    let redis = match &config.common.redis_url {
+        Some(url) => Some(Redis::connect(
+            RedisConfig::new(url.clone()),
+            runtime.metrics(),
+        )?),
+        None => None,
+    };
+    let tokens = config.chat.token_counter().map_err(Error::from)?;
+    let model = match config.chat.config().map_err(Error::from)? {
+        Some(chat) => {
+            let outbound = engram_resilience::OutboundMetrics::new(runtime.metrics());
+            let model = ChatModel::new(chat, &outbound).map_err(Error::from)?;
+            tracing::info!(
+                model = model.model(),
+                tokenizer = tokens.name(),
+                "Converse answers with a chat model"
+            );
+            Some(Arc::new(model))
+        }
+        None => {
+            tracing::info!(
+                "no chat model (ENGRAM_CHAT_BASE_URL): Converse answers with a fallback event carrying the context"
+            );
+            None
+        }
+    };
+    let context = Arc::new(ContextBuilder {
+        index: Arc::clone(&index),
+        history: History::new(redis, config.common.history_ttl),
+        tokens,
+    });
+    let chat = Arc::new(Chat {
+        context: Arc::clone(&context),
+        ingestion: Arc::clone(&ingestion),
+        model,
+        privacy: config.common.privacy.policy()?,
+        limits: config.common.limits.clone(),
+    });
     let gateway = Gateway {
         index,
         ingestion,
+        context,
         limits: config.common.limits.clone(),
     };
     let max = config.edge.max_message_bytes;
@@ -297,11 +358,20 @@ pub async fn serve(
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Zstd);
-    let routes = Routes::new(Edge::new(service, edge, runtime.metrics()));
+    let chat_service = ChatServiceServer::new(ChatEndpoint(chat))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max)
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Zstd)
+        .send_compressed(CompressionEncoding::Gzip)
+        .send_compressed(CompressionEncoding::Zstd);
+    let edge = Edge::new(service, edge, runtime.metrics());
+    let chat_edge = edge.also(chat_service);
+    let routes = Routes::new(edge).add_service(chat_edge);
     runtime
         .serve(
             routes,
-            &["engram.v1.MemoryService"],
+            &["engram.v1.MemoryService", "engram.v1.ChatService"],
             listeners.grpc,
             config.common.drain_grace,
             shutdown,
@@ -313,20 +383,25 @@ pub async fn serve(
 pub struct Gateway {
     index: Arc<dyn Index>,
     ingestion: Arc<dyn Ingestion>,
+    context: Arc<ContextBuilder>,
     limits: Limits,
 }
 
+/// The tenant a request acts for: always the one its credential names (the edge put it
+/// there); nothing in a request body can choose another.
+pub(crate) fn caller_tenant<T>(request: &Request<T>) -> Result<TenantId, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .map(|caller| caller.tenant.clone())
+        .ok_or_else(|| {
+            Status::internal("the call reached its handler without passing the gateway's edge")
+        })
+}
+
 impl Gateway {
-    /// The tenant a request acts for: always the one its credential names (the edge put it
-    /// there); nothing in a request body can choose another.
     fn tenant<T>(&self, request: &Request<T>) -> Result<TenantId, Status> {
-        request
-            .extensions()
-            .get::<Caller>()
-            .map(|caller| caller.tenant.clone())
-            .ok_or_else(|| {
-                Status::internal("the call reached its handler without passing the gateway's edge")
-            })
+        caller_tenant(request)
     }
 }
 
@@ -390,5 +465,29 @@ impl MemoryService for Gateway {
         let target = validate::forget(request.into_inner(), &self.limits)?;
         let outcome = self.ingestion.forget(&tenant, target).await?;
         Ok(Response::new(convert::forget_response(&outcome)))
+    }
+
+    async fn build_context(
+        &self,
+        request: Request<pb::BuildContextRequest>,
+    ) -> Result<Response<pb::BuildContextResponse>, Status> {
+        let tenant = self.tenant(&request)?;
+        let wanted = validate::build_context(request.into_inner(), &self.limits)?;
+        let gathered = self.context.gather(&tenant, &wanted).await?;
+        let tokens = self.context.tokens;
+        let packed = context::pack(
+            tokens,
+            gathered.hits,
+            gathered.turns,
+            wanted.token_budget as usize,
+        );
+        Ok(Response::new(pb::BuildContextResponse {
+            memories: packed.hits.iter().map(convert::hit).collect(),
+            turns: packed.turns.iter().map(convert::memory).collect(),
+            token_count: packed.token_count as u32,
+            tokenizer: tokens.name().to_string(),
+            dropped: packed.dropped,
+            context: packed.text,
+        }))
     }
 }

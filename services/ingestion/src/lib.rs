@@ -8,9 +8,10 @@
 //! durable and searchable. Update and Forget take the same road.
 
 mod dedup;
+pub mod extract;
 pub mod worker;
 
-pub use worker::Workers;
+pub use worker::{LogKind, Workers};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use dedup::Resolution;
 
 use async_trait::async_trait;
+use engram_cache::{History, Redis, RedisConfig};
 use engram_core::api::{
     Embedder, EntryId, ForgetOutcome, ForgetTarget, GetQuery, Index, IndexOp, IndexWrites,
     IndexedMemory, Ingestion, LogOp, LoggedWrite, Purpose, RememberBatch, RememberOutcome,
@@ -25,12 +27,17 @@ use engram_core::api::{
 };
 use engram_core::config::{CommonArgs, EmbeddingUrl, RetrievalUrl};
 use engram_core::model::{Memory, MemoryId, TenantId, Timestamp, content_hash};
-use engram_core::model::{Scope, WriteMode};
+use engram_core::model::{NewMemory, Scope, WriteMode};
+use engram_core::privacy::{self, PiiKind, PrivacyMode, PrivacyPolicy};
 use engram_core::server::{Listeners, ServiceRuntime};
-use engram_core::{Error, Result, rpc};
+use engram_core::{Error, Limits, Result, rpc};
+use engram_models::{ChatArgs, ChatModel};
 use engram_proto::tonic::service::Routes;
 use engram_telemetry::Metrics;
 use engram_writelog::{Append, AppendError, Appended, Reserved, WriteLog};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 pub const SERVICE_NAME: &str = "ingestion";
 
@@ -138,6 +145,8 @@ pub struct Config {
     pub embedding_url: String,
     pub retrieval_url: String,
     pub log: LogArgs,
+    /// The chat model fact extraction uses (none: `extract=true` is refused).
+    pub chat: ChatArgs,
     pub common: CommonArgs,
 }
 
@@ -148,6 +157,8 @@ pub struct IngestionArgs {
     pub peers: IngestionPeers,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub chat: ChatArgs,
 }
 
 impl Config {
@@ -156,6 +167,7 @@ impl Config {
             embedding_url: args.peers.embedding.embedding_url,
             retrieval_url: args.peers.retrieval.retrieval_url,
             log: args.log,
+            chat: args.chat,
             common,
         }
     }
@@ -202,8 +214,13 @@ pub fn start_workers(config: &Config, metrics: &Metrics) -> Result<Option<Worker
 #[derive(Debug, Clone)]
 pub struct LogSettings {
     pub log: WriteLog,
+    /// The extraction log: same Redis and partitions, keys under `engram:extract`.
+    pub extraction: WriteLog,
     pub args: LogArgs,
 }
+
+/// Key prefix of the extraction log.
+pub const EXTRACTION_LOG: &str = "engram:extract";
 
 /// [`Ingestion`]: writes go to the durable log and are acknowledged at once (or, without
 /// Redis, are embedded and indexed before they are acknowledged).
@@ -214,6 +231,18 @@ pub struct Pipeline {
     keywords: engram_store::Keywords,
     log: Option<LogSettings>,
     metrics: Option<worker::LogMetrics>,
+    privacy: PrivacyPolicy,
+    /// Personal data found in writes, by kind and what was done.
+    findings: Family<FindingLabels, Counter>,
+    history: History,
+    chat: Option<Arc<ChatModel>>,
+    limits: Limits,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FindingLabels {
+    kind: &'static str,
+    action: &'static str,
 }
 
 fn dedup_key(tenant: &TenantId, scope: &Scope, kind: &str, value: &str) -> String {
@@ -232,7 +261,54 @@ impl Pipeline {
             keywords: engram_store::Keywords::new(),
             log: None,
             metrics: None,
+            privacy: PrivacyPolicy::default(),
+            findings: Family::default(),
+            history: History::new(None, Duration::from_secs(1)),
+            chat: None,
+            limits: Limits::default(),
         }
+    }
+
+    /// Personal data found in a field, counted by kind and the mode's action.
+    fn count_findings(&self, kinds: &[PiiKind], mode: PrivacyMode) {
+        let action = match mode {
+            PrivacyMode::Off => "none",
+            PrivacyMode::Redact => "redacted",
+            PrivacyMode::Block => "blocked",
+        };
+        for kind in kinds {
+            self.findings
+                .get_or_create(&FindingLabels {
+                    kind: kind.as_str(),
+                    action,
+                })
+                .inc();
+        }
+    }
+
+    /// Apply the privacy mode to a memory's text and metadata values (`field` names it in
+    /// errors, e.g. `memories[2]`).
+    fn guard(&self, mode: PrivacyMode, field: &str, memory: &mut NewMemory) -> Result<()> {
+        let guarded = privacy::guard(mode, &format!("{field}.text"), &mut memory.text);
+        let mut kinds = self.guarded(mode, guarded)?;
+        for (key, value) in memory.metadata.iter_mut() {
+            let guarded = privacy::guard(mode, &format!("{field}.metadata[{key}]"), value);
+            kinds.extend(self.guarded(mode, guarded)?);
+        }
+        self.count_findings(&kinds, mode);
+        Ok(())
+    }
+
+    fn guarded(&self, mode: PrivacyMode, guarded: Result<Vec<PiiKind>>) -> Result<Vec<PiiKind>> {
+        guarded.inspect_err(|e| {
+            if let Error::InvalidArgument { reason, .. } = e {
+                for kind in PiiKind::ALL {
+                    if reason.contains(kind.describe()) {
+                        self.count_findings(&[kind], mode);
+                    }
+                }
+            }
+        })
     }
 
     pub fn with_log(mut self, log: Option<LogSettings>, metrics: worker::LogMetrics) -> Self {
@@ -256,10 +332,14 @@ impl Pipeline {
             &config.retrieval_url,
         )?);
         let log = match &config.common.redis_url {
-            Some(url) => Some(LogSettings {
-                log: WriteLog::connect("ENGRAM_REDIS_URL", url, config.log.partitions)?,
-                args: config.log.clone(),
-            }),
+            Some(url) => {
+                let log = WriteLog::connect("ENGRAM_REDIS_URL", url, config.log.partitions)?;
+                Some(LogSettings {
+                    extraction: log.clone().with_prefix(EXTRACTION_LOG),
+                    log,
+                    args: config.log.clone(),
+                })
+            }
             None => {
                 tracing::warn!(
                     "no Redis (ENGRAM_REDIS_URL): writes are indexed before they are acknowledged"
@@ -267,16 +347,51 @@ impl Pipeline {
                 None
             }
         };
-        Ok(Self::new(embedder, index).with_log(log, worker::LogMetrics::new(metrics)))
+        let redis = match &config.common.redis_url {
+            Some(url) => Some(Redis::connect(RedisConfig::new(url.clone()), metrics)?),
+            None => None,
+        };
+        let chat = match config.chat.config().map_err(Error::from)? {
+            Some(chat) => {
+                let outbound = engram_resilience::OutboundMetrics::new(metrics);
+                let model = ChatModel::new(chat, &outbound).map_err(Error::from)?;
+                tracing::info!(model = model.model(), "fact extraction with a chat model");
+                Some(Arc::new(model))
+            }
+            None => None,
+        };
+        let mut pipeline =
+            Self::new(embedder, index).with_log(log, worker::LogMetrics::new(metrics));
+        pipeline.privacy = config.common.privacy.policy()?;
+        pipeline.history = History::new(redis, config.common.history_ttl);
+        pipeline.chat = chat;
+        pipeline.limits = config.common.limits.clone();
+        metrics.register(
+            "engram_privacy_findings",
+            "Personal data and secrets found in writes, by kind and action (none, redacted, blocked)",
+            pipeline.findings.clone(),
+        );
+        Ok(pipeline)
+    }
+
+    /// Whether a chat model is configured (fact extraction is possible).
+    pub fn has_chat(&self) -> bool {
+        self.chat.is_some()
     }
 
     /// Workers indexing from this pipeline's log, if it has one.
     pub fn workers(self: &Arc<Self>, config: &Config) -> Option<Workers> {
         let settings = self.log.as_ref()?;
         let metrics = self.metrics.clone()?;
+        let mut logs = vec![(settings.log.clone(), LogKind::Write)];
+        // Extraction entries only come from a replica with a chat model; one without would
+        // fail them all.
+        if self.chat.is_some() {
+            logs.push((settings.extraction.clone(), LogKind::Extraction));
+        }
         Some(Workers::spawn(
             self.clone(),
-            settings.log.clone(),
+            logs,
             settings.args.clone(),
             config.common.limits.clone(),
             metrics,
@@ -320,7 +435,17 @@ impl Pipeline {
 
     /// Whether the embedding and retrieval services answer: a probe that tells an entry that
     /// fails on its own from an outage that fails everything.
-    pub(crate) async fn healthy(&self) -> bool {
+    /// For extraction, also whether the chat model's circuit is closed: while it is open,
+    /// the model is failing for everyone and no entry is to blame.
+    pub(crate) async fn healthy(&self, kind: LogKind) -> bool {
+        if kind == LogKind::Extraction
+            && self
+                .chat
+                .as_ref()
+                .is_some_and(|chat| chat.outbound().failing_fast())
+        {
+            return false;
+        }
         // A text of its own each time, so that no cache answers for the provider.
         let probe = format!("{HEALTH_PROBE} {}", uuid::Uuid::now_v7());
         let embedded = self.embedder.embed(vec![probe], Purpose::Query).await;
@@ -461,6 +586,50 @@ impl Pipeline {
         }
     }
 
+    /// Queue the extraction of facts from `created` on the extraction log. The write is
+    /// acknowledged even if this fails (Redis failing between the two appends): the memories
+    /// are stored, only their extraction is lost, and that is logged and counted.
+    async fn log_extraction(
+        &self,
+        settings: &LogSettings,
+        tenant: &TenantId,
+        partition: u32,
+        created: &[Memory],
+        traceparent: &str,
+    ) {
+        if created.is_empty() {
+            return;
+        }
+        let submitted = Timestamp::now().as_micros() / 1000;
+        let appends: Vec<Append> = created
+            .iter()
+            .map(|memory| Append {
+                key_reservation: String::new(),
+                content_reservation: String::new(),
+                id: memory.id.to_string(),
+                payload: LoggedWrite {
+                    tenant: tenant.clone(),
+                    op: LogOp::Extract(Box::new(memory.clone())),
+                    submitted_unix_ms: submitted,
+                    reservations: Vec::new(),
+                    traceparent: traceparent.to_string(),
+                }
+                .encode(),
+                force: false,
+            })
+            .collect();
+        if let Err(e) = settings
+            .extraction
+            .append(partition, &appends, u64::MAX)
+            .await
+        {
+            if let Some(metrics) = &self.metrics {
+                metrics.extraction_lost.inc_by(appends.len() as u64);
+            }
+            tracing::warn!(error = ?e, memories = appends.len(), "could not queue fact extraction; the memories are stored without it");
+        }
+    }
+
     async fn wait(&self, settings: &LogSettings, token: WriteToken) -> Result<()> {
         let budget = engram_core::deadline::answerable_within(settings.args.sync_wait);
         match settings.log.settled(token, budget).await? {
@@ -547,10 +716,27 @@ impl Ingestion for Pipeline {
     async fn submit(&self, tenant: &TenantId, batch: RememberBatch) -> Result<RememberOutcome> {
         let RememberBatch {
             scope,
-            memories,
+            mut memories,
             mode,
-            ..
+            extract,
+            privacy,
         } = batch;
+        let privacy = self.privacy.mode(tenant.as_str(), privacy);
+        for (i, memory) in memories.iter_mut().enumerate() {
+            self.guard(privacy, &format!("memories[{i}]"), memory)?;
+        }
+        if extract {
+            if self.chat.is_none() {
+                return Err(Error::FailedPrecondition(
+                    "extract=true needs a chat model: set ENGRAM_CHAT_BASE_URL on the ingestion service".into(),
+                ));
+            }
+            if self.log.is_none() {
+                return Err(Error::FailedPrecondition(
+                    "extract=true needs the write log: set ENGRAM_REDIS_URL on the ingestion service".into(),
+                ));
+            }
+        }
         let hashes: Vec<String> = memories
             .iter()
             .map(|m| content_hash(m.kind, &m.role, &m.text))
@@ -586,6 +772,7 @@ impl Ingestion for Pipeline {
         let partition = settings.log.partition_of(tenant, &scope);
         let mut appends = Vec::new();
         let mut new_inputs = Vec::new();
+        let mut created = Vec::new();
         for (i, input) in memories.iter().enumerate() {
             if resolutions[i] != Resolution::New {
                 continue;
@@ -602,6 +789,7 @@ impl Ingestion for Pipeline {
             };
             let memory =
                 Memory::from_input(ids[i], tenant.clone(), scope.clone(), input.clone(), now);
+            created.push((i, memory.clone()));
             let write = LoggedWrite {
                 tenant: tenant.clone(),
                 op: LogOp::Remember(Box::new(memory)),
@@ -709,6 +897,16 @@ impl Ingestion for Pipeline {
             Some(entry) => WriteToken::Logged { partition, entry },
             None => WriteToken::Indexed,
         };
+        let created: Vec<Memory> = created
+            .into_iter()
+            .filter(|(i, _)| resolutions[*i] == Resolution::New)
+            .map(|(_, memory)| memory)
+            .collect();
+        self.history.append(tenant, &created).await;
+        if extract {
+            self.log_extraction(settings, tenant, partition, &created, &traceparent)
+                .await;
+        }
         if mode == WriteMode::Sync {
             self.wait(settings, write_token).await?;
         }
@@ -719,6 +917,21 @@ impl Ingestion for Pipeline {
     }
 
     async fn update(&self, tenant: &TenantId, command: UpdateCommand) -> Result<UpdateOutcome> {
+        let mut command = command;
+        if let Some(text) = &mut command.patch.text {
+            let mode = self.privacy.mode(tenant.as_str(), None);
+            let kinds = privacy::guard(mode, "memory.text", text);
+            let kinds = self.guarded(mode, kinds)?;
+            self.count_findings(&kinds, mode);
+        }
+        if let Some(metadata) = &mut command.patch.metadata {
+            let mode = self.privacy.mode(tenant.as_str(), None);
+            for (key, value) in metadata.iter_mut() {
+                let kinds = privacy::guard(mode, &format!("memory.metadata[{key}]"), value);
+                let kinds = self.guarded(mode, kinds)?;
+                self.count_findings(&kinds, mode);
+            }
+        }
         if let Some(settings) = &self.log {
             // The memory's user decides the partition, so the update follows the user's
             // earlier writes.
@@ -731,6 +944,10 @@ impl Ingestion for Pipeline {
                 Ok(token) => {
                     self.wait(settings, token).await?;
                     let memory = self.stored(tenant, command.id).await?;
+                    // A changed turn: the session's cached history is rebuilt from the index.
+                    self.history
+                        .invalidate(tenant, &[stored.scope.clone(), memory.scope.clone()])
+                        .await;
                     return Ok(UpdateOutcome {
                         memory,
                         write_token: token,
@@ -751,6 +968,7 @@ impl Ingestion for Pipeline {
         if let Some(settings) = &self.log {
             // Forgetting a scope goes to its user's partition; forgetting ids goes to the
             // partitions of the memories' users.
+            let mut touched: Vec<Scope> = Vec::new();
             let parts: Vec<(u32, ForgetTarget)> = match &target {
                 ForgetTarget::Scope(scope) => {
                     vec![(settings.log.partition_of(tenant, scope), target.clone())]
@@ -768,6 +986,7 @@ impl Ingestion for Pipeline {
                         .await?;
                     let mut by_partition: std::collections::BTreeMap<u32, Vec<MemoryId>> =
                         Default::default();
+                    touched = found.memories.iter().map(|m| m.scope.clone()).collect();
                     for memory in found.memories {
                         by_partition
                             .entry(settings.log.partition_of(tenant, &memory.scope))
@@ -783,26 +1002,18 @@ impl Ingestion for Pipeline {
             let mut forgotten = 0;
             let mut token = WriteToken::Indexed;
             let mut logged = true;
-            for (partition, part) in parts {
-                match self
-                    .log_and_wait(settings, tenant, partition, LogOp::Forget(part.clone()))
-                    .await
-                {
-                    Ok(t) => {
-                        self.wait(settings, t).await?;
-                        if let WriteToken::Logged { partition, entry } = t {
-                            forgotten += settings.log.forgot(partition, entry).await?;
-                        }
-                        token = t;
-                    }
-                    Err(AppendError::Lag { backlog }) => return Err(lag_error(backlog)),
-                    Err(AppendError::Unavailable(reason)) => {
-                        self.degraded(&reason)?;
-                        forgotten += self.apply_forget(tenant, part).await?;
-                        logged = false;
-                    }
+            let parts_result = self.forget_parts(settings, tenant, parts).await;
+            // Forgotten turns must not linger in a cached history.
+            match &target {
+                ForgetTarget::Scope(scope) => {
+                    self.history.invalidate_user(tenant, &scope.user_id).await;
                 }
+                ForgetTarget::Ids(_) => self.history.invalidate(tenant, &touched).await,
             }
+            let (f, t, l) = parts_result?;
+            forgotten += f;
+            token = t.unwrap_or(token);
+            logged &= l;
             return Ok(ForgetOutcome {
                 forgotten,
                 write_token: if logged { token } else { WriteToken::Indexed },
@@ -823,5 +1034,41 @@ impl Ingestion for Pipeline {
                 "this ingestion service has no write log (ENGRAM_REDIS_URL is not set)".into(),
             )),
         }
+    }
+}
+
+impl Pipeline {
+    /// Log each part of a forget and wait for it: memories forgotten, the last token, and
+    /// whether every part went through the log.
+    async fn forget_parts(
+        &self,
+        settings: &LogSettings,
+        tenant: &TenantId,
+        parts: Vec<(u32, ForgetTarget)>,
+    ) -> Result<(u64, Option<WriteToken>, bool)> {
+        let mut forgotten = 0;
+        let mut token = None;
+        let mut logged = true;
+        for (partition, part) in parts {
+            match self
+                .log_and_wait(settings, tenant, partition, LogOp::Forget(part.clone()))
+                .await
+            {
+                Ok(t) => {
+                    self.wait(settings, t).await?;
+                    if let WriteToken::Logged { partition, entry } = t {
+                        forgotten += settings.log.forgot(partition, entry).await?;
+                    }
+                    token = Some(t);
+                }
+                Err(AppendError::Lag { backlog }) => return Err(lag_error(backlog)),
+                Err(AppendError::Unavailable(reason)) => {
+                    self.degraded(&reason)?;
+                    forgotten += self.apply_forget(tenant, part).await?;
+                    logged = false;
+                }
+            }
+        }
+        Ok((forgotten, token, logged))
     }
 }

@@ -32,7 +32,25 @@ use crate::{LogArgs, Pipeline};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PartitionLabels {
+    /// `write` (the write log) or `extract` (the extraction log).
+    log: &'static str,
     partition: u32,
+}
+
+/// Which log a worker works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogKind {
+    Write,
+    Extraction,
+}
+
+impl LogKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            LogKind::Write => "write",
+            LogKind::Extraction => "extract",
+        }
+    }
 }
 
 /// The write log's metrics.
@@ -42,6 +60,7 @@ pub struct LogMetrics {
     pending: Family<PartitionLabels, Gauge>,
     pub(crate) degraded: Counter,
     pub(crate) refused: Counter,
+    pub(crate) extraction_lost: Counter,
     reclaimed: Counter,
     dead_lettered: Counter,
     batch_size: Histogram,
@@ -55,6 +74,7 @@ impl LogMetrics {
             pending: Family::default(),
             degraded: Counter::default(),
             refused: Counter::default(),
+            extraction_lost: Counter::default(),
             reclaimed: Counter::default(),
             dead_lettered: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
@@ -70,6 +90,11 @@ impl LogMetrics {
                 "engram_log_refused_writes",
                 "Writes refused with RESOURCE_EXHAUSTED because indexing was too far behind",
                 &this.refused,
+            ),
+            (
+                "engram_extraction_not_queued",
+                "Memories written with extract=true whose extraction could not be queued (Redis failed between the two appends)",
+                &this.extraction_lost,
             ),
             (
                 "engram_log_reclaimed_entries",
@@ -115,10 +140,10 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// Start one worker task per partition.
+    /// Start one worker task per partition of each log.
     pub fn spawn(
         pipeline: Arc<Pipeline>,
-        log: WriteLog,
+        logs: Vec<(WriteLog, LogKind)>,
         args: LogArgs,
         limits: Limits,
         metrics: LogMetrics,
@@ -126,18 +151,21 @@ impl Workers {
         let owner = format!("{}-{}", std::process::id(), uuid::Uuid::now_v7());
         let (stop, stopping) = watch::channel(false);
         let mut tasks = tokio::task::JoinSet::new();
-        for partition in 0..log.partitions() {
-            let worker = PartitionWorker {
-                partition,
-                sampled: tokio::sync::Mutex::new(None),
-                owner: owner.clone(),
-                pipeline: pipeline.clone(),
-                log: log.clone(),
-                args: args.clone(),
-                limits: limits.clone(),
-                metrics: metrics.clone(),
-            };
-            tasks.spawn(worker.run(stopping.clone()));
+        for (log, kind) in logs {
+            for partition in 0..log.partitions() {
+                let worker = PartitionWorker {
+                    kind,
+                    partition,
+                    sampled: tokio::sync::Mutex::new(None),
+                    owner: owner.clone(),
+                    pipeline: pipeline.clone(),
+                    log: log.clone(),
+                    args: args.clone(),
+                    limits: limits.clone(),
+                    metrics: metrics.clone(),
+                };
+                tasks.spawn(worker.run(stopping.clone()));
+            }
         }
         Self { tasks, stop }
     }
@@ -158,6 +186,7 @@ impl Workers {
 }
 
 struct PartitionWorker {
+    kind: LogKind,
     partition: u32,
     /// When the depth was last sampled.
     sampled: tokio::sync::Mutex<Option<tokio::time::Instant>>,
@@ -236,7 +265,10 @@ impl PartitionWorker {
                 // Try again later, backing off while it keeps failing.
                 Ok(false) => (pause * 2).clamp(RETRY_MIN, RETRY_MAX),
                 Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "indexing from the write log");
+                    tracing::warn!(partition = p, log = self.kind.as_str(), error = %e, "indexing from the write log");
+                    // Redis may have lost the stream's consumer group (a flush, a restart
+                    // without persistence): make sure of it again before the next read.
+                    owned = false;
                     (pause * 2).clamp(RETRY_MIN, RETRY_MAX)
                 }
             };
@@ -294,6 +326,7 @@ impl PartitionWorker {
         *last = Some(tokio::time::Instant::now());
         if let Ok(depth) = self.log.depth(self.partition).await {
             let labels = PartitionLabels {
+                log: self.kind.as_str(),
                 partition: self.partition,
             };
             self.metrics
@@ -342,7 +375,7 @@ impl PartitionWorker {
                 }
             }
             if careful && !healthy {
-                if !self.pipeline.healthy().await {
+                if !self.pipeline.healthy(self.kind).await {
                     tracing::info!(
                         partition = p,
                         "indexing paused: the embedding or retrieval service is failing"
@@ -429,6 +462,11 @@ impl PartitionWorker {
             (LogOp::Forget(target), 1) => {
                 let n = self.pipeline.apply_forget(tenant, target.clone()).await?;
                 Ok(vec![Done::Forgot(n)])
+            }
+            (LogOp::Extract(memory), 1) => {
+                let stored = self.pipeline.extract_facts(tenant, memory).await?;
+                tracing::debug!(source = %memory.id, facts = stored, "facts extracted");
+                Ok(vec![Done::Applied])
             }
             _ => {
                 let memories = writes

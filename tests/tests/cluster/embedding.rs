@@ -360,6 +360,7 @@ async fn a_provider_of_the_wrong_dimension_indexes_nothing_and_loses_nothing() {
             }],
             mode: pb::WriteMode::Sync.into(),
             extract: false,
+            privacy: 0,
         })
         .await
         .unwrap_err();

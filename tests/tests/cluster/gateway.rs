@@ -50,6 +50,7 @@ async fn remember(client: &mut Client, user: &str, text: &str, tags: &[&str]) ->
             }],
             mode: pb::WriteMode::Sync.into(),
             extract: false,
+            privacy: 0,
         })
         .await
         .unwrap()

@@ -48,6 +48,7 @@ async fn try_remember(
                 .collect(),
             mode: pb::WriteMode::Async.into(),
             extract: false,
+            privacy: 0,
         })
         .await
         .map(|r| r.into_inner())

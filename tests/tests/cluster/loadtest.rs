@@ -86,6 +86,15 @@ impl MemoryService for Scripted {
             .await
             .map(|()| Response::new(Default::default()))
     }
+
+    async fn build_context(
+        &self,
+        _: Request<pb::BuildContextRequest>,
+    ) -> Result<Response<pb::BuildContextResponse>, Status> {
+        self.behave()
+            .await
+            .map(|()| Response::new(Default::default()))
+    }
 }
 
 async fn scripted(delay: Duration, refuse_every: u64, stall_at: u64, stall: Duration) -> Extra {

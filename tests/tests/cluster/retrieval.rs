@@ -35,6 +35,7 @@ async fn remember(client: &mut Client, user: &str, memories: Vec<pb::MemoryInput
             memories,
             mode: pb::WriteMode::Sync.into(),
             extract: false,
+            privacy: 0,
         })
         .await
         .unwrap()
@@ -415,6 +416,7 @@ async fn filters_select_alone_and_combined_and_never_cross_tenants_or_users() {
                     memories: data.clone(),
                     mode: WriteMode::Sync,
                     extract: false,
+                    privacy: None,
                 },
             )
             .await

@@ -29,6 +29,7 @@ async fn remember(client: &mut Client, user: &str, texts: &[&str]) -> Vec<String
             memories: texts.iter().map(|t| input(t)).collect(),
             mode: pb::WriteMode::Sync.into(),
             extract: false,
+            privacy: 0,
         })
         .await
         .unwrap()
@@ -161,6 +162,7 @@ async fn get_returns_what_was_stored_field_for_field() {
             memories: vec![sent.clone()],
             mode: pb::WriteMode::Sync.into(),
             extract: false,
+            privacy: 0,
         })
         .await
         .unwrap()
@@ -343,6 +345,7 @@ async fn bad_input_is_refused_naming_the_field_and_nothing_is_stored() {
         memories,
         mode: pb::WriteMode::Sync.into(),
         extract: false,
+        privacy: 0,
     };
     let cases: Vec<(pb::RememberRequest, &str)> = vec![
         (
@@ -519,6 +522,7 @@ async fn repeated_facts_are_duplicates_but_messages_are_not() {
             ],
             mode: pb::WriteMode::Sync.into(),
             extract: false,
+            privacy: 0,
         })
         .await
         .unwrap()

@@ -1,0 +1,224 @@
+//! Session history: the recent turns (MESSAGE memories) of each (tenant, user, session) — of
+//! every agent in the session — kept in Redis for speed.
+//!
+//! The index is the source of truth; this is a cache of it, with one twist: ingestion appends a
+//! turn when it acknowledges the write, before it is indexed, so a turn is in the history at
+//! once. Each session's list is:
+//!
+//! - filled from the index by the reader that finds it missing ([`History::fill`]) — after a
+//!   Redis flush, an expiry (`ttl` after its last write) or a forget;
+//! - appended to by ingestion only if it exists (`RPUSHX`), so a partial list is never
+//!   mistaken for the whole history, and trimmed to `max_turns`;
+//! - deleted when a Forget or an Update touches the scope, so the next reader rebuilds it
+//!   (each user has a set naming their cached lists, so forgetting a whole user finds them).
+//!
+//! A filled list starts with an empty marker entry, so a session without turns is known to be
+//! empty. Redis being away makes every read a miss: callers then read the index.
+
+use std::time::Duration;
+
+use engram_core::convert;
+use engram_core::model::{Kind, Memory, Scope, TenantId};
+use engram_proto::prost::Message as _;
+use engram_proto::v1 as pb;
+use sha2::{Digest as _, Sha256};
+
+use crate::Redis;
+
+/// Recent turns kept per session.
+pub const MAX_TURNS: usize = 200;
+
+#[derive(Clone)]
+pub struct History {
+    redis: Option<Redis>,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("History")
+            .field("redis", &self.redis.is_some())
+            .field("ttl", &self.ttl)
+            .finish()
+    }
+}
+
+fn short_hash(value: &str) -> String {
+    hex::encode(&Sha256::digest(value.as_bytes())[..8])
+}
+
+/// The user's part of the keys: every session list of one user matches `{user_prefix}*`.
+fn user_prefix(tenant: &TenantId, user_id: &str) -> String {
+    format!(
+        "engram:history:{}:{}:",
+        short_hash(tenant.as_str()),
+        short_hash(user_id)
+    )
+}
+
+/// The set of a user's cached session lists.
+fn sessions_key(tenant: &TenantId, user_id: &str) -> String {
+    format!("{}sessions", user_prefix(tenant, user_id))
+}
+
+/// A session's list: one per (tenant, user, session), whichever agents spoke in it.
+fn key(tenant: &TenantId, scope: &Scope) -> String {
+    format!(
+        "{}{}",
+        user_prefix(tenant, &scope.user_id),
+        short_hash(&scope.session_id)
+    )
+}
+
+/// Whether a memory is a turn of a session's history.
+pub fn is_turn(memory: &Memory) -> bool {
+    memory.kind == Kind::Message && !memory.scope.session_id.is_empty()
+}
+
+impl History {
+    /// `redis` `None`: no history cache (every read is a miss).
+    pub fn new(redis: Option<Redis>, ttl: Duration) -> Self {
+        Self { redis, ttl }
+    }
+
+    /// The last `n` turns of `scope`'s session, oldest first; `None` when the list is not
+    /// cached (or Redis is away).
+    pub async fn recent(&self, tenant: &TenantId, scope: &Scope, n: usize) -> Option<Vec<Memory>> {
+        let redis = self.redis.as_ref()?;
+        let key = key(tenant, scope);
+        let start = -(n.clamp(1, MAX_TURNS) as isize) - 1;
+        let raw: Vec<Vec<u8>> = redis
+            .best_effort("history.recent", |mut conn| async move {
+                redis::cmd("LRANGE")
+                    .arg(&key)
+                    .arg(start)
+                    .arg(-1)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        if raw.is_empty() {
+            return None;
+        }
+        let mut turns: Vec<Memory> = raw
+            .iter()
+            .filter(|bytes| !bytes.is_empty())
+            .filter_map(|bytes| pb::Memory::decode(bytes.as_slice()).ok())
+            .filter_map(|m| convert::memory_from_pb(m, tenant).ok())
+            .collect();
+        if turns.len() > n {
+            turns.drain(..turns.len() - n);
+        }
+        Some(turns)
+    }
+
+    /// Cache `turns` (oldest first, from the index) as the whole recent history of `scope`.
+    pub async fn fill(&self, tenant: &TenantId, scope: &Scope, turns: &[Memory]) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let key = key(tenant, scope);
+        let sessions = sessions_key(tenant, &scope.user_id);
+        let mut values: Vec<Vec<u8>> = vec![Vec::new()];
+        let skip = turns.len().saturating_sub(MAX_TURNS);
+        values.extend(
+            turns[skip..]
+                .iter()
+                .map(|m| convert::memory(m).encode_to_vec()),
+        );
+        let ttl = self.ttl.as_secs().max(1);
+        let _: Option<()> = redis
+            .best_effort("history.fill", |mut conn| async move {
+                redis::pipe()
+                    .atomic()
+                    .del(&key)
+                    .ignore()
+                    .rpush(&key, values)
+                    .ignore()
+                    .expire(&key, ttl as i64)
+                    .ignore()
+                    .sadd(&sessions, &key)
+                    .ignore()
+                    .expire(&sessions, ttl as i64)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await;
+    }
+
+    /// Append newly acknowledged turns to the lists of their sessions that are cached.
+    pub async fn append(&self, tenant: &TenantId, memories: &[Memory]) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let turns: Vec<&Memory> = memories.iter().filter(|m| is_turn(m)).collect();
+        if turns.is_empty() {
+            return;
+        }
+        let ttl = self.ttl.as_secs().max(1) as i64;
+        let mut pipe = redis::pipe();
+        for memory in turns {
+            let key = key(tenant, &memory.scope);
+            pipe.cmd("RPUSHX")
+                .arg(&key)
+                .arg(convert::memory(memory).encode_to_vec())
+                .ignore()
+                .ltrim(&key, -(MAX_TURNS as isize) - 1, -1)
+                .ignore()
+                .expire(&key, ttl)
+                .ignore();
+        }
+        let _: Option<()> = redis
+            .best_effort("history.append", |mut conn| async move {
+                pipe.query_async(&mut conn).await
+            })
+            .await;
+    }
+
+    /// Drop the cached lists of these exact scopes (an updated or forgotten turn).
+    pub async fn invalidate(&self, tenant: &TenantId, scopes: &[Scope]) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let keys: Vec<String> = scopes.iter().map(|s| key(tenant, s)).collect();
+        if keys.is_empty() {
+            return;
+        }
+        let done: Option<()> = redis
+            .best_effort("history.invalidate", |mut conn| async move {
+                redis::cmd("DEL").arg(keys).query_async(&mut conn).await
+            })
+            .await;
+        if done.is_none() {
+            tracing::warn!(
+                "could not drop a changed session's cached history; it expires within {:?}",
+                self.ttl
+            );
+        }
+    }
+
+    /// Drop every cached list of a user (a whole scope forgotten).
+    pub async fn invalidate_user(&self, tenant: &TenantId, user_id: &str) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let sessions = sessions_key(tenant, user_id);
+        let done: Option<()> = redis
+            .best_effort("history.invalidate", |mut conn| async move {
+                let mut keys: Vec<String> = redis::cmd("SMEMBERS")
+                    .arg(&sessions)
+                    .query_async(&mut conn)
+                    .await?;
+                keys.push(sessions);
+                redis::cmd("DEL").arg(keys).query_async(&mut conn).await
+            })
+            .await;
+        if done.is_none() {
+            tracing::warn!(
+                "could not drop a forgotten user's cached session history; it expires within {:?}",
+                self.ttl
+            );
+        }
+    }
+}

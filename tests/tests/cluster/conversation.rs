@@ -1,0 +1,815 @@
+//! Conversations: Converse streaming through the fake chat model (its failures, hangs and
+//! disconnects), session history (and its survival of a Redis flush), BuildContext's budget,
+//! the privacy guard end to end, and LLM fact extraction — with the real local model for
+//! embeddings and a real Redis.
+
+use std::time::Duration;
+
+use engram_proto::tonic::Code;
+use engram_tests::{ChatBehavior, ChatClient, FakeProvider, Options, Sandbox, fast_policy, pb};
+
+type Client = engram_cli::Client;
+
+fn scope(user: &str, session: &str) -> Option<pb::Scope> {
+    Some(pb::Scope {
+        user_id: user.into(),
+        session_id: session.into(),
+        ..Default::default()
+    })
+}
+
+async fn remember_sync(
+    client: &mut Client,
+    user: &str,
+    session: &str,
+    memories: Vec<pb::MemoryInput>,
+) -> pb::RememberResponse {
+    client
+        .remember(pb::RememberRequest {
+            scope: scope(user, session),
+            memories,
+            mode: pb::WriteMode::Sync.into(),
+            extract: false,
+            privacy: 0,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("remember: {s:?}"))
+        .into_inner()
+}
+
+fn fact(text: &str) -> pb::MemoryInput {
+    pb::MemoryInput {
+        text: text.into(),
+        kind: pb::Kind::Fact.into(),
+        ..Default::default()
+    }
+}
+
+fn turn(role: &str, text: &str) -> pb::MemoryInput {
+    pb::MemoryInput {
+        text: text.into(),
+        kind: pb::Kind::Message.into(),
+        role: role.into(),
+        ..Default::default()
+    }
+}
+
+fn converse_request(user: &str, session: &str, message: &str) -> pb::ConverseRequest {
+    pb::ConverseRequest {
+        scope: scope(user, session),
+        message: message.into(),
+        ..Default::default()
+    }
+}
+
+/// Every event of a Converse until the stream ends (bounded, so a hung stream fails the test
+/// instead of hanging it).
+async fn converse(
+    chat: &mut ChatClient,
+    request: pb::ConverseRequest,
+) -> Vec<pb::converse_event::Event> {
+    let mut stream = chat
+        .converse(request)
+        .await
+        .unwrap_or_else(|s| panic!("converse: {s:?}"))
+        .into_inner();
+    let mut events = Vec::new();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("the Converse stream hung after {events:?}"));
+        match next {
+            Ok(Some(event)) => events.extend(event.event),
+            Ok(None) => return events,
+            Err(status) => panic!("the Converse stream failed: {status:?} after {events:?}"),
+        }
+    }
+}
+
+fn deltas(events: &[pb::converse_event::Event]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            pb::converse_event::Event::Delta(d) => Some(d.text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn fallback(events: &[pb::converse_event::Event]) -> &pb::FallbackEvent {
+    match events.last() {
+        Some(pb::converse_event::Event::Fallback(f)) => f,
+        other => panic!("expected a fallback event last, got {other:?} in {events:?}"),
+    }
+}
+
+fn context(events: &[pb::converse_event::Event]) -> &pb::ContextEvent {
+    match events.first() {
+        Some(pb::converse_event::Event::Context(c)) => c,
+        other => panic!("expected the context event first, got {other:?}"),
+    }
+}
+
+/// Poll `probe` until it returns `Some`, for at most 30 s.
+async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn build_context(
+    client: &mut Client,
+    user: &str,
+    session: &str,
+    query: &str,
+    budget: u32,
+) -> pb::BuildContextResponse {
+    client
+        .build_context(pb::BuildContextRequest {
+            scope: scope(user, session),
+            query: query.into(),
+            token_budget: budget,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("build_context: {s:?}"))
+        .into_inner()
+}
+
+#[tokio::test]
+async fn converse_streams_the_answer_after_its_context_and_remembers_the_turn() {
+    let fake = FakeProvider::start(8).await;
+    fake.set_reply("Lisbon is lovely in May, and Miso will enjoy the parks.");
+    let sandbox = Sandbox::start_with(None, Options::with_chat(&fake, fast_policy())).await;
+    let mut client = sandbox.client().await;
+    let mut chat = sandbox.chat_client().await;
+    remember_sync(
+        &mut client,
+        "ana",
+        "",
+        vec![
+            fact("Ana moved to Lisbon in 2024."),
+            fact("Ana has a dog named Miso."),
+        ],
+    )
+    .await;
+
+    let events = converse(
+        &mut chat,
+        converse_request("ana", "trip", "Where should I walk my dog?"),
+    )
+    .await;
+    let ctx = context(&events);
+    let recalled: Vec<&str> = ctx
+        .memories
+        .iter()
+        .filter_map(|h| h.memory.as_ref())
+        .map(|m| m.text.as_str())
+        .collect();
+    assert!(
+        recalled.contains(&"Ana has a dog named Miso."),
+        "{recalled:?}"
+    );
+    assert!(ctx.context_tokens > 0);
+    assert_eq!(
+        deltas(&events),
+        "Lisbon is lovely in May, and Miso will enjoy the parks."
+    );
+    // Every delta comes after the context and before done, in order.
+    assert!(
+        events[1..events.len() - 1]
+            .iter()
+            .all(|e| matches!(e, pb::converse_event::Event::Delta(_)))
+    );
+    let Some(pb::converse_event::Event::Done(done)) = events.last() else {
+        panic!("expected done last: {events:?}");
+    };
+    let usage = done.usage.unwrap_or_default();
+    assert!(usage.reported_by_model);
+    assert_eq!(usage.prompt_tokens, 42);
+    let timings = done.timings.unwrap_or_default();
+    assert!(
+        timings.context_us <= timings.first_token_us && timings.first_token_us <= timings.total_us
+    );
+    assert_eq!(done.model, "fake-chat");
+
+    // The model got the memories in its system prompt, then the user's message.
+    let sent = fake.chat_requests();
+    let messages = sent[0]["messages"].as_array().cloned().unwrap_or_default();
+    assert_eq!(messages[0]["role"], "system");
+    assert!(
+        messages[0]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("- [")
+    );
+    assert!(
+        messages[0]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Ana has a dog named Miso.")
+    );
+    assert_eq!(
+        messages.last().map(|m| m["content"].clone()),
+        Some("Where should I walk my dog?".into())
+    );
+    assert_eq!(sent[0]["stream"], true);
+
+    // The turn is in the session's history, then recallable.
+    let history = eventually("the turn in the history", || {
+        let mut client = client.clone();
+        async move {
+            let built = build_context(&mut client, "ana", "trip", "dog", 1000).await;
+            (built.turns.len() == 2).then_some(built)
+        }
+    })
+    .await;
+    assert_eq!(history.turns[0].role, "user");
+    assert_eq!(history.turns[0].text, "Where should I walk my dog?");
+    assert_eq!(history.turns[1].role, "assistant");
+    assert!(history.context.contains(
+        "## Recent conversation\nuser: Where should I walk my dog?\nassistant: Lisbon is lovely"
+    ));
+    eventually("the answer recallable", || {
+        let mut client = client.clone();
+        async move {
+            let found = client
+                .recall(pb::RecallRequest {
+                    scope: scope("ana", ""),
+                    query: "parks in May".into(),
+                    top_k: 5,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            found
+                .hits
+                .iter()
+                .any(|h| {
+                    h.memory
+                        .as_ref()
+                        .is_some_and(|m| m.text.contains("enjoy the parks"))
+                })
+                .then_some(())
+        }
+    })
+    .await;
+
+    // The next turn sees the previous one as history, sent as chat messages.
+    converse(
+        &mut chat,
+        converse_request("ana", "trip", "And in the evening?"),
+    )
+    .await;
+    let sent = fake.chat_requests();
+    let messages = sent[1]["messages"].as_array().cloned().unwrap_or_default();
+    let roles: Vec<&str> = messages.iter().filter_map(|m| m["role"].as_str()).collect();
+    assert_eq!(roles, ["system", "user", "assistant", "user"]);
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn model_failures_end_in_a_fallback_with_the_context() {
+    let fake = FakeProvider::start(8).await;
+    let mut policy = fast_policy();
+    policy.breaker.consecutive_failures = 6;
+    let sandbox = Sandbox::start_with(None, Options::with_chat(&fake, policy)).await;
+    let mut client = sandbox.client().await;
+    let mut chat = sandbox.chat_client().await;
+    remember_sync(
+        &mut client,
+        "bo",
+        "",
+        vec![fact("Bo is allergic to peanuts.")],
+    )
+    .await;
+    let ask = || converse_request("bo", "s1", "What snacks can I eat?");
+
+    // Mid-answer silence: the idle timeout ends it, with what was said flagged partial.
+    fake.then_chat(ChatBehavior::StallAfter(2));
+    let events = converse(&mut chat, ask()).await;
+    assert_eq!(deltas(&events), "Hello from");
+    let f = fallback(&events);
+    assert!(f.partial);
+    assert!(
+        f.reason.contains("ENGRAM_CHAT_IDLE_TIMEOUT"),
+        "{}",
+        f.reason
+    );
+    assert!(
+        f.context.contains("Bo is allergic to peanuts."),
+        "{}",
+        f.context
+    );
+
+    // A model that never answers: each attempt times out, then a fallback.
+    fake.set_chat_default(ChatBehavior::Hang);
+    let events = converse(&mut chat, ask()).await;
+    let f = fallback(&events);
+    assert!(!f.partial);
+    assert_eq!(deltas(&events), "");
+    assert!(f.reason.contains("timed out"), "{}", f.reason);
+    assert_eq!(f.memories.len(), 1);
+    assert!(matches!(events[0], pb::converse_event::Event::Context(_)));
+
+    // 500s: retried, then a fallback naming the status.
+    fake.set_chat_default(ChatBehavior::Status {
+        status: 500,
+        retry_after: None,
+    });
+    let before = fake.chat_requests().len();
+    let events = converse(&mut chat, ask()).await;
+    let f = fallback(&events);
+    assert!(f.reason.contains("500"), "{}", f.reason);
+    assert_eq!(f.code, "UNAVAILABLE");
+    assert_eq!(fake.chat_requests().len() - before, 3, "three attempts");
+
+    // Six failures in a row opened the circuit: the next call fails fast, without a request.
+    let before = fake.chat_requests().len();
+    let events = converse(&mut chat, ask()).await;
+    let f = fallback(&events);
+    assert!(f.reason.contains("circuit is open"), "{}", f.reason);
+    assert_eq!(fake.chat_requests().len(), before);
+    assert!(f.context.contains("Bo is allergic to peanuts."));
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_model_call() {
+    let fake = FakeProvider::start(8).await;
+    let sandbox = Sandbox::start_with(None, Options::with_chat(&fake, fast_policy())).await;
+    let mut chat = sandbox.chat_client().await;
+    fake.set_word_delay(Duration::from_millis(20));
+    fake.then_chat(ChatBehavior::StallAfter(3));
+    let mut stream = chat
+        .converse(converse_request("cy", "s", "Tell me a long story."))
+        .await
+        .unwrap_or_else(|s| panic!("converse: {s:?}"))
+        .into_inner();
+    let mut seen = 0;
+    while seen < 2 {
+        match stream.message().await {
+            Ok(Some(pb::ConverseEvent {
+                event: Some(pb::converse_event::Event::Delta(_)),
+            })) => seen += 1,
+            Ok(Some(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    drop(stream);
+    drop(chat);
+    eventually("the provider to see the connection closed", || async {
+        (fake.chat_disconnects() >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(fake.in_flight(), 0);
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn build_context_stays_within_its_budget_and_keeps_the_most_relevant() {
+    let sandbox = Sandbox::start().await;
+    let mut client = sandbox.client().await;
+    let facts: Vec<pb::MemoryInput> = (0..30)
+        .map(|i| {
+            fact(&format!(
+                "Dee's trip number {i} went to a city with a long and storied history of trade."
+            ))
+        })
+        .collect();
+    remember_sync(&mut client, "dee", "", facts).await;
+    remember_sync(
+        &mut client,
+        "dee",
+        "chat",
+        vec![
+            turn("user", "I want to plan another trip."),
+            turn("assistant", "Where to?"),
+        ],
+    )
+    .await;
+
+    let full = build_context(
+        &mut client,
+        "dee",
+        "chat",
+        "trips to trading cities",
+        32_768,
+    )
+    .await;
+    assert_eq!(full.dropped, 0);
+    assert_eq!(full.memories.len(), 20, "max_memories defaults to 20");
+    assert_eq!(full.turns.len(), 2);
+    assert_eq!(full.tokenizer, "o200k_base");
+    let ranked: Vec<String> = full
+        .memories
+        .iter()
+        .filter_map(|h| h.memory.as_ref())
+        .map(|m| m.id.clone())
+        .collect();
+    for budget in [1, 10, 40, 100, 200, 400] {
+        let cut = build_context(
+            &mut client,
+            "dee",
+            "chat",
+            "trips to trading cities",
+            budget,
+        )
+        .await;
+        assert!(
+            cut.token_count <= budget,
+            "{} tokens for a budget of {budget}",
+            cut.token_count
+        );
+        let kept: Vec<String> = cut
+            .memories
+            .iter()
+            .filter_map(|h| h.memory.as_ref())
+            .map(|m| m.id.clone())
+            .collect();
+        assert_eq!(
+            kept,
+            ranked[..kept.len()],
+            "budget {budget} kept a prefix of the ranking"
+        );
+        assert_eq!(cut.dropped as usize, 22 - kept.len() - cut.turns.len());
+        if budget >= 100 {
+            assert!(!kept.is_empty());
+            assert!(
+                cut.context.starts_with("## Relevant memories\n- ["),
+                "{}",
+                cut.context
+            );
+        }
+    }
+    let bad = client
+        .build_context(pb::BuildContextRequest {
+            scope: scope("dee", ""),
+            query: "x".into(),
+            token_budget: 1_000_000,
+            ..Default::default()
+        })
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("an oversized budget was accepted"));
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("token_budget"), "{}", bad.message());
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn history_survives_a_redis_flush() {
+    let sandbox = Sandbox::start().await;
+    let mut client = sandbox.client().await;
+    let turns: Vec<pb::MemoryInput> = (0..12)
+        .map(|i| {
+            turn(
+                if i % 2 == 0 { "user" } else { "assistant" },
+                &format!("turn {i}"),
+            )
+        })
+        .collect();
+    remember_sync(&mut client, "eli", "s", turns).await;
+    let before = build_context(&mut client, "eli", "s", "turn", 1000).await;
+    let texts =
+        |r: &pb::BuildContextResponse| r.turns.iter().map(|t| t.text.clone()).collect::<Vec<_>>();
+    let expected: Vec<String> = (2..12).map(|i| format!("turn {i}")).collect();
+    assert_eq!(texts(&before), expected, "the last 10 turns, oldest first");
+
+    let pool = engram_cache::pool("test", &sandbox.redis_url()).unwrap_or_else(|e| panic!("{e}"));
+    let mut conn = pool.get().await.unwrap_or_else(|e| panic!("{e}"));
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let after = build_context(&mut client, "eli", "s", "turn", 1000).await;
+    assert_eq!(texts(&after), expected, "rebuilt from the index");
+    // And cached again: a new turn is appended to the rebuilt list.
+    remember_sync(&mut client, "eli", "s", vec![turn("user", "turn 12")]).await;
+    let latest = build_context(&mut client, "eli", "s", "turn", 1000).await;
+    assert_eq!(texts(&latest).last().map(String::as_str), Some("turn 12"));
+    // Forgetting the user empties the history.
+    client
+        .forget(pb::ForgetRequest {
+            target: Some(pb::forget_request::Target::Scope(pb::Scope {
+                user_id: "eli".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("forget: {s:?}"));
+    let forgotten = build_context(&mut client, "eli", "s", "turn", 1000).await;
+    assert!(forgotten.turns.is_empty(), "{:?}", texts(&forgotten));
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn the_privacy_guard_redacts_or_blocks_before_storage_and_the_model() {
+    let fake = FakeProvider::start(8).await;
+    let mut options = Options::with_chat(&fake, fast_policy());
+    options.common.privacy.tenant_privacy = "default=redact".into();
+    let sandbox = Sandbox::start_with(None, options).await;
+    let mut client = sandbox.client().await;
+    let mut chat = sandbox.chat_client().await;
+    let raw = "Reach me at fay@example.com or +44 20 7946 0958; card 4111 1111 1111 1111.";
+
+    // redact (the tenant's mode): placeholders are stored, never the values.
+    let written = remember_sync(&mut client, "fay", "", vec![fact(raw)]).await;
+    let got = client
+        .get(pb::GetRequest {
+            ids: vec![written.results[0].id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("get: {s:?}"))
+        .into_inner();
+    assert_eq!(
+        got.memories[0].text,
+        "Reach me at [EMAIL] or [PHONE]; card [CARD]."
+    );
+
+    // block, asked by the request: refused, naming the field and the kinds; nothing stored.
+    let refused = client
+        .remember(pb::RememberRequest {
+            scope: scope("fay", "blocked"),
+            memories: vec![fact("nothing personal"), fact(raw)],
+            mode: pb::WriteMode::Sync.into(),
+            extract: false,
+            privacy: pb::PrivacyMode::Block.into(),
+        })
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a blocked write was accepted"));
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    let message = refused.message();
+    assert!(message.contains("memories[1].text"), "{message}");
+    for kind in [
+        "an email address",
+        "a phone number",
+        "a payment card number",
+    ] {
+        assert!(message.contains(kind), "{message}");
+    }
+    let listed = client
+        .list(pb::ListRequest {
+            scope: scope("fay", "blocked"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("list: {s:?}"))
+        .into_inner();
+    assert!(listed.memories.is_empty());
+    // A request cannot loosen the tenant's mode.
+    let loosened = remember_sync_with(&mut client, "fay", raw, pb::PrivacyMode::Off).await;
+    assert!(!loosened.contains("fay@example.com"));
+
+    // Converse: the model never sees the raw values; the turn is stored redacted.
+    let events = converse(
+        &mut chat,
+        converse_request(
+            "fay",
+            "c",
+            &format!(
+                "My email is fay@example.com, key sk-proj-{}",
+                "a".repeat(24)
+            ),
+        ),
+    )
+    .await;
+    assert_eq!(context(&events).redacted, ["secret", "email"]);
+    let body = fake
+        .chat_requests()
+        .last()
+        .map(|b| b.to_string())
+        .unwrap_or_default();
+    assert!(
+        !body.contains("fay@example.com") && !body.contains("sk-proj-"),
+        "{body}"
+    );
+    assert!(
+        body.contains("[EMAIL]") && body.contains("[SECRET]"),
+        "{body}"
+    );
+    let history = eventually("the redacted turn", || {
+        let mut client = client.clone();
+        async move {
+            let built = build_context(&mut client, "fay", "c", "email", 1000).await;
+            (!built.turns.is_empty()).then_some(built)
+        }
+    })
+    .await;
+    assert!(history.turns[0].text.contains("[EMAIL]"));
+    assert!(!history.context.contains("fay@example.com"));
+
+    // block on Converse: refused before anything is sent.
+    let before = fake.chat_requests().len();
+    let mut request = converse_request("fay", "c", "card 4111 1111 1111 1111");
+    request.privacy = pb::PrivacyMode::Block.into();
+    let refused = chat
+        .converse(request)
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a blocked message was accepted"));
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("message")
+            && refused.message().contains("a payment card number"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(fake.chat_requests().len(), before);
+    sandbox.stop().await;
+}
+
+/// Remember `text` with the request's privacy mode `mode`; the stored text.
+async fn remember_sync_with(
+    client: &mut Client,
+    user: &str,
+    text: &str,
+    mode: pb::PrivacyMode,
+) -> String {
+    let written = client
+        .remember(pb::RememberRequest {
+            scope: scope(user, "loose"),
+            memories: vec![fact(text)],
+            mode: pb::WriteMode::Sync.into(),
+            extract: false,
+            privacy: mode.into(),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("remember: {s:?}"))
+        .into_inner();
+    let got = client
+        .get(pb::GetRequest {
+            ids: vec![written.results[0].id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("get: {s:?}"))
+        .into_inner();
+    got.memories[0].text.clone()
+}
+
+async fn facts_of(client: &mut Client, user: &str) -> Vec<pb::Memory> {
+    client
+        .list(pb::ListRequest {
+            scope: scope(user, ""),
+            filter: Some(pb::Filter {
+                kinds: vec![pb::Kind::Fact.into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("list: {s:?}"))
+        .into_inner()
+        .memories
+}
+
+#[tokio::test]
+async fn extraction_stores_linked_facts_and_dead_letters_malformed_answers() {
+    let fake = FakeProvider::start(8).await;
+    let mut options = Options::with_chat(&fake, fast_policy());
+    options.write_log.max_deliveries = 2;
+    let sandbox = Sandbox::start_with(None, options).await;
+    let mut client = sandbox.client().await;
+    let facts = r#"{"facts": ["Gus lives in Porto.", "Gus has a cat named Tofu."]}"#;
+    fake.then_chat(ChatBehavior::Text(facts.into()));
+    let written = client
+        .remember(pb::RememberRequest {
+            scope: scope("gus", "s"),
+            memories: vec![turn("user", "I live in Porto with my cat Tofu.")],
+            mode: pb::WriteMode::Async.into(),
+            extract: true,
+            privacy: 0,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("remember: {s:?}"))
+        .into_inner();
+    let source = written.results[0].id.clone();
+    let stored = eventually("two facts", || {
+        let mut client = client.clone();
+        async move {
+            let facts = facts_of(&mut client, "gus").await;
+            (facts.len() == 2).then_some(facts)
+        }
+    })
+    .await;
+    let mut texts: Vec<&str> = stored.iter().map(|m| m.text.as_str()).collect();
+    texts.sort();
+    assert_eq!(texts, ["Gus has a cat named Tofu.", "Gus lives in Porto."]);
+    for fact in &stored {
+        assert_eq!(fact.metadata.get("source_id"), Some(&source));
+        assert_eq!(
+            fact.metadata.get("extracted_by").map(String::as_str),
+            Some("fake-chat")
+        );
+        assert_eq!(
+            fact.scope.as_ref().map(|s| s.session_id.as_str()),
+            Some("s")
+        );
+    }
+    let asked = fake.chat_requests();
+    assert_eq!(asked[0]["response_format"]["type"], "json_object");
+
+    // The same facts again, from another turn: nothing new is stored.
+    fake.then_chat(ChatBehavior::Text(
+        r#"{"facts": ["Gus lives in Porto."]}"#.into(),
+    ));
+    let before = fake.chat_requests().len();
+    client
+        .remember(pb::RememberRequest {
+            scope: scope("gus", "s"),
+            memories: vec![turn("user", "Porto is home.")],
+            mode: pb::WriteMode::Async.into(),
+            extract: true,
+            privacy: 0,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("remember: {s:?}"));
+    eventually("the second extraction", || async {
+        (fake.chat_requests().len() > before).then_some(())
+    })
+    .await;
+
+    // Malformed JSON: retried, then dead-lettered; other writes go on meanwhile.
+    let log = sandbox.write_log();
+    let dead_before = log.dead_letters().await.unwrap_or_else(|e| panic!("{e}"));
+    fake.set_chat_default(ChatBehavior::Text("Sure! Gus lives in Porto.".into()));
+    let before = fake.chat_requests().len();
+    client
+        .remember(pb::RememberRequest {
+            scope: scope("gus", "s"),
+            memories: vec![turn("user", "Tofu turned three.")],
+            mode: pb::WriteMode::Async.into(),
+            extract: true,
+            privacy: 0,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("remember: {s:?}"));
+    let other = remember_sync(&mut client, "gus", "", vec![fact("Gus speaks Portuguese.")]).await;
+    assert_eq!(other.results[0].status(), pb::WriteStatus::Created);
+    eventually("the malformed extraction dead-lettered", || {
+        let log = log.clone();
+        async move {
+            let dead = log.dead_letters().await.ok()?;
+            (dead > dead_before).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        fake.chat_requests().len() - before >= 2,
+        "retried before dead-lettering"
+    );
+    let dead = log
+        .dead_lettered(10)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        dead.iter().any(|d| d.reason.contains("facts are unusable")),
+        "{dead:?}"
+    );
+    let facts = facts_of(&mut client, "gus").await;
+    assert_eq!(
+        facts.len(),
+        3,
+        "the two extracted and the one written: {facts:?}"
+    );
+
+    // Without a chat model, extract is refused with a clear reason.
+    sandbox.stop().await;
+    let plain = Sandbox::start().await;
+    let mut client = plain.client().await;
+    let refused = client
+        .remember(pb::RememberRequest {
+            scope: scope("gus", ""),
+            memories: vec![fact("x")],
+            mode: pb::WriteMode::Async.into(),
+            extract: true,
+            privacy: 0,
+        })
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("extract without a model was accepted"));
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("ENGRAM_CHAT_BASE_URL"),
+        "{}",
+        refused.message()
+    );
+    plain.stop().await;
+}
