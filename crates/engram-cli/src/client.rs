@@ -136,6 +136,57 @@ pub struct RecallArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct ContextArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// Most tokens of the context (0: 1024).
+    #[arg(long, default_value_t = 0)]
+    budget: u32,
+    /// Memories recalled at most (0: 20).
+    #[arg(long, default_value_t = 0)]
+    max_memories: u32,
+    /// Recent turns of the session at most (0: 10).
+    #[arg(long, default_value_t = 0)]
+    max_turns: u32,
+    /// What the context is for, usually the user's message.
+    query: String,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PrivacyArg {
+    Off,
+    Redact,
+    Block,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(flatten)]
+    scope: ScopeArgs,
+    /// Most tokens of memories and history in the prompt (0: 1024).
+    #[arg(long, default_value_t = 0)]
+    budget: u32,
+    /// Replace the default system prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// A stricter privacy mode than the tenant's for this message.
+    #[arg(long, value_enum)]
+    privacy: Option<PrivacyArg>,
+    /// Extract facts from the turn once it is remembered.
+    #[arg(long)]
+    extract: bool,
+    /// Do not remember the turn.
+    #[arg(long)]
+    ephemeral: bool,
+    /// The user's message.
+    message: String,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct GetArgs {
     #[command(flatten)]
     connection: Connection,
@@ -256,6 +307,13 @@ pub async fn run(command: impl Future<Output = Result<(), Failure>>) -> ExitCode
 }
 
 async fn connect(connection: &Connection) -> Result<engram_cli::Client, Failure> {
+    let (channel, key) = channel(connection).await?;
+    Ok(MemoryServiceClient::with_interceptor(channel, key))
+}
+
+async fn channel(
+    connection: &Connection,
+) -> Result<(engram_proto::tonic::transport::Channel, ApiKey), Failure> {
     let key = ApiKey::new("--api-key", connection.api_key.as_deref()).map_err(Status::from)?;
     let endpoint = Endpoint::from_shared(connection.addr.clone())
         .map_err(|e| Status::invalid_argument(format!("--addr {:?}: {e}", connection.addr)))?
@@ -267,7 +325,7 @@ async fn connect(connection: &Connection) -> Result<engram_cli::Client, Failure>
             connection.addr
         ))
     })?;
-    Ok(MemoryServiceClient::with_interceptor(channel, key))
+    Ok((channel, key))
 }
 
 pub async fn remember(args: RememberArgs) -> Result<(), Failure> {
@@ -337,6 +395,67 @@ pub async fn recall(args: RecallArgs) -> Result<(), Failure> {
         .into_inner();
     output::recall(&response, args.connection.json);
     Ok(())
+}
+
+pub async fn context(args: ContextArgs) -> Result<(), Failure> {
+    let mut client = connect(&args.connection).await?;
+    let response = client
+        .build_context(pb::BuildContextRequest {
+            scope: Some(args.scope.scope()),
+            query: args.query,
+            token_budget: args.budget,
+            max_memories: args.max_memories,
+            max_turns: args.max_turns,
+            request_time: None,
+        })
+        .await?
+        .into_inner();
+    output::context(&response, args.connection.json);
+    Ok(())
+}
+
+pub async fn chat(args: ChatArgs) -> Result<(), Failure> {
+    let (channel, key) = channel(&args.connection).await?;
+    let mut client =
+        engram_proto::v1::chat_service_client::ChatServiceClient::with_interceptor(channel, key);
+    if args.scope.session.is_empty() {
+        return Err(Status::invalid_argument(
+            "--session is required: the session's history is part of the prompt",
+        )
+        .into());
+    }
+    let privacy = match args.privacy {
+        None => pb::PrivacyMode::Unspecified,
+        Some(PrivacyArg::Off) => pb::PrivacyMode::Off,
+        Some(PrivacyArg::Redact) => pb::PrivacyMode::Redact,
+        Some(PrivacyArg::Block) => pb::PrivacyMode::Block,
+    };
+    let mut stream = client
+        .converse(pb::ConverseRequest {
+            scope: Some(args.scope.scope()),
+            message: args.message,
+            token_budget: args.budget,
+            system_prompt: args.system.unwrap_or_default(),
+            privacy: privacy.into(),
+            extract: args.extract,
+            ephemeral: args.ephemeral,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut failed = None;
+    while let Some(event) = stream.message().await? {
+        if let Some(pb::converse_event::Event::Fallback(f)) = &event.event {
+            failed = Some(format!("{}: {}", f.code, f.reason));
+        }
+        output::converse_event(&event, args.connection.json);
+    }
+    match failed {
+        Some(reason) => {
+            Err(Status::unavailable(format!("the model did not answer ({reason})")).into())
+        }
+        None => Ok(()),
+    }
 }
 
 pub async fn get(args: GetArgs) -> Result<(), Failure> {

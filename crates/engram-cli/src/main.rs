@@ -29,6 +29,12 @@ enum Command {
     Remember(client::RememberArgs),
     /// Find the memories most relevant to a query.
     Recall(client::RecallArgs),
+    /// The context for a prompt: relevant memories and the session's recent turns, packed
+    /// into a token budget (BuildContext).
+    Context(client::ContextArgs),
+    /// Ask the configured chat model with the user's memories and the session's history; the
+    /// answer streams to stdout and the turn is remembered (Converse).
+    Chat(client::ChatArgs),
     /// Show memories by id.
     Get(client::GetArgs),
     /// Page through a scope's memories, oldest first.
@@ -143,6 +149,8 @@ fn main() -> ExitCode {
             Command::Remember(args) => client::run(client::remember(args)).await,
             Command::Recall(args) => client::run(client::recall(args)).await,
             Command::Get(args) => client::run(client::get(args)).await,
+            Command::Context(args) => client::run(client::context(args)).await,
+            Command::Chat(args) => client::run(client::chat(args)).await,
             Command::List(args) => client::run(client::list(args)).await,
             Command::Forget(args) => client::run(client::forget(args)).await,
             Command::Model(ModelCommand::Fetch { dir }) => fetch_model(dir),

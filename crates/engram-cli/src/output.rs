@@ -208,6 +208,118 @@ fn print_memories(memories: &[pb::Memory]) {
     }
 }
 
+pub fn context(response: &pb::BuildContextResponse, json_output: bool) {
+    if json_output {
+        let memories: Vec<_> = response
+            .memories
+            .iter()
+            .filter_map(|h| h.memory.as_ref())
+            .map(view)
+            .collect();
+        let turns: Vec<_> = response.turns.iter().map(view).collect();
+        print_json(&json!({
+            "context": response.context,
+            "memories": memories,
+            "turns": turns,
+            "token_count": response.token_count,
+            "tokenizer": response.tokenizer,
+            "dropped": response.dropped,
+        }));
+        return;
+    }
+    print!("{}", response.context);
+    eprintln!(
+        "({} tokens ({}), {} memories, {} turns, {} left out)",
+        response.token_count,
+        response.tokenizer,
+        response.memories.len(),
+        response.turns.len(),
+        response.dropped
+    );
+}
+
+/// One Converse event: the answer's text on stdout as it streams, the rest on stderr.
+pub fn converse_event(event: &pb::ConverseEvent, json_output: bool) {
+    use pb::converse_event::Event;
+    use std::io::Write as _;
+    let Some(event) = &event.event else {
+        return;
+    };
+    if json_output {
+        let line = match event {
+            Event::Context(c) => json!({"context": {
+                "memories": c.memories.iter().filter_map(|h| h.memory.as_ref()).map(view).collect::<Vec<_>>(),
+                "turns": c.turns.iter().map(view).collect::<Vec<_>>(),
+                "context_tokens": c.context_tokens,
+                "redacted": c.redacted,
+            }}),
+            Event::Delta(d) => json!({"delta": d.text}),
+            Event::Done(d) => {
+                let usage = d.usage.unwrap_or_default();
+                let timings = d.timings.unwrap_or_default();
+                json!({"done": {
+                    "model": d.model,
+                    "finish_reason": d.finish_reason,
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "context_us": timings.context_us,
+                    "first_token_us": timings.first_token_us,
+                    "total_us": timings.total_us,
+                }})
+            }
+            Event::Fallback(f) => json!({"fallback": {
+                "code": f.code,
+                "reason": f.reason,
+                "partial": f.partial,
+                "context": f.context,
+            }}),
+        };
+        println!("{line}");
+        return;
+    }
+    match event {
+        Event::Context(c) => {
+            eprintln!(
+                "({} memories, {} turns, {} context tokens{})",
+                c.memories.len(),
+                c.turns.len(),
+                c.context_tokens,
+                if c.redacted.is_empty() {
+                    String::new()
+                } else {
+                    format!("; redacted: {}", c.redacted.join(", "))
+                }
+            );
+        }
+        Event::Delta(d) => {
+            print!("{}", d.text);
+            let _ = std::io::stdout().flush();
+        }
+        Event::Done(d) => {
+            println!();
+            let usage = d.usage.unwrap_or_default();
+            let timings = d.timings.unwrap_or_default();
+            eprintln!(
+                "({}: {} prompt + {} answer tokens; context in {:.1} ms, first token in {:.1} ms)",
+                d.model,
+                usage.prompt_tokens,
+                usage.completion_tokens,
+                timings.context_us as f64 / 1e3,
+                timings.first_token_us as f64 / 1e3
+            );
+        }
+        Event::Fallback(f) => {
+            if f.partial {
+                println!();
+            }
+            eprintln!("the model did not answer: {}", f.reason);
+            if !f.context.is_empty() {
+                eprintln!("context recalled:\n{}", f.context);
+            }
+        }
+    }
+}
+
 pub fn get(response: &pb::GetResponse, json_output: bool) {
     if json_output {
         let memories: Vec<_> = response.memories.iter().map(view).collect();

@@ -464,10 +464,15 @@ pub struct ChatArgs {
     /// OpenAI-compatible API up to the version, e.g. `https://api.openai.com/v1` or Ollama's
     /// `http://localhost:11434/v1`. Unset: no chat model (Converse answers with a fallback
     /// event carrying the context; Remember with `extract` is refused).
-    #[arg(long = "chat-base-url", env = "ENGRAM_CHAT_BASE_URL")]
+    #[arg(
+        id = "chat-base-url",
+        long = "chat-base-url",
+        env = "ENGRAM_CHAT_BASE_URL"
+    )]
     pub base_url: Option<String>,
     /// The model name sent with each request.
     #[arg(
+        id = "chat-model",
         long = "chat-model",
         env = "ENGRAM_CHAT_MODEL",
         default_value = "gpt-4o-mini"
@@ -475,23 +480,28 @@ pub struct ChatArgs {
     pub model: String,
     /// Environment variable holding the API key (empty: no key).
     #[arg(
+        id = "chat-api-key-env",
         long = "chat-api-key-env",
         env = "ENGRAM_CHAT_API_KEY_ENV",
         default_value = ""
     )]
     pub api_key_env: String,
     /// File holding the API key (a mounted Secret); takes precedence over the variable.
-    #[arg(long = "chat-api-key-file", env = "ENGRAM_CHAT_API_KEY_FILE")]
+    #[arg(
+        id = "chat-api-key-file",
+        long = "chat-api-key-file",
+        env = "ENGRAM_CHAT_API_KEY_FILE"
+    )]
     pub api_key_file: Option<std::path::PathBuf>,
     /// Longest wait for a connection to the chat provider.
-    #[arg(long = "chat-connect-timeout", env = "ENGRAM_CHAT_CONNECT_TIMEOUT", default_value = "5s", value_parser = engram_resilience::parse_duration)]
+    #[arg(id = "chat-connect-timeout", long = "chat-connect-timeout", env = "ENGRAM_CHAT_CONNECT_TIMEOUT", default_value = "5s", value_parser = engram_resilience::parse_duration)]
     pub connect_timeout: Duration,
     /// Longest silence between two chunks once an answer is streaming.
-    #[arg(long = "chat-idle-timeout", env = "ENGRAM_CHAT_IDLE_TIMEOUT", default_value = "30s", value_parser = engram_resilience::parse_duration)]
+    #[arg(id = "chat-idle-timeout", long = "chat-idle-timeout", env = "ENGRAM_CHAT_IDLE_TIMEOUT", default_value = "30s", value_parser = engram_resilience::parse_duration)]
     pub idle_timeout: Duration,
     /// Vocabulary that counts tokens for budgets: `auto` (from the model name),
     /// `o200k_base` or `cl100k_base`.
-    #[arg(long = "chat-tokenizer", env = "ENGRAM_CHAT_TOKENIZER", value_enum, default_value_t = TokenizerKind::Auto)]
+    #[arg(id = "chat-tokenizer", long = "chat-tokenizer", env = "ENGRAM_CHAT_TOKENIZER", value_enum, default_value_t = TokenizerKind::Auto)]
     pub tokenizer: TokenizerKind,
     /// The attempt timeout (`ENGRAM_CHAT_TIMEOUT`) is the first-token timeout.
     #[command(flatten)]

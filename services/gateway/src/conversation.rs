@@ -30,6 +30,10 @@ use engram_proto::tonic::{Request, Response, Status};
 use engram_proto::v1 as pb;
 use engram_proto::v1::chat_service_server::ChatService;
 use futures::Stream;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::mpsc;
 
 use crate::context::{ContextBuilder, Packed, pack};
@@ -48,6 +52,45 @@ pub struct Chat {
     pub model: Option<Arc<ChatModel>>,
     pub privacy: PrivacyPolicy,
     pub limits: Limits,
+    pub metrics: ConverseMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+/// How Converses end, and how long until their first token.
+#[derive(Clone)]
+pub struct ConverseMetrics {
+    outcomes: Family<OutcomeLabels, Counter>,
+    first_token: Histogram,
+}
+
+impl ConverseMetrics {
+    pub fn new(metrics: &engram_telemetry::Metrics) -> Self {
+        let this = Self {
+            outcomes: Family::default(),
+            first_token: Histogram::new(engram_telemetry::latency_buckets()),
+        };
+        metrics.register(
+            "engram_converse_outcomes",
+            "Converse calls by how they ended: done, fallback, partial_fallback (the model failed mid-answer), abandoned (the client left), refused (the privacy guard), error (recall failed)",
+            this.outcomes.clone(),
+        );
+        metrics.register(
+            "engram_converse_first_token_seconds",
+            "From a Converse's arrival to its first token forwarded",
+            this.first_token.clone(),
+        );
+        this
+    }
+
+    fn count(&self, outcome: &'static str) {
+        self.outcomes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ConverseEvent, Status>> + Send>>;
@@ -110,7 +153,8 @@ impl ChatService for ChatEndpoint {
         let chat = Arc::clone(&self.0);
         let mode = chat.privacy.mode(tenant.as_str(), command.privacy);
         let mut message = command.context.query.clone();
-        let found = privacy::guard(mode, "message", &mut message)?;
+        let found = privacy::guard(mode, "message", &mut message)
+            .inspect_err(|_| chat.metrics.count("refused"))?;
         let timings = pb::ConverseTimings {
             privacy_us: micros(started),
             ..Default::default()
@@ -138,11 +182,15 @@ impl Chat {
         context.query = turn.message.clone();
         let gathered = tokio::select! {
             gathered = self.context.gather(&turn.tenant, &context) => gathered,
-            () = turn.events.closed() => return,
+            () = turn.events.closed() => {
+                self.metrics.count("abandoned");
+                return;
+            }
         };
         let gathered = match gathered {
             Ok(gathered) => gathered,
             Err(e) => {
+                self.metrics.count("error");
                 let _ = turn.events.send(Err(Status::from(e))).await;
                 return;
             }
@@ -166,27 +214,41 @@ impl Chat {
             }))
             .await;
         if !sent {
+            self.metrics.count("abandoned");
             return;
         }
         let Some(model) = self.model.clone() else {
             let reason = Error::FailedPrecondition(
                 "no chat model is configured: set ENGRAM_CHAT_BASE_URL on the gateway".into(),
             );
+            self.metrics.count("fallback");
             self.fall_back(&turn, &packed, &reason, false).await;
             self.remember(&turn, None);
             return;
         };
         let request = self.prompt(&turn, &packed, tokens);
-        match self.answer(&mut turn, &model, &request, tokens).await {
+        let answer = self.answer(&mut turn, &model, &request, tokens).await;
+        if turn.timings.first_token_us > 0 {
+            self.metrics
+                .first_token
+                .observe(turn.timings.first_token_us as f64 / 1e6);
+        }
+        match answer {
             Answer::Complete(answer) => {
+                self.metrics.count("done");
                 // Remembering is spawned: the stream ends as `run` returns.
                 self.remember(&turn, Some(answer));
             }
             Answer::Failed { error, partial } => {
+                self.metrics.count(if partial {
+                    "partial_fallback"
+                } else {
+                    "fallback"
+                });
                 self.fall_back(&turn, &packed, &error, partial).await;
                 self.remember(&turn, None);
             }
-            Answer::Abandoned => {}
+            Answer::Abandoned => self.metrics.count("abandoned"),
         }
     }
 

@@ -343,6 +343,7 @@ pub async fn serve(
         model,
         privacy: config.common.privacy.policy()?,
         limits: config.common.limits.clone(),
+        metrics: conversation::ConverseMetrics::new(runtime.metrics()),
     });
     let gateway = Gateway {
         index,
