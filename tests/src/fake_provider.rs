@@ -112,6 +112,8 @@ impl FakeProvider {
         let serving = state.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // Streamed events are small writes: send each at once, as a real server does.
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(serve_connection(stream, serving.clone()));
             }
         });

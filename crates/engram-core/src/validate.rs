@@ -751,6 +751,70 @@ mod tests {
     }
 
     #[test]
+    fn contexts_are_bounded_and_converse_needs_a_session() {
+        let limits = Limits::default();
+        let scope = |session: &str| {
+            Some(pb::Scope {
+                user_id: "u".into(),
+                session_id: session.into(),
+                ..Default::default()
+            })
+        };
+        let converse_with = |session: &str, budget: u32, message: &str| {
+            converse(
+                pb::ConverseRequest {
+                    scope: scope(session),
+                    message: message.into(),
+                    token_budget: budget,
+                    ..Default::default()
+                },
+                &limits,
+            )
+        };
+        let ok = converse_with("s", 0, "hello").unwrap();
+        assert_eq!(ok.context.token_budget, DEFAULT_TOKEN_BUDGET);
+        assert_eq!(ok.privacy, None);
+        for (result, field) in [
+            (converse_with("", 0, "hello"), "scope.session_id"),
+            (
+                converse_with("s", MAX_TOKEN_BUDGET + 1, "hello"),
+                "token_budget",
+            ),
+            (converse_with("s", 0, " "), "message"),
+        ] {
+            let message = result.unwrap_err().to_string();
+            assert!(message.starts_with(field), "{message}");
+        }
+        let built = build_context(
+            pb::BuildContextRequest {
+                scope: scope(""),
+                query: "trips".into(),
+                ..Default::default()
+            },
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(
+            (built.token_budget, built.max_memories, built.max_turns),
+            (
+                DEFAULT_TOKEN_BUDGET,
+                DEFAULT_CONTEXT_MEMORIES,
+                DEFAULT_CONTEXT_TURNS
+            )
+        );
+        let too_many = build_context(
+            pb::BuildContextRequest {
+                scope: scope(""),
+                query: "trips".into(),
+                max_turns: MAX_CONTEXT_TURNS + 1,
+                ..Default::default()
+            },
+            &limits,
+        );
+        assert!(too_many.unwrap_err().to_string().starts_with("max_turns"));
+    }
+
+    #[test]
     fn ids_must_be_uuids() {
         let limits = Limits::default();
         let err = get(

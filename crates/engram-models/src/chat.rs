@@ -340,6 +340,7 @@ impl ChatModel {
         }
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| ModelError::Config {
