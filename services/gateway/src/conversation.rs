@@ -226,7 +226,7 @@ impl Chat {
             self.remember(&turn, None);
             return;
         };
-        let request = self.prompt(&turn, &packed, tokens);
+        let request = self.prompt(&turn, &packed);
         let answer = self.answer(&mut turn, &model, &request, tokens).await;
         if turn.timings.first_token_us > 0 {
             self.metrics
@@ -253,7 +253,7 @@ impl Chat {
     }
 
     /// The messages sent to the model.
-    fn prompt(&self, turn: &Turn, packed: &Packed, _tokens: TokenCounter) -> ChatRequest {
+    fn prompt(&self, turn: &Turn, packed: &Packed) -> ChatRequest {
         let mut system = turn
             .command
             .system_prompt
