@@ -233,6 +233,14 @@ pub trait ListenAddrs {
     }
 }
 
+/// A binary's own settings, checked beyond what parsing checks, without touching anything
+/// outside the process (no files read, no connections): what `--check-config` runs.
+pub trait CheckArgs {
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// The command line of a service binary: its addresses, its own settings, the shared ones
 /// and logging.
 #[derive(Debug, clap::Parser)]
@@ -245,6 +253,11 @@ pub struct ServiceCli<L: clap::Args, A: clap::Args> {
     pub common: crate::config::CommonArgs,
     #[command(flatten)]
     pub log: engram_telemetry::LogConfig,
+    /// Check the settings (flags and ENGRAM_* variables) and exit without serving: 0 if they
+    /// are valid, 2 (with the reason) if not. Deployment checks run it with a ConfigMap's
+    /// environment.
+    #[arg(long = "check-config")]
+    pub check_config: bool,
 }
 
 impl<L: clap::Args, A: clap::Args> ServiceCli<L, A> {
@@ -266,7 +279,7 @@ pub async fn service_main<L, A, F, Fut>(
 ) -> std::process::ExitCode
 where
     L: clap::Args + ListenAddrs,
-    A: clap::Args,
+    A: clap::Args + CheckArgs,
     F: FnOnce(A, crate::config::CommonArgs, Listeners) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
@@ -280,7 +293,20 @@ where
         args,
         common,
         log,
+        check_config,
     } = cli;
+    if check_config {
+        return match common.check().and_then(|()| args.check()) {
+            Ok(()) => {
+                println!("{name}: the configuration is valid");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     run_main(name, &log, common, |common| async move {
         let listeners = listen.bind().await?;
         serve(args, common, listeners).await

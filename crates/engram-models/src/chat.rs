@@ -540,17 +540,38 @@ impl Default for ChatArgs {
 }
 
 impl ChatArgs {
+    /// Every setting but the API key (which [`Self::config`] reads).
+    pub fn check(&self) -> Result<(), ModelError> {
+        let bad = |setting: &str, reason: String| ModelError::Config {
+            setting: setting.into(),
+            reason,
+        };
+        if self.idle_timeout.is_zero() {
+            return Err(bad(
+                "ENGRAM_CHAT_IDLE_TIMEOUT",
+                "must be greater than zero".into(),
+            ));
+        }
+        if let Some(url) = self.base_url.as_deref().filter(|u| !u.trim().is_empty())
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(bad(
+                "ENGRAM_CHAT_BASE_URL",
+                format!("{url:?} is not an http(s) URL"),
+            ));
+        }
+        if self.model.trim().is_empty() {
+            return Err(bad("ENGRAM_CHAT_MODEL", "is empty".into()));
+        }
+        Ok(())
+    }
+
     /// The model's settings, or `None` when no chat model is configured.
     pub fn config(&self) -> Result<Option<ChatConfig>, ModelError> {
+        self.check()?;
         let Some(base_url) = self.base_url.clone().filter(|u| !u.trim().is_empty()) else {
             return Ok(None);
         };
-        if self.idle_timeout.is_zero() {
-            return Err(ModelError::Config {
-                setting: "ENGRAM_CHAT_IDLE_TIMEOUT".into(),
-                reason: "must be greater than zero".into(),
-            });
-        }
         let api_key = match (&self.api_key_file, self.api_key_env.trim()) {
             (Some(file), _) => Some(ApiKey::from_file("ENGRAM_CHAT_API_KEY_FILE", file)?),
             (None, "") => None,

@@ -455,6 +455,9 @@ impl Embedder for EmbeddingService {
     }
 }
 
+/// Every embedding setting is checked as it is parsed; the provider's key is read at start-up.
+impl engram_core::server::CheckArgs for EmbeddingArgs {}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -151,7 +151,21 @@ const METHODS: [&str; 8] = [
     "Converse",
 ];
 
+impl engram_core::server::CheckArgs for GatewayArgs {
+    fn check(&self) -> Result<()> {
+        self.edge.check()?;
+        self.chat.check().map_err(Error::from)
+    }
+}
+
 impl EdgeArgs {
+    /// Every setting but the keys themselves (which [`Self::build`] loads).
+    pub fn check(&self) -> Result<()> {
+        self.limits()?;
+        self.deadlines()?;
+        Ok(())
+    }
+
     /// `engram up`'s reading: no keys and no `ENGRAM_AUTH` means authentication off.
     pub fn off_unless_configured(mut self) -> Self {
         if self.auth.is_none() && self.api_keys_file.is_none() && self.api_keys.is_none() {
@@ -197,8 +211,8 @@ impl EdgeArgs {
         })
     }
 
-    /// Check the settings and load the keys.
-    pub fn build(&self) -> Result<EdgeConfig> {
+    /// The rate and in-flight limits, checked.
+    fn limits(&self) -> Result<Rate> {
         if self.rate_limit.is_nan() || self.rate_limit < 0.0 {
             return Err(Error::invalid(
                 "ENGRAM_RATE_LIMIT",
@@ -212,23 +226,38 @@ impl EdgeArgs {
         if self.max_in_flight == 0 {
             return Err(Error::invalid("ENGRAM_MAX_IN_FLIGHT", "must be at least 1"));
         }
-        let rate = Rate {
+        if self.api_keys_file.is_some() && self.api_keys.is_some() {
+            return Err(Error::invalid(
+                "ENGRAM_API_KEYS",
+                "set either ENGRAM_API_KEYS_FILE or ENGRAM_API_KEYS, not both",
+            ));
+        }
+        if self.auth != Some(AuthMode::Off)
+            && self.api_keys_file.is_none()
+            && self.api_keys.is_none()
+        {
+            return Err(Error::invalid(
+                "ENGRAM_API_KEYS_FILE",
+                "authentication is on and no API keys are configured: set ENGRAM_API_KEYS_FILE (or ENGRAM_API_KEYS), or ENGRAM_AUTH=off on a trusted network",
+            ));
+        }
+        Ok(Rate {
             per_second: self.rate_limit,
             burst,
-        };
+        })
+    }
+
+    /// Check the settings and load the keys.
+    pub fn build(&self) -> Result<EdgeConfig> {
+        let rate = self.limits()?;
+        // `limits` refused both sources at once, and none with authentication on.
         let source = match (&self.api_keys_file, &self.api_keys) {
-            (Some(_), Some(_)) => {
-                return Err(Error::invalid(
-                    "ENGRAM_API_KEYS",
-                    "set either ENGRAM_API_KEYS_FILE or ENGRAM_API_KEYS, not both",
-                ));
-            }
-            (Some(path), None) => Some(KeySource::File(path.clone())),
+            (Some(path), _) => Some(KeySource::File(path.clone())),
             (None, Some(text)) => Some(KeySource::Inline(text.clone())),
             (None, None) => None,
         };
         let keys = match (self.auth, source) {
-            (Some(AuthMode::Off), _) => None,
+            (Some(AuthMode::Off), _) | (_, None) => None,
             (_, Some(source)) => {
                 let store = Arc::new(KeyStore::load(source, rate)?);
                 if store.keys().is_empty() {
@@ -236,12 +265,6 @@ impl EdgeArgs {
                 }
                 store.watch(self.api_keys_reload);
                 Some(store)
-            }
-            (_, None) => {
-                return Err(Error::invalid(
-                    "ENGRAM_API_KEYS_FILE",
-                    "authentication is on and no API keys are configured: set ENGRAM_API_KEYS_FILE (or ENGRAM_API_KEYS), or ENGRAM_AUTH=off on a trusted network",
-                ));
             }
         };
         Ok(EdgeConfig {

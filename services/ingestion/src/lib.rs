@@ -161,6 +161,18 @@ pub struct IngestionArgs {
     pub chat: ChatArgs,
 }
 
+impl engram_core::server::CheckArgs for IngestionArgs {
+    fn check(&self) -> Result<()> {
+        if self.log.partitions == 0 {
+            return Err(Error::invalid(
+                "ENGRAM_LOG_PARTITIONS",
+                "must be at least 1",
+            ));
+        }
+        self.chat.check().map_err(Error::from)
+    }
+}
+
 impl Config {
     pub fn from_args(args: IngestionArgs, common: CommonArgs) -> Self {
         Self {

@@ -68,6 +68,22 @@ pub struct RetrievalArgs {
         default_value = "engram"
     )]
     pub qdrant_collection: String,
+    /// Shards of the collection when retrieval creates it on ENGRAM_QDRANT_URL (a cluster
+    /// spreads them over its peers; at least the number of peers).
+    #[arg(
+        long = "qdrant-shards",
+        env = "ENGRAM_QDRANT_SHARDS",
+        default_value_t = 1
+    )]
+    pub qdrant_shards: u32,
+    /// Copies of each shard when retrieval creates the collection (2 on a three-peer cluster
+    /// survives losing a peer).
+    #[arg(
+        long = "qdrant-replication",
+        env = "ENGRAM_QDRANT_REPLICATION",
+        default_value_t = 1
+    )]
+    pub qdrant_replication: u32,
     /// How HYBRID fusion weighs each strategy (weighted reciprocal rank fusion), as
     /// `dense=1,keyword=1,temporal=1,entity=1` (the default); a weight of 0 turns a strategy
     /// off.
@@ -91,6 +107,8 @@ impl RetrievalArgs {
             qdrant_url: None,
             qdrant_api_key: None,
             qdrant_collection: "engram".into(),
+            qdrant_shards: 1,
+            qdrant_replication: 1,
         }
     }
 }
@@ -140,6 +158,8 @@ impl Config {
                     api_key: service.qdrant_api_key,
                     collection: service.qdrant_collection,
                     timeout: common.internal_timeout,
+                    shards: service.qdrant_shards.max(1),
+                    replication_factor: service.qdrant_replication.max(1),
                     ..engram_store::RemoteStoreConfig::new(url, common.vector_dimension)
                 }),
             common,
@@ -348,3 +368,6 @@ impl Index for Retrieval {
         })
     }
 }
+
+/// Every retrieval setting is checked as it is parsed.
+impl engram_core::server::CheckArgs for BinaryArgs {}
