@@ -375,20 +375,21 @@ pub async fn serve(
         limits: config.common.limits.clone(),
     };
     let max = config.edge.max_message_bytes;
-    let service = MemoryServiceServer::new(gateway)
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Zstd);
-    let chat_service = ChatServiceServer::new(ChatEndpoint(chat))
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max)
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Zstd)
-        .send_compressed(CompressionEncoding::Gzip)
-        .send_compressed(CompressionEncoding::Zstd);
+    // Every public service: the same message bound and compression (the generated servers
+    // share these builder methods but no trait).
+    macro_rules! public {
+        ($server:expr) => {
+            $server
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Zstd)
+                .send_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Zstd)
+        };
+    }
+    let service = public!(MemoryServiceServer::new(gateway));
+    let chat_service = public!(ChatServiceServer::new(ChatEndpoint(chat)));
     let edge = Edge::new(service, edge, runtime.metrics());
     let chat_edge = edge.also(chat_service);
     let routes = Routes::new(edge).add_service(chat_edge);

@@ -301,26 +301,35 @@ impl Pipeline {
     /// Apply the privacy mode to a memory's text and metadata values (`field` names it in
     /// errors, e.g. `memories[2]`).
     fn guard(&self, mode: PrivacyMode, field: &str, memory: &mut NewMemory) -> Result<()> {
-        let guarded = privacy::guard(mode, &format!("{field}.text"), &mut memory.text);
-        let mut kinds = self.guarded(mode, guarded)?;
-        for (key, value) in memory.metadata.iter_mut() {
-            let guarded = privacy::guard(mode, &format!("{field}.metadata[{key}]"), value);
-            kinds.extend(self.guarded(mode, guarded)?);
+        self.guard_field(mode, &format!("{field}.text"), &mut memory.text)?;
+        self.guard_metadata(mode, field, &mut memory.metadata)
+    }
+
+    fn guard_metadata(
+        &self,
+        mode: PrivacyMode,
+        field: &str,
+        metadata: &mut std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        for (key, value) in metadata.iter_mut() {
+            self.guard_field(mode, &format!("{field}.metadata[{key}]"), value)?;
         }
-        self.count_findings(&kinds, mode);
         Ok(())
     }
 
-    fn guarded(&self, mode: PrivacyMode, guarded: Result<Vec<PiiKind>>) -> Result<Vec<PiiKind>> {
-        guarded.inspect_err(|e| {
-            if let Error::InvalidArgument { reason, .. } = e {
-                for kind in PiiKind::ALL {
-                    if reason.contains(kind.describe()) {
-                        self.count_findings(&[kind], mode);
-                    }
-                }
+    /// Apply the privacy mode to one field and count what it found, refused or not (a
+    /// refused field is scanned again for its kinds: the refusal path only).
+    fn guard_field(&self, mode: PrivacyMode, field: &str, text: &mut String) -> Result<()> {
+        match privacy::guard(mode, field, text) {
+            Ok(kinds) => {
+                self.count_findings(&kinds, mode);
+                Ok(())
             }
-        })
+            Err(refused) => {
+                self.count_findings(&privacy::kinds(&privacy::scan(text)), mode);
+                Err(refused)
+            }
+        }
     }
 
     pub fn with_log(mut self, log: Option<LogSettings>, metrics: worker::LogMetrics) -> Self {
@@ -930,19 +939,12 @@ impl Ingestion for Pipeline {
 
     async fn update(&self, tenant: &TenantId, command: UpdateCommand) -> Result<UpdateOutcome> {
         let mut command = command;
+        let mode = self.privacy.mode(tenant.as_str(), None);
         if let Some(text) = &mut command.patch.text {
-            let mode = self.privacy.mode(tenant.as_str(), None);
-            let kinds = privacy::guard(mode, "memory.text", text);
-            let kinds = self.guarded(mode, kinds)?;
-            self.count_findings(&kinds, mode);
+            self.guard_field(mode, "memory.text", text)?;
         }
         if let Some(metadata) = &mut command.patch.metadata {
-            let mode = self.privacy.mode(tenant.as_str(), None);
-            for (key, value) in metadata.iter_mut() {
-                let kinds = privacy::guard(mode, &format!("memory.metadata[{key}]"), value);
-                let kinds = self.guarded(mode, kinds)?;
-                self.count_findings(&kinds, mode);
-            }
+            self.guard_metadata(mode, "memory", metadata)?;
         }
         if let Some(settings) = &self.log {
             // The memory's user decides the partition, so the update follows the user's
