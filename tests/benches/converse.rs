@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 const CALLS: usize = 2_000;
 
 fn main() -> ExitCode {
-    engram_core::server::main_entry(|| async {
+    engram_runtime::server::main_entry(|| async {
         let fake = FakeProvider::start(8).await;
         fake.set_reply("Sure.");
         let mut policy = fast_policy();

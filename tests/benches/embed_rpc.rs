@@ -26,7 +26,7 @@ struct Scenario {
 }
 
 fn main() -> ExitCode {
-    engram_core::server::main_entry(|| async {
+    engram_runtime::server::main_entry(|| async {
         let sentences: Arc<Vec<String>> = Arc::new(
             include_str!("../../loadtest/data/sentences.txt")
                 .lines()

@@ -12,8 +12,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use engram_core::api::Index as _;
-use engram_core::model::TenantId;
+use engram_domain::api::Index as _;
+use engram_domain::model::TenantId;
 use engram_gateway::{AuthMode, EdgeArgs, Role};
 use engram_proto::internal::v1 as ipb;
 use engram_tests::bench::ms;
@@ -23,7 +23,7 @@ use hdrhistogram::Histogram;
 const CALLS: usize = 5_000;
 
 fn main() -> ExitCode {
-    engram_core::server::main_entry(|| async {
+    engram_runtime::server::main_entry(|| async {
         let tenant = TenantId::parse("bench").unwrap();
         let (key, entry) = engram_gateway::new_key("bench", &tenant, Role::Write);
         let options = Options {
@@ -77,15 +77,16 @@ fn main() -> ExitCode {
 
         // The gateway's own client of retrieval: balanced channel, client metrics and trace
         // layer, deadline propagation, domain conversion.
-        let peers = engram_core::rpc::Peers::standalone(Duration::from_secs(30));
-        let peer = engram_core::rpc::IndexClient::connect(
+        let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
+        let peer = engram_runtime::rpc::IndexClient::connect(
             &peers,
             "retrieval",
             &format!("http://{}", sandbox.addrs.retrieval),
         )
         .unwrap();
         let query =
-            engram_core::validate::recall(recall.clone(), &engram_core::Limits::default()).unwrap();
+            engram_domain::validate::recall(recall.clone(), &engram_domain::Limits::default())
+                .unwrap();
 
         // Warm up every path (and fill the result cache).
         for _ in 0..200 {

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use engram_core::api::{WriteState, WriteToken};
+use engram_domain::api::{WriteState, WriteToken};
 use engram_ingestion::LogArgs;
 use engram_telemetry::Metrics;
 use engram_tests::bench::ms;
@@ -31,7 +31,7 @@ type Client = engram_cli::Client;
 const USERS: usize = 100;
 
 fn main() -> ExitCode {
-    engram_core::server::main_entry(|| async {
+    engram_runtime::server::main_entry(|| async {
         let sentences: Arc<Vec<String>> = Arc::new(
             include_str!("../../loadtest/data/sentences.txt")
                 .lines()

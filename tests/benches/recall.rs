@@ -43,7 +43,7 @@ fn user(u: usize) -> String {
 }
 
 fn main() -> ExitCode {
-    engram_core::server::main_entry(|| async {
+    engram_runtime::server::main_entry(|| async {
         let users: usize = std::env::var("RECALL_BENCH_USERS")
             .ok()
             .and_then(|v| v.parse().ok())

@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use engram_cli::cluster::{ClusterAddrs, ClusterConfig, ClusterListeners, LocalCluster};
 use engram_cli::redis::{Persistence, RedisProcess};
-use engram_core::config::CommonArgs;
 use engram_embedding::{KeySource, ProviderConfig};
 use engram_models::EmbeddingProvider;
 use engram_proto::tonic::transport::Channel;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
+use engram_runtime::config::CommonArgs;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
@@ -27,7 +27,7 @@ pub use fake_provider::{Behavior, ChatBehavior, FakeProvider};
 pub type ChatClient = engram_proto::v1::chat_service_client::ChatServiceClient<
     engram_proto::tonic::service::interceptor::InterceptedService<
         Channel,
-        engram_core::rpc::ApiKey,
+        engram_runtime::rpc::ApiKey,
     >,
 >;
 
@@ -284,7 +284,7 @@ impl Sandbox {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("connecting to the gateway: {e}"));
-        let key = engram_core::rpc::ApiKey::new("key", None).unwrap_or_else(|e| panic!("{e}"));
+        let key = engram_runtime::rpc::ApiKey::new("key", None).unwrap_or_else(|e| panic!("{e}"));
         engram_proto::v1::chat_service_client::ChatServiceClient::with_interceptor(channel, key)
     }
 
@@ -344,17 +344,20 @@ pub struct Extra {
     pub addr: SocketAddr,
     pub admin: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<engram_core::Result<()>>,
+    task: tokio::task::JoinHandle<engram_domain::Result<()>>,
 }
 
 impl Extra {
     /// Serve with `serve(listeners, shutdown)` on fresh loopback ports.
     pub async fn start<F, Fut>(serve: F) -> Self
     where
-        F: FnOnce(engram_core::server::Listeners, futures::future::BoxFuture<'static, ()>) -> Fut,
-        Fut: Future<Output = engram_core::Result<()>> + Send + 'static,
+        F: FnOnce(
+            engram_runtime::server::Listeners,
+            futures::future::BoxFuture<'static, ()>,
+        ) -> Fut,
+        Fut: Future<Output = engram_domain::Result<()>> + Send + 'static,
     {
-        let listeners = engram_core::server::Listeners::ephemeral()
+        let listeners = engram_runtime::server::Listeners::ephemeral()
             .await
             .unwrap_or_else(|e| panic!("binding listeners: {e}"));
         let addr = listeners
@@ -429,6 +432,6 @@ pub async fn client_at(addr: SocketAddr, key: Option<&str>) -> engram_cli::Clien
         .connect()
         .await
         .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    let key = engram_core::rpc::ApiKey::new("key", key).unwrap_or_else(|e| panic!("{e}"));
+    let key = engram_runtime::rpc::ApiKey::new("key", key).unwrap_or_else(|e| panic!("{e}"));
     MemoryServiceClient::with_interceptor(channel, key)
 }

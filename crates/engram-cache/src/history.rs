@@ -17,8 +17,8 @@
 
 use std::time::Duration;
 
-use engram_core::convert;
-use engram_core::model::{Kind, Memory, Scope, TenantId};
+use engram_domain::convert;
+use engram_domain::model::{Kind, Memory, Scope, TenantId};
 use engram_proto::prost::Message as _;
 use engram_proto::v1 as pb;
 use sha2::{Digest as _, Sha256};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
-use engram_core::{Error, Result};
+use engram_domain::{Error, Result};
 use engram_telemetry::Metrics;
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;

@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use engram_core::rpc::ApiKey;
 use engram_proto::tonic::transport::Endpoint;
 use engram_proto::tonic::{Code, Status};
 use engram_proto::v1 as pb;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
+use engram_runtime::rpc::ApiKey;
 
 use crate::output;
 
@@ -34,7 +34,7 @@ pub struct Connection {
     )]
     api_key: Option<String>,
     /// Give up on a call after this long.
-    #[arg(long, default_value = "30s", value_parser = engram_core::config::parse_duration, global = true)]
+    #[arg(long, default_value = "30s", value_parser = engram_domain::parse_duration, global = true)]
     timeout: Duration,
 }
 
@@ -116,7 +116,7 @@ pub struct RecallArgs {
     #[arg(long, value_enum, default_value = "hybrid")]
     mode: ModeArg,
     /// Down-weight older memories: one this old scores half (e.g. 7d).
-    #[arg(long, value_parser = engram_core::config::parse_duration)]
+    #[arg(long, value_parser = engram_domain::parse_duration)]
     half_life: Option<Duration>,
     /// Drop hits scoring below this.
     #[arg(long)]
@@ -270,8 +270,8 @@ pub async fn eval_locomo(args: LocomoArgs) -> Result<(), Failure> {
 fn parse_time(value: &str) -> Result<engram_proto::prost_types::Timestamp, String> {
     let time = humantime::parse_rfc3339_weak(value)
         .map_err(|e| format!("{value:?} is not a time like 2023-05-17T15:00:00Z: {e}"))?;
-    Ok(engram_core::convert::timestamp(
-        engram_core::model::Timestamp::from(time),
+    Ok(engram_domain::convert::timestamp(
+        engram_domain::model::Timestamp::from(time),
     ))
 }
 

@@ -10,10 +10,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use engram_core::config::CommonArgs;
-use engram_core::server::Listeners;
-use engram_core::{Error, Result};
+use engram_domain::{Error, Result};
 use engram_models::EmbeddingProvider;
+use engram_runtime::config::CommonArgs;
+use engram_runtime::server::Listeners;
 use futures::future::select_all;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;

@@ -17,10 +17,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use engram_core::calendar;
-use engram_core::model::Timestamp;
+use engram_domain::model::Timestamp;
 use engram_proto::tonic::Status;
 use engram_proto::v1 as pb;
+use engram_text::calendar;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -191,7 +191,7 @@ pub async fn ingest(
                     ("conversation".to_string(), conversation.name.clone()),
                 ]
                 .into(),
-                event_time: Some(engram_core::convert::timestamp(turn.time)),
+                event_time: Some(engram_domain::convert::timestamp(turn.time)),
                 idempotency_key: format!("locomo:{}:{}", conversation.name, turn.dia_id),
                 ..Default::default()
             })
@@ -341,7 +341,7 @@ pub async fn evaluate(
                         top_k: k,
                         mode: mode.into(),
                         bypass_cache: true,
-                        request_time: Some(engram_core::convert::timestamp(conversation.end)),
+                        request_time: Some(engram_domain::convert::timestamp(conversation.end)),
                         ..Default::default()
                     })
                     .await?

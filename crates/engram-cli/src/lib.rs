@@ -14,4 +14,4 @@ pub mod loadtest;
 pub mod redis;
 
 /// A client of the public API that sends the caller's API key (if it has one).
-pub type Client = MemoryServiceClient<InterceptedService<Channel, engram_core::rpc::ApiKey>>;
+pub type Client = MemoryServiceClient<InterceptedService<Channel, engram_runtime::rpc::ApiKey>>;

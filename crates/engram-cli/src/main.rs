@@ -90,7 +90,7 @@ enum RoleArg {
 
 fn new_key(tenant: &str, role: RoleArg, name: Option<String>) -> ExitCode {
     use engram_gateway::Role;
-    let tenant = match engram_core::model::TenantId::parse(tenant) {
+    let tenant = match engram_domain::model::TenantId::parse(tenant) {
         Ok(tenant) => tenant,
         Err(e) => {
             eprintln!("error: --tenant: {e}");
@@ -143,7 +143,7 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
-    engram_core::server::main_entry(|| async move {
+    engram_runtime::server::main_entry(|| async move {
         match cli.command {
             Command::Up(args) => up::run(*args).await,
             Command::Remember(args) => client::run(client::remember(args)).await,

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use engram_cli::cluster::{ClusterConfig, ClusterListeners, LocalCluster};
 use engram_cli::redis::{Persistence, RedisProcess};
-use engram_core::config::{CommonArgs, shutdown_signal};
-use engram_core::server::ListenAddrs as _;
-use engram_core::{Error, Result};
+use engram_domain::{Error, Result};
 use engram_models::fetch;
+use engram_runtime::config::{CommonArgs, shutdown_signal};
+use engram_runtime::server::ListenAddrs as _;
 use engram_telemetry::LogConfig;
 
 #[derive(Debug, clap::Args)]
@@ -45,7 +45,7 @@ pub async fn run(args: UpArgs) -> ExitCode {
     let UpArgs { log, common, .. } = &args;
     let log = log.clone();
     let common = common.clone();
-    engram_core::server::run_main("engram", &log, common, |common| start(args, common)).await
+    engram_runtime::server::run_main("engram", &log, common, |common| start(args, common)).await
 }
 
 async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {

@@ -10,13 +10,13 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
-use engram_core::api::Purpose;
+use engram_domain::api::Purpose;
 use engram_models::{EmbeddingProvider, LocalEmbedder, LocalOptions, fetch};
 
 const RUNS: usize = 3;
 
 fn main() -> ExitCode {
-    engram_core::server::main_entry(|| async {
+    engram_runtime::server::main_entry(|| async {
         let sentences: Vec<String> = include_str!("../../../loadtest/data/sentences.txt")
             .lines()
             .map(str::to_string)

@@ -1,4 +1,4 @@
-use engram_core::Error;
+use engram_domain::Error;
 use engram_resilience::CallError;
 
 #[derive(Debug, thiserror::Error)]

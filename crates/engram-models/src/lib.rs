@@ -17,7 +17,7 @@ mod openai;
 pub mod tokens;
 
 use async_trait::async_trait;
-use engram_core::api::Purpose;
+use engram_domain::api::Purpose;
 
 pub use chat::{
     ChatArgs, ChatChunk, ChatConfig, ChatMessage, ChatModel, ChatRequest, ChatStream, Completion,

@@ -2,7 +2,7 @@
 //! the same recipe as sentence-transformers, so vectors match the published model's.
 //!
 //! Inference runs on dedicated threads — one worker per core, each running one forward pass
-//! at a time single-threaded (see `engram_core::server::main_entry`), never on the async
+//! at a time single-threaded (see `engram_runtime::server::main_entry`), never on the async
 //! runtime. A request's texts are sorted by length and cut into forward batches of similar
 //! lengths, so padding stays small and the workers share a large request. The queue is
 //! bounded in texts; a request that would overfill it is refused at once
@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
-use engram_core::api::Purpose;
+use engram_domain::api::Purpose;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 

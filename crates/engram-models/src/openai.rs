@@ -11,7 +11,7 @@ use std::sync::Once;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use engram_core::api::Purpose;
+use engram_domain::api::Purpose;
 use engram_resilience::{Failure, Outbound, OutboundMetrics, Policy};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};

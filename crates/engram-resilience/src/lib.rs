@@ -144,30 +144,30 @@ pub enum CallError {
     },
 }
 
-impl From<CallError> for engram_core::Error {
+impl From<CallError> for engram_domain::Error {
     fn from(e: CallError) -> Self {
         let message = e.to_string();
         match e {
-            CallError::CircuitOpen { retry_in, .. } => engram_core::Error::Unavailable {
+            CallError::CircuitOpen { retry_in, .. } => engram_domain::Error::Unavailable {
                 reason: message,
                 retry_after: Some(retry_in.max(Duration::from_millis(100))),
             },
-            CallError::Bulkhead { .. } => engram_core::Error::ResourceExhausted {
+            CallError::Bulkhead { .. } => engram_domain::Error::ResourceExhausted {
                 reason: message,
                 retry_after: Some(Duration::from_millis(100)),
             },
             CallError::Failed { failure, .. } => match failure {
-                Failure::Rejected { .. } => engram_core::Error::FailedPrecondition(message),
-                Failure::Timeout(_) => engram_core::Error::DeadlineExceeded(message),
+                Failure::Rejected { .. } => engram_domain::Error::FailedPrecondition(message),
+                Failure::Timeout(_) => engram_domain::Error::DeadlineExceeded(message),
                 Failure::Connect(_)
                 | Failure::RateLimited { .. }
                 | Failure::Server { .. }
-                | Failure::Invalid(_) => engram_core::Error::Unavailable {
+                | Failure::Invalid(_) => engram_domain::Error::Unavailable {
                     reason: message,
                     retry_after: failure.retry_after(),
                 },
             },
-            CallError::Deadline { .. } => engram_core::Error::DeadlineExceeded(message),
+            CallError::Deadline { .. } => engram_domain::Error::DeadlineExceeded(message),
         }
     }
 }

@@ -85,5 +85,5 @@ macro_rules! policy_args {
 
 /// Durations like `250ms`, `30s` or `5m` (for the settings the macro declares).
 pub fn parse_duration(value: &str) -> Result<Duration, String> {
-    engram_core::config::parse_duration(value)
+    engram_domain::parse_duration(value)
 }

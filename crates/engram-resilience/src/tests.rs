@@ -75,8 +75,8 @@ async fn the_breaker_opens_fails_fast_probes_after_the_cooldown_and_recovers() {
     assert!(matches!(err, CallError::CircuitOpen { .. }), "{err}");
     assert_eq!(provider.calls(), 3);
     assert_eq!(
-        engram_core::Error::from(err).code(),
-        engram_core::error::Code::Unavailable
+        engram_domain::Error::from(err).code(),
+        engram_domain::error::Code::Unavailable
     );
 
     // After the cooldown one probe goes through; it succeeds and traffic resumes.

@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
-use engram_core::api::{IndexOp, IndexWrites, IndexedMemory};
-use engram_core::model::{Filter, Kind, Memory, MemoryId, NewMemory, Scope, TenantId, Timestamp};
+use engram_domain::api::{IndexOp, IndexWrites, IndexedMemory};
+use engram_domain::model::{Filter, Kind, Memory, MemoryId, NewMemory, Scope, TenantId, Timestamp};
 
 use crate::{
     EdgeStore, EdgeStoreConfig, Keywords, Prefetch, RemoteStore, RemoteStoreConfig, Selection,
@@ -152,7 +152,7 @@ pub async fn search_is_confined_to_tenant_and_user(store: &dyn VectorStore) {
     assert_eq!(
         hits[0].memory,
         Memory {
-            state: engram_core::model::MemoryState::Indexed,
+            state: engram_domain::model::MemoryState::Indexed,
             ..mine.clone()
         }
     );

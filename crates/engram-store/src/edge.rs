@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexOp, IndexWrites, IndexedMemory};
-use engram_core::model::{Memory, MemoryId, Scope, TenantId};
+use engram_domain::api::{ApplyOutcome, DuplicateMatch, IndexOp, IndexWrites, IndexedMemory};
+use engram_domain::model::{Memory, MemoryId, Scope, TenantId};
 use parking_lot::{MappedRwLockReadGuard, Mutex, RwLock, RwLockReadGuard};
 use qdrant_edge::{
     CountRequest, CreateIndex, CreateVectorName, Distance, EdgeConfig, EdgeOptimizersConfig,

@@ -1,4 +1,4 @@
-use engram_core::Error;
+use engram_domain::Error;
 
 pub type StoreResult<T> = Result<T, StoreError>;
 

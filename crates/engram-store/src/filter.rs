@@ -3,7 +3,7 @@
 //! type ([`Conditions::to_edge`] here, the remote store its own). The tenant condition is
 //! always the first one.
 
-use engram_core::model::{MemoryId, Scope, TenantId};
+use engram_domain::model::{MemoryId, Scope, TenantId};
 use qdrant_edge::external::ordered_float::OrderedFloat;
 use qdrant_edge::{
     Condition, FieldCondition, Filter, HasIdCondition, JsonPath, Match, PointId, Range,

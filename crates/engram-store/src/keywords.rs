@@ -10,7 +10,7 @@
 //! normalisation treats a 12-token memory as typical. English tokenisation: words, lower-cased,
 //! English stop words removed, Snowball-stemmed ("painted" and "painting" meet at "paint").
 
-use engram_core::api::SparseVector;
+use engram_domain::api::SparseVector;
 use qdrant_edge::bm25_embed::{EdgeBm25, EdgeBm25Config};
 use qdrant_edge::external::ordered_float::NotNan;
 

@@ -21,8 +21,8 @@ mod payload;
 mod remote;
 
 use async_trait::async_trait;
-use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexWrites, IndexedMemory, SparseVector};
-use engram_core::model::{Filter, Memory, MemoryId, Scope, TenantId};
+use engram_domain::api::{ApplyOutcome, DuplicateMatch, IndexWrites, IndexedMemory, SparseVector};
+use engram_domain::model::{Filter, Memory, MemoryId, Scope, TenantId};
 
 pub use edge::{EdgeStore, EdgeStoreConfig};
 pub use error::{StoreError, StoreResult};

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use engram_core::model::{Kind, Memory, MemoryId, MemoryState, Scope, TenantId, Timestamp};
+use engram_domain::model::{Kind, Memory, MemoryId, MemoryState, Scope, TenantId, Timestamp};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
@@ -173,7 +173,7 @@ pub fn from_payload(id: Uuid, map: &Map<String, Value>) -> Result<Memory, StoreE
 #[cfg(test)]
 mod tests {
     use super::*;
-    use engram_core::model::NewMemory;
+    use engram_domain::model::NewMemory;
 
     #[test]
     fn payload_round_trips_every_field() {

@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use engram_core::api::{ApplyOutcome, DuplicateMatch, IndexOp, IndexWrites, IndexedMemory};
-use engram_core::model::{Memory, MemoryId, Scope, TenantId};
+use engram_domain::api::{ApplyOutcome, DuplicateMatch, IndexOp, IndexWrites, IndexedMemory};
+use engram_domain::model::{Memory, MemoryId, Scope, TenantId};
 use qdrant_client::qdrant::{
     self, Condition, CountPointsBuilder, CreateCollectionBuilder,
     CreateFieldIndexCollectionBuilder, DeletePointsBuilder, Distance, FieldType,

@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_redis::{Connection, Pool};
-use engram_core::api::{EntryId, WriteState, WriteToken, WriteWaiter};
-use engram_core::model::{Scope, TenantId};
-use engram_core::{Error, Result};
+use engram_domain::api::{EntryId, WriteState, WriteToken, WriteWaiter};
+use engram_domain::model::{Scope, TenantId};
+use engram_domain::{Error, Result};
 use redis::Value;
 use redis::streams::StreamReadReply;
 

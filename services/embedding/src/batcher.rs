@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use engram_core::api::Purpose;
-use engram_core::{Error, Result};
+use engram_domain::api::Purpose;
+use engram_domain::{Error, Result};
 use engram_models::EmbeddingProvider;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};

@@ -1,6 +1,6 @@
 //! The embedding service: turns texts into vectors for the rest of the cluster.
 //!
-//! An Embed call passes through the gRPC adapter (`engram_core::rpc::embedder_server`, which
+//! An Embed call passes through the gRPC adapter (`engram_runtime::rpc::embedder_server`, which
 //! bounds the batch), then [`EmbeddingService`]: each text is looked up in the embedding cache
 //! by (model, purpose, SHA-256 of the text) — in process, then in Redis — and only the misses
 //! go to the [`batcher`], which coalesces concurrent calls into provider batches. New vectors
@@ -19,22 +19,24 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use engram_cache::{CacheConfig, CacheMetrics, Redis, RedisConfig, TwoLevelCache};
-use engram_core::api::{Embedder, Embeddings, Purpose};
-use engram_core::config::{CommonArgs, parse_duration};
-use engram_core::server::{Listeners, ServiceRuntime};
-use engram_core::{Error, Result, rpc};
+use engram_domain::api::{Embedder, Embeddings, Purpose};
+use engram_domain::parse_duration;
+use engram_domain::{Error, Result};
 use engram_models::{
     ApiKey, EmbeddingProvider, LocalEmbedder, LocalOptions, OpenAiConfig, OpenAiEmbedder, fetch,
 };
 use engram_proto::tonic::service::Routes;
 use engram_resilience::OutboundMetrics;
+use engram_runtime::config::CommonArgs;
+use engram_runtime::rpc;
+use engram_runtime::server::{Listeners, ServiceRuntime};
 use sha2::{Digest as _, Sha256};
 
 use crate::batcher::{BatchConfig, BatchMetrics, Batcher};
 
 pub const SERVICE_NAME: &str = "embedding";
 
-engram_core::listen_args!(Listen, "embedding", "EMBEDDING", "50054", "9094");
+engram_runtime::listen_args!(Listen, "embedding", "EMBEDDING", "50054", "9094");
 engram_resilience::policy_args!(EmbeddingPolicyArgs, "embedding", "EMBEDDING");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -456,7 +458,7 @@ impl Embedder for EmbeddingService {
 }
 
 /// Every embedding setting is checked as it is parsed; the provider's key is read at start-up.
-impl engram_core::server::CheckArgs for EmbeddingArgs {}
+impl engram_runtime::server::CheckArgs for EmbeddingArgs {}
 
 #[cfg(test)]
 mod tests {

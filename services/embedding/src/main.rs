@@ -1,6 +1,6 @@
 //! `engram-embedding`: engram's embedding service, as its own process.
 
-engram_core::service_binary! {
+engram_runtime::service_binary! {
     name: "engram-embedding",
     about: "engram's embedding service",
     listen: engram_embedding::Listen,

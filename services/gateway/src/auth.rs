@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use engram_core::model::TenantId;
-use engram_core::{Error, Result};
+use engram_domain::model::TenantId;
+use engram_domain::{Error, Result};
 use parking_lot::RwLock;
 use sha2::{Digest as _, Sha256};
 

@@ -28,9 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engram_cache::History;
-use engram_core::Result;
-use engram_core::api::{ContextRequest, Hit, Index, ListQuery, RecallQuery};
-use engram_core::model::{Filter, Kind, Memory, MemoryId, Scope, TenantId, Timestamp};
+use engram_domain::Result;
+use engram_domain::api::{ContextRequest, Hit, Index, ListQuery, RecallQuery};
+use engram_domain::model::{Filter, Kind, Memory, MemoryId, Scope, TenantId, Timestamp};
 use engram_models::TokenCounter;
 
 const MEMORIES_HEADER: &str = "## Relevant memories\n";
@@ -318,7 +318,7 @@ mod tests {
             MemoryId::new_time_ordered(),
             TenantId::default_tenant(),
             Scope::user("u"),
-            engram_core::model::NewMemory {
+            engram_domain::model::NewMemory {
                 text: text.into(),
                 kind,
                 role: role.into(),

@@ -21,10 +21,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use engram_core::api::{ConverseCommand, Ingestion, RememberBatch};
-use engram_core::model::{Kind, NewMemory, TenantId, WriteMode};
-use engram_core::privacy::{self, PrivacyPolicy};
-use engram_core::{Error, Limits, convert, validate};
+use engram_domain::api::{ConverseCommand, Ingestion, RememberBatch};
+use engram_domain::model::{Kind, NewMemory, TenantId, WriteMode};
+use engram_domain::privacy::{self, PrivacyPolicy};
+use engram_domain::{Error, Limits, convert, validate};
 use engram_models::{ChatChunk, ChatMessage, ChatModel, ChatRequest, TokenCounter};
 use engram_proto::tonic::{Request, Response, Status};
 use engram_proto::v1 as pb;

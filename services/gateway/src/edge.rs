@@ -17,11 +17,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use engram_core::model::TenantId;
-use engram_core::{Error, deadline};
+use engram_domain::Error;
+use engram_domain::model::TenantId;
 use engram_proto::tonic::Status;
 use engram_proto::tonic::body::Body;
 use engram_proto::tonic::server::NamedService;
+use engram_runtime::deadline;
 use engram_telemetry::Metrics;
 use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;

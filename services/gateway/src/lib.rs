@@ -2,9 +2,9 @@
 //!
 //! A request passes through the server layers (metrics, trace), then the [`edge`] (load
 //! shedding, API key, rate limit, deadline), then the handler here: the tenant is the one the
-//! caller's key names, the request is validated and bounded (`engram_core::validate`), and it
+//! caller's key names, the request is validated and bounded (`engram_domain::validate`), and it
 //! is routed — Recall, Get and List to retrieval, Remember, Update and Forget to ingestion —
-//! over balanced channels to every replica (`engram_core::peers`).
+//! over balanced channels to every replica (`engram_runtime::peers`).
 
 mod auth;
 pub mod context;
@@ -17,11 +17,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use engram_cache::{History, Redis, RedisConfig};
-use engram_core::api::{Index, Ingestion};
-use engram_core::config::{CommonArgs, IngestionUrl, RetrievalUrl, parse_duration};
-use engram_core::model::TenantId;
-use engram_core::server::{Listeners, ServiceRuntime};
-use engram_core::{Error, Limits, Result, convert, rpc, validate};
+use engram_domain::api::{Index, Ingestion};
+use engram_domain::model::TenantId;
+use engram_domain::parse_duration;
+use engram_domain::{Error, Limits, Result, convert, validate};
 use engram_models::{ChatArgs, ChatModel};
 use engram_proto::tonic::codec::CompressionEncoding;
 use engram_proto::tonic::service::Routes;
@@ -29,6 +28,9 @@ use engram_proto::tonic::{Request, Response, Status};
 use engram_proto::v1 as pb;
 use engram_proto::v1::chat_service_server::ChatServiceServer;
 use engram_proto::v1::memory_service_server::{MemoryService, MemoryServiceServer};
+use engram_runtime::config::{CommonArgs, IngestionUrl, RetrievalUrl};
+use engram_runtime::rpc;
+use engram_runtime::server::{Listeners, ServiceRuntime};
 
 use crate::context::ContextBuilder;
 use crate::conversation::{Chat, ChatEndpoint};
@@ -41,7 +43,7 @@ pub const SERVICE_NAME: &str = "gateway";
 /// Largest request the public API accepts: a full batch of maximal memories fits.
 pub const MAX_PUBLIC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
-engram_core::listen_args!(Listen, "gateway", "GATEWAY", "50051", "9091");
+engram_runtime::listen_args!(Listen, "gateway", "GATEWAY", "50051", "9091");
 
 /// Where the gateway finds the services it routes to (its own binary only; `engram up` wires
 /// these).
@@ -151,7 +153,7 @@ const METHODS: [&str; 8] = [
     "Converse",
 ];
 
-impl engram_core::server::CheckArgs for GatewayArgs {
+impl engram_runtime::server::CheckArgs for GatewayArgs {
     fn check(&self) -> Result<()> {
         self.edge.check()?;
         self.chat.check().map_err(Error::from)

@@ -1,6 +1,6 @@
 //! `engram-gateway`: engram's gateway: the public MemoryService API, as its own process.
 
-engram_core::service_binary! {
+engram_runtime::service_binary! {
     name: "engram-gateway",
     about: "engram's gateway: the public MemoryService API",
     listen: engram_gateway::Listen,

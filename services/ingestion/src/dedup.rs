@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use engram_core::api::DuplicateMatch;
-use engram_core::model::{MemoryId, NewMemory};
+use engram_domain::api::DuplicateMatch;
+use engram_domain::model::{MemoryId, NewMemory};
 
 /// How one input of a batch resolves before anything is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,7 +67,7 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use engram_core::model::{Kind, content_hash};
+    use engram_domain::model::{Kind, content_hash};
 
     fn input(text: &str, kind: Kind, key: &str) -> NewMemory {
         NewMemory {

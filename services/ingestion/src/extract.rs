@@ -17,11 +17,11 @@
 
 use std::collections::BTreeMap;
 
-use engram_core::api::RecallQuery;
-use engram_core::model::{
+use engram_domain::api::RecallQuery;
+use engram_domain::model::{
     Filter, Kind, Memory, MemoryId, NewMemory, Scope, SearchMode, TenantId, Timestamp,
 };
-use engram_core::{Error, Result, privacy};
+use engram_domain::{Error, Result, privacy};
 use engram_models::{ChatMessage, ChatRequest};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};

@@ -1,6 +1,6 @@
 //! The ingestion service: the write path.
 //!
-//! A Remember passes through the gRPC adapter (`engram_core::rpc::ingestion_server`, which
+//! A Remember passes through the gRPC adapter (`engram_runtime::rpc::ingestion_server`, which
 //! validates and bounds it), then [`Pipeline::submit`]: content hashes are computed, writes
 //! already stored in the scope (same content, or same idempotency key) come back as DUPLICATE
 //! with the existing id, new memories get time-ordered ids, are embedded by the embedding
@@ -20,19 +20,20 @@ use dedup::Resolution;
 
 use async_trait::async_trait;
 use engram_cache::{History, Redis, RedisConfig};
-use engram_core::api::{
+use engram_domain::api::{
     Embedder, EntryId, ForgetOutcome, ForgetTarget, GetQuery, Index, IndexOp, IndexWrites,
     IndexedMemory, Ingestion, LogOp, LoggedWrite, Purpose, RememberBatch, RememberOutcome,
     UpdateCommand, UpdateOutcome, WriteResult, WriteState, WriteStatus, WriteToken,
 };
-use engram_core::config::{CommonArgs, EmbeddingUrl, RetrievalUrl};
-use engram_core::model::{Memory, MemoryId, TenantId, Timestamp, content_hash};
-use engram_core::model::{NewMemory, Scope, WriteMode};
-use engram_core::privacy::{self, PiiKind, PrivacyMode, PrivacyPolicy};
-use engram_core::server::{Listeners, ServiceRuntime};
-use engram_core::{Error, Limits, Result, rpc};
+use engram_domain::model::{Memory, MemoryId, TenantId, Timestamp, content_hash};
+use engram_domain::model::{NewMemory, Scope, WriteMode};
+use engram_domain::privacy::{self, PiiKind, PrivacyMode, PrivacyPolicy};
+use engram_domain::{Error, Limits, Result};
 use engram_models::{ChatArgs, ChatModel};
 use engram_proto::tonic::service::Routes;
+use engram_runtime::config::{CommonArgs, EmbeddingUrl, RetrievalUrl};
+use engram_runtime::rpc;
+use engram_runtime::server::{Listeners, ServiceRuntime};
 use engram_telemetry::Metrics;
 use engram_writelog::{Append, AppendError, Appended, Reserved, WriteLog};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -44,7 +45,7 @@ pub const SERVICE_NAME: &str = "ingestion";
 /// The text embedded to check that the embedding path works.
 const HEALTH_PROBE: &str = "engram health probe";
 
-engram_core::listen_args!(Listen, "ingestion", "INGESTION", "50053", "9093");
+engram_runtime::listen_args!(Listen, "ingestion", "INGESTION", "50053", "9093");
 
 /// Where ingestion finds the services it calls (its own binary only; `engram up` wires these).
 #[derive(Debug, Clone, clap::Args)]
@@ -76,7 +77,7 @@ pub struct LogArgs {
     )]
     pub batch_max: usize,
     /// How long a worker waits to fill a batch once it has entries.
-    #[arg(id = "index-batch-wait", long = "index-batch-wait", env = "ENGRAM_INDEX_BATCH_WAIT", default_value = "5ms", value_parser = engram_core::config::parse_duration)]
+    #[arg(id = "index-batch-wait", long = "index-batch-wait", env = "ENGRAM_INDEX_BATCH_WAIT", default_value = "5ms", value_parser = engram_domain::parse_duration)]
     pub batch_wait: Duration,
     /// Unindexed entries per partition beyond which Submit answers RESOURCE_EXHAUSTED.
     #[arg(
@@ -98,7 +99,7 @@ pub struct LogArgs {
     pub max_deliveries: u64,
     /// How long a partition stays with a worker that stopped renewing its lease (a crashed
     /// replica) before another takes it and its unacknowledged entries.
-    #[arg(id = "log-claim-idle", long = "log-claim-idle", env = "ENGRAM_LOG_CLAIM_IDLE", default_value = "15s", value_parser = engram_core::config::parse_duration)]
+    #[arg(id = "log-claim-idle", long = "log-claim-idle", env = "ENGRAM_LOG_CLAIM_IDLE", default_value = "15s", value_parser = engram_domain::parse_duration)]
     pub claim_idle: Duration,
     /// Refuse writes (UNAVAILABLE) when Redis is unreachable instead of indexing them
     /// synchronously.
@@ -110,7 +111,7 @@ pub struct LogArgs {
     )]
     pub strict: bool,
     /// How long SYNC writes, Update and Forget wait for their write to be indexed.
-    #[arg(id = "log-sync-wait", long = "log-sync-wait", env = "ENGRAM_LOG_SYNC_WAIT", default_value = "10s", value_parser = engram_core::config::parse_duration)]
+    #[arg(id = "log-sync-wait", long = "log-sync-wait", env = "ENGRAM_LOG_SYNC_WAIT", default_value = "10s", value_parser = engram_domain::parse_duration)]
     pub sync_wait: Duration,
     /// Index from the write log in this replica. `false` makes a replica that only accepts
     /// writes, leaving the indexing to the others.
@@ -161,7 +162,7 @@ pub struct IngestionArgs {
     pub chat: ChatArgs,
 }
 
-impl engram_core::server::CheckArgs for IngestionArgs {
+impl engram_runtime::server::CheckArgs for IngestionArgs {
     fn check(&self) -> Result<()> {
         if self.log.partitions == 0 {
             return Err(Error::invalid(
@@ -598,7 +599,7 @@ impl Pipeline {
         {
             Ok(WriteState::Failed(_)) => true,
             Ok(WriteState::Indexed) => {
-                let Ok(id) = engram_core::validate::memory_id(&held.id) else {
+                let Ok(id) = engram_domain::validate::memory_id(&held.id) else {
                     return false;
                 };
                 matches!(self.stored(tenant, id).await, Err(Error::NotFound(_)))
@@ -652,7 +653,7 @@ impl Pipeline {
     }
 
     async fn wait(&self, settings: &LogSettings, token: WriteToken) -> Result<()> {
-        let budget = engram_core::deadline::answerable_within(settings.args.sync_wait);
+        let budget = engram_runtime::deadline::answerable_within(settings.args.sync_wait);
         match settings.log.settled(token, budget).await? {
             WriteState::Failed(reason) => Err(failure(&reason)),
             _ => Ok(()),
@@ -663,7 +664,7 @@ impl Pipeline {
         &self,
         tenant: &TenantId,
         scope: Scope,
-        memories: Vec<engram_core::model::NewMemory>,
+        memories: Vec<engram_domain::model::NewMemory>,
         resolutions: Vec<Resolution>,
         ids: Vec<MemoryId>,
     ) -> Result<RememberOutcome> {
@@ -884,7 +885,7 @@ impl Ingestion for Pipeline {
                 ));
                 continue;
             }
-            if let Ok(id) = engram_core::validate::memory_id(&held.id) {
+            if let Ok(id) = engram_domain::validate::memory_id(&held.id) {
                 ids[i] = id;
                 resolutions[i] = Resolution::DuplicateOf(id, why);
                 // Reading "after" this write means after the write it duplicates.

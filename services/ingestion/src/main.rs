@@ -1,6 +1,6 @@
 //! `engram-ingestion`: engram's ingestion service, as its own process.
 
-engram_core::service_binary! {
+engram_runtime::service_binary! {
     name: "engram-ingestion",
     about: "engram's ingestion service",
     listen: engram_ingestion::Listen,

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument as _;
 
-use engram_core::api::{LogOp, LoggedWrite};
-use engram_core::error::Code;
-use engram_core::limits::Limits;
-use engram_core::model::Timestamp;
-use engram_core::{Error, Result};
+use engram_domain::api::{LogOp, LoggedWrite};
+use engram_domain::error::Code;
+use engram_domain::limits::Limits;
+use engram_domain::model::Timestamp;
+use engram_domain::{Error, Result};
 use engram_telemetry::Metrics;
 use engram_writelog::{Done, Entry, WriteLog};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -355,7 +355,7 @@ impl PartitionWorker {
             .iter()
             .map(|e| LoggedWrite::decode(e.payload.as_deref().unwrap_or_default(), &self.limits))
             .collect();
-        let mut done: Vec<(engram_core::api::EntryId, Done)> = Vec::new();
+        let mut done: Vec<(engram_domain::api::EntryId, Done)> = Vec::new();
         let mut healthy = false;
         let mut stopped = false;
         let mut i = 0;

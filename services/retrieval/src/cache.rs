@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use engram_cache::{CacheConfig, CacheMetrics, Generations, Redis, TwoLevelCache};
-use engram_core::api::{IndexOp, IndexWrites, RecallQuery, RecallResult};
-use engram_core::convert;
-use engram_core::model::TenantId;
+use engram_domain::api::{IndexOp, IndexWrites, RecallQuery, RecallResult};
+use engram_domain::convert;
+use engram_domain::model::TenantId;
 use engram_proto::prost::Message as _;
 use sha2::{Digest as _, Sha256};
 

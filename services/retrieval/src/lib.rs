@@ -1,7 +1,7 @@
 //! The retrieval service: owns the index, answers reads, and applies the writes ingestion
 //! hands it.
 //!
-//! A Recall passes through the gRPC adapter (`engram_core::rpc::index_server`, which validates
+//! A Recall passes through the gRPC adapter (`engram_runtime::rpc::index_server`, which validates
 //! it), then [`Retrieval::search`]: the result cache is consulted ([`cache`]); on a miss the
 //! search strategies run in parallel and are fused ([`search`]). Writes arrive as ordered
 //! [`IndexWrites`], are durable when `apply` returns, and make the cached results of the
@@ -9,22 +9,23 @@
 
 mod cache;
 mod search;
-mod temporal;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use engram_core::api::{
+use engram_domain::api::{
     ApplyOutcome, DuplicateMatch, Embedder, GetQuery, GetResult, Index, IndexStats, IndexWrites,
     ListPage, ListQuery, RecallQuery, RecallResult, Timings, WriteToken, WriteWaiter,
 };
-use engram_core::config::{CommonArgs, EmbeddingUrl, parse_duration};
-use engram_core::model::{Scope, TenantId, Timestamp};
-use engram_core::server::{Listeners, ServiceRuntime};
-use engram_core::{Error, Result, rpc};
+use engram_domain::model::{Scope, TenantId, Timestamp};
+use engram_domain::parse_duration;
+use engram_domain::{Error, Result};
 use engram_proto::tonic::service::Routes;
+use engram_runtime::config::{CommonArgs, EmbeddingUrl};
+use engram_runtime::rpc;
+use engram_runtime::server::{Listeners, ServiceRuntime};
 use engram_store::{EdgeStore, EdgeStoreConfig, Keywords, Selection, VectorStore};
 
 pub use cache::{ResultCache, ResultCacheConfig};
@@ -32,7 +33,7 @@ pub use search::{FusionWeights, SearchMetrics};
 
 pub const SERVICE_NAME: &str = "retrieval";
 
-engram_core::listen_args!(Listen, "retrieval", "RETRIEVAL", "50052", "9092");
+engram_runtime::listen_args!(Listen, "retrieval", "RETRIEVAL", "50052", "9092");
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetrievalArgs {
@@ -260,7 +261,7 @@ impl Retrieval {
         match (token, &self.writes) {
             (None | Some(WriteToken::Indexed), _) => Ok(()),
             (Some(token), Some(writes)) => {
-                let budget = engram_core::deadline::answerable_within(READ_YOUR_WRITES_WAIT);
+                let budget = engram_runtime::deadline::answerable_within(READ_YOUR_WRITES_WAIT);
                 writes.wait_indexed(token, budget).await
             }
             (Some(_), None) => Err(Error::FailedPrecondition(
@@ -370,4 +371,4 @@ impl Index for Retrieval {
 }
 
 /// Every retrieval setting is checked as it is parsed.
-impl engram_core::server::CheckArgs for BinaryArgs {}
+impl engram_runtime::server::CheckArgs for BinaryArgs {}

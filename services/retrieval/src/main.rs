@@ -1,6 +1,6 @@
 //! `engram-retrieval`: engram's retrieval service, as its own process.
 
-engram_core::service_binary! {
+engram_runtime::service_binary! {
     name: "engram-retrieval",
     about: "engram's retrieval service",
     listen: engram_retrieval::Listen,

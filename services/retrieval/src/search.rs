@@ -7,7 +7,7 @@
 //!   the query is embedded);
 //! - **temporal** (HYBRID, when the query names a time, see [`crate::temporal`]): the memories
 //!   whose event time falls in that window, by similarity;
-//! - **entity** (HYBRID, when the query names entities, see [`engram_core::entities`]): the
+//! - **entity** (HYBRID, when the query names entities, see [`engram_text::entities`]): the
 //!   memories sharing one of its distinctive entities (those on at most a fifth of the scope's
 //!   memories: a name on every other message singles nothing out), by BM25.
 //!
@@ -23,9 +23,9 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use engram_core::api::{Explanation, Hit, Purpose, RecallQuery, RecallResult, Timings};
-use engram_core::model::{Filter, MemoryId, SearchMode, TenantId, Timestamp};
-use engram_core::{Error, Result};
+use engram_domain::api::{Explanation, Hit, Purpose, RecallQuery, RecallResult, Timings};
+use engram_domain::model::{Filter, MemoryId, SearchMode, TenantId, Timestamp};
+use engram_domain::{Error, Result};
 use engram_store::{Prefetch, ScoredMemory, Selection, StoreQuery};
 use engram_telemetry::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -33,7 +33,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use tracing::Instrument as _;
 
-use crate::{Retrieval, temporal};
+use engram_text::temporal;
+
+use crate::Retrieval;
 
 /// Candidates fetched from each strategy per requested hit, so fusion and rescoring can
 /// promote what one strategy ranks low.
@@ -220,7 +222,7 @@ async fn distinctive_entities(
     selection: &Selection,
     query: &str,
 ) -> Result<Vec<String>> {
-    let mut entities = engram_core::entities::extract(query);
+    let mut entities = engram_text::entities::extract(query);
     entities.truncate(MAX_QUERY_ENTITIES);
     if entities.is_empty() {
         return Ok(entities);
@@ -502,7 +504,7 @@ fn fuse(
         .max(f32::MIN_POSITIVE);
 
     struct Candidate {
-        memory: engram_core::model::Memory,
+        memory: engram_domain::model::Memory,
         explanation: Explanation,
         base: f32,
     }
@@ -571,7 +573,7 @@ fn fuse(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use engram_core::model::{Memory, NewMemory, Scope};
+    use engram_domain::model::{Memory, NewMemory, Scope};
 
     fn memory(text: &str) -> Memory {
         Memory::from_input(

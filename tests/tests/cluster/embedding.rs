@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use engram_cache::{Redis, RedisConfig};
 use engram_cli::redis::{Persistence, RedisProcess};
-use engram_core::api::{Embedder, Purpose};
-use engram_core::config::CommonArgs;
-use engram_core::error::Code;
+use engram_domain::api::{Embedder, Purpose};
+use engram_domain::error::Code;
 use engram_embedding::EmbeddingService;
 use engram_models::{EmbeddingProvider, OpenAiConfig, OpenAiEmbedder};
 use engram_resilience::{OutboundMetrics, Policy};
+use engram_runtime::config::CommonArgs;
 use engram_telemetry::Metrics;
 use engram_tests::{Behavior, FakeProvider, Options, Sandbox, fast_policy, pb};
 
@@ -106,7 +106,7 @@ fn sample(metrics: &Metrics, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-async fn embed(service: &EmbeddingService, texts: &[&str]) -> engram_core::Result<Vec<Vec<f32>>> {
+async fn embed(service: &EmbeddingService, texts: &[&str]) -> engram_domain::Result<Vec<Vec<f32>>> {
     service
         .embed(
             texts.iter().map(|t| t.to_string()).collect(),
@@ -222,7 +222,7 @@ async fn a_full_queue_is_refused_with_a_retry_hint() {
     for call in calls {
         match call.await.unwrap() {
             Ok(_) => {}
-            Err(engram_core::Error::ResourceExhausted { retry_after, .. }) => {
+            Err(engram_domain::Error::ResourceExhausted { retry_after, .. }) => {
                 assert!(retry_after.is_some());
                 refused += 1;
             }

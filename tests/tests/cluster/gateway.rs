@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use engram_core::api::{
+use engram_domain::api::{
     ApplyOutcome, DuplicateMatch, GetQuery, GetResult, Index, IndexStats, IndexWrites, ListPage,
     ListQuery, RecallQuery, RecallResult,
 };
-use engram_core::model::{Scope, TenantId};
+use engram_domain::model::{Scope, TenantId};
 use engram_gateway::{EdgeArgs, Role};
 use engram_proto::tonic::{Code, Request, Status};
 use engram_proto::v1 as pb;
@@ -305,7 +305,7 @@ fn list_request() -> pb::ListRequest {
 /// The real retrieval, reached over gRPC, with every Recall slowed by `delay`; it counts the
 /// searches running at once and those dropped before they finished (cancelled).
 struct Slowed {
-    inner: engram_core::rpc::IndexClient,
+    inner: engram_runtime::rpc::IndexClient,
     delay: Duration,
     running: AtomicUsize,
     most_running: AtomicUsize,
@@ -332,7 +332,7 @@ impl Index for Slowed {
         &self,
         tenant: &TenantId,
         query: RecallQuery,
-    ) -> engram_core::Result<RecallResult> {
+    ) -> engram_domain::Result<RecallResult> {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.most_running.fetch_max(now, Ordering::SeqCst);
         let mut running = Running {
@@ -344,17 +344,17 @@ impl Index for Slowed {
         running.finished = true;
         result
     }
-    async fn get(&self, tenant: &TenantId, query: GetQuery) -> engram_core::Result<GetResult> {
+    async fn get(&self, tenant: &TenantId, query: GetQuery) -> engram_domain::Result<GetResult> {
         self.inner.get(tenant, query).await
     }
-    async fn list(&self, tenant: &TenantId, query: ListQuery) -> engram_core::Result<ListPage> {
+    async fn list(&self, tenant: &TenantId, query: ListQuery) -> engram_domain::Result<ListPage> {
         self.inner.list(tenant, query).await
     }
     async fn apply(
         &self,
         tenant: &TenantId,
         writes: IndexWrites,
-    ) -> engram_core::Result<ApplyOutcome> {
+    ) -> engram_domain::Result<ApplyOutcome> {
         self.inner.apply(tenant, writes).await
     }
     async fn find_duplicates(
@@ -363,20 +363,20 @@ impl Index for Slowed {
         scope: &Scope,
         content_hashes: Vec<String>,
         idempotency_keys: Vec<String>,
-    ) -> engram_core::Result<Vec<DuplicateMatch>> {
+    ) -> engram_domain::Result<Vec<DuplicateMatch>> {
         self.inner
             .find_duplicates(tenant, scope, content_hashes, idempotency_keys)
             .await
     }
-    async fn stats(&self, tenant: Option<&TenantId>) -> engram_core::Result<IndexStats> {
+    async fn stats(&self, tenant: Option<&TenantId>) -> engram_domain::Result<IndexStats> {
         self.inner.stats(tenant).await
     }
 }
 
 /// Serve the sandbox's retrieval slowed by `delay`, like any engram service.
 async fn slowed_retrieval(sandbox: &Sandbox, delay: Duration) -> (Arc<Slowed>, Extra) {
-    let peers = engram_core::rpc::Peers::standalone(Duration::from_secs(30));
-    let inner = engram_core::rpc::IndexClient::connect(
+    let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
+    let inner = engram_runtime::rpc::IndexClient::connect(
         &peers,
         "retrieval",
         &format!("http://{}", sandbox.addrs.retrieval),
@@ -392,10 +392,10 @@ async fn slowed_retrieval(sandbox: &Sandbox, delay: Duration) -> (Arc<Slowed>, E
     let index: Arc<dyn Index> = slowed.clone();
     let extra = Extra::start(|listeners, shutdown| async move {
         let runtime =
-            engram_core::server::ServiceRuntime::start("slowed-retrieval", listeners.admin);
-        let routes = engram_proto::tonic::service::Routes::new(engram_core::rpc::index_server(
+            engram_runtime::server::ServiceRuntime::start("slowed-retrieval", listeners.admin);
+        let routes = engram_proto::tonic::service::Routes::new(engram_runtime::rpc::index_server(
             index,
-            engram_core::Limits::default(),
+            engram_domain::Limits::default(),
         ));
         runtime
             .serve(

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use engram_core::api::{WriteState, WriteToken};
+use engram_domain::api::{WriteState, WriteToken};
 use engram_ingestion::LogArgs;
 use engram_proto::internal::v1 as ipb;
 use engram_proto::tonic::Code;

@@ -106,7 +106,7 @@ async fn scripted(delay: Duration, refuse_every: u64, stall_at: u64, stall: Dura
         stall,
     };
     Extra::start(|listeners, shutdown| async move {
-        let runtime = engram_core::server::ServiceRuntime::start("scripted", listeners.admin);
+        let runtime = engram_runtime::server::ServiceRuntime::start("scripted", listeners.admin);
         let routes = engram_proto::tonic::service::Routes::new(MemoryServiceServer::new(service));
         runtime
             .serve(

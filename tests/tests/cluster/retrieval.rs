@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use engram_core::api::{Index as _, Ingestion as _, RecallQuery, RememberBatch};
-use engram_core::calendar::Date;
-use engram_core::model::{Filter, NewMemory, Scope, TenantId, WriteMode};
-use engram_core::rpc::{IndexClient, IngestionClient};
+use engram_domain::api::{Index as _, Ingestion as _, RecallQuery, RememberBatch};
+use engram_domain::model::{Filter, NewMemory, Scope, TenantId, WriteMode};
+use engram_runtime::rpc::{IndexClient, IngestionClient};
 use engram_tests::{Sandbox, pb};
+use engram_text::calendar::Date;
 
 type Client = engram_cli::Client;
 
@@ -20,7 +20,7 @@ fn scope(user: &str) -> Option<pb::Scope> {
 }
 
 fn at(date: Date) -> Option<engram_proto::prost_types::Timestamp> {
-    Some(engram_core::convert::timestamp(date.start()))
+    Some(engram_domain::convert::timestamp(date.start()))
 }
 
 fn date(y: i32, m: u32, d: u32) -> Date {
@@ -330,8 +330,8 @@ async fn a_write_through_one_replica_invalidates_the_cache_of_another() {
         key,
         "replicas agree"
     );
-    let write = engram_core::api::IndexWrites {
-        ops: vec![engram_core::api::IndexOp::DeleteScope(Scope::user("u"))],
+    let write = engram_domain::api::IndexWrites {
+        ops: vec![engram_domain::api::IndexOp::DeleteScope(Scope::user("u"))],
     };
     one.invalidate(&engram_retrieval::ResultCache::touched(&tenant, &write))
         .await;
@@ -351,7 +351,7 @@ async fn a_write_through_one_replica_invalidates_the_cache_of_another() {
 #[tokio::test]
 async fn filters_select_alone_and_combined_and_never_cross_tenants_or_users() {
     let sandbox = Sandbox::start().await;
-    let peers = engram_core::rpc::Peers::standalone(Duration::from_secs(30));
+    let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
     let ingestion = IngestionClient::connect(
         &peers,
         "ingestion",
@@ -372,7 +372,7 @@ async fn filters_select_alone_and_combined_and_never_cross_tenants_or_users() {
         metadata: BTreeMap::from([("source".to_string(), source.to_string())]),
         ..NewMemory::default()
     };
-    use engram_core::model::Kind::{Fact, Message};
+    use engram_domain::model::Kind::{Fact, Message};
     let data = vec![
         memory(
             "Caroline moved to Boston",

@@ -339,7 +339,7 @@ fn field_of(status: &Status) -> String {
 async fn bad_input_is_refused_naming_the_field_and_nothing_is_stored() {
     let sandbox = Sandbox::start().await;
     let mut client = sandbox.client().await;
-    let limits = engram_core::Limits::default();
+    let limits = engram_domain::Limits::default();
     let remember_with = |memories: Vec<pb::MemoryInput>| pb::RememberRequest {
         scope: scope("victor"),
         memories,

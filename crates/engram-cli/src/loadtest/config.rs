@@ -165,7 +165,7 @@ pub fn parse_duration(key: &str, text: &str) -> Result<Duration, String> {
     if let Ok(seconds) = text.parse::<f64>() {
         return Ok(Duration::from_secs_f64(seconds.max(0.0)));
     }
-    engram_core::config::parse_duration(text).map_err(|e| format!("{key}: {e}"))
+    engram_domain::parse_duration(text).map_err(|e| format!("{key}: {e}"))
 }
 
 /// `data` as ghz takes it: one object, or a non-empty array of objects.

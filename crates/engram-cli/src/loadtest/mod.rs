@@ -196,7 +196,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub config: std::path::PathBuf,
     /// Run for this long instead of the config's `total` (like ghz's `-z`).
-    #[arg(long, value_parser = engram_core::config::parse_duration)]
+    #[arg(long, value_parser = engram_domain::parse_duration)]
     pub duration: Option<Duration>,
     /// The gateway to load, instead of the config's `host`.
     #[arg(long)]

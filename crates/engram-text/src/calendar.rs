@@ -5,7 +5,44 @@
 //! The day arithmetic is Howard Hinnant's `days_from_civil` / `civil_from_days`, exact for any
 //! date a timestamp can hold.
 
-use crate::model::Timestamp;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A point in time with microsecond precision (what the store keeps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Self::from(SystemTime::now())
+    }
+
+    pub const fn from_micros(micros: i64) -> Self {
+        Self(micros)
+    }
+
+    pub const fn as_micros(self) -> i64 {
+        self.0
+    }
+
+    /// The UTC date, as `2024-05-01`.
+    pub fn date_string(self) -> String {
+        Date::of(self).to_string()
+    }
+
+    /// Time elapsed from `self` to `later`, zero if `later` is earlier.
+    pub fn elapsed_until(self, later: Timestamp) -> Duration {
+        Duration::from_micros(later.0.saturating_sub(self.0).max(0).unsigned_abs())
+    }
+}
+
+impl From<SystemTime> for Timestamp {
+    fn from(t: SystemTime) -> Self {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Self(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+            Err(e) => Self(-i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX)),
+        }
+    }
+}
 
 pub const MICROS_PER_DAY: i64 = 86_400_000_000;
 

@@ -6,10 +6,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 use uuid::Uuid;
+
+pub use engram_text::calendar::Timestamp;
 
 use crate::error::{Error, Result};
 
@@ -93,43 +94,6 @@ impl FromStr for MemoryId {
 impl fmt::Display for MemoryId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
-    }
-}
-
-/// A point in time with microsecond precision (what the store keeps).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Timestamp(i64);
-
-impl Timestamp {
-    pub fn now() -> Self {
-        Self::from(SystemTime::now())
-    }
-
-    pub const fn from_micros(micros: i64) -> Self {
-        Self(micros)
-    }
-
-    pub const fn as_micros(self) -> i64 {
-        self.0
-    }
-
-    /// Time elapsed from `self` to `later`, zero if `later` is earlier.
-    /// The UTC date, as `2024-05-01`.
-    pub fn date_string(self) -> String {
-        crate::calendar::Date::of(self).to_string()
-    }
-
-    pub fn elapsed_until(self, later: Timestamp) -> Duration {
-        Duration::from_micros(later.0.saturating_sub(self.0).max(0).unsigned_abs())
-    }
-}
-
-impl From<SystemTime> for Timestamp {
-    fn from(t: SystemTime) -> Self {
-        match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => Self(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-            Err(e) => Self(-i64::try_from(e.duration().as_micros()).unwrap_or(i64::MAX)),
-        }
     }
 }
 
@@ -229,7 +193,7 @@ impl Memory {
         now: Timestamp,
     ) -> Self {
         let content_hash = content_hash(input.kind, &input.role, &input.text);
-        let entities = crate::entities::extract(&input.text);
+        let entities = engram_text::entities::extract(&input.text);
         Self {
             id,
             tenant,
@@ -263,7 +227,7 @@ impl Memory {
         } = patch;
         let text_changed = text.as_ref().is_some_and(|t| *t != self.text);
         if let Some(text) = text {
-            self.entities = crate::entities::extract(&text);
+            self.entities = engram_text::entities::extract(&text);
             self.text = text;
         }
         if let Some(kind) = kind {

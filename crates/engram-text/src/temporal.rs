@@ -14,8 +14,7 @@
 //! Everything is UTC. The window is used as a boost (the temporal strategy of a Recall), never
 //! as a filter: a misread phrase can only reorder, not hide, results.
 
-use engram_core::calendar::{self, Date};
-use engram_core::model::Timestamp;
+use crate::calendar::{self, Date, Timestamp};
 
 /// A half-open event-time window `[from, to)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tonic_health::ServingStatus;
 
-use crate::error::{Error, Result};
+use engram_domain::error::{Error, Result};
 
 /// The sockets a service serves on, bound before the service starts so that a port conflict
 /// is reported at once and tests can bind port 0 and learn the port.

@@ -1,4 +1,4 @@
-//! gRPC adapters for the internal service contracts of [`crate::api`].
+//! gRPC adapters for the internal service contracts of [`engram_domain::api`].
 //!
 //! For each contract: a server adapter that exposes any implementation over tonic (it only
 //! validates and converts, then calls the trait), and a client that implements the same trait
@@ -10,25 +10,24 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use engram_proto::internal::v1 as ipb;
-use engram_proto::prost::Message as _;
 use engram_proto::tonic::service::interceptor::InterceptedService;
 use engram_proto::tonic::{Code, Request, Response, Status};
 use engram_telemetry::{GrpcClient, GrpcClientLayer, Metrics};
 use tower::Layer as _;
 
-use crate::api::{
+use crate::config::CommonArgs;
+use crate::peers::{Balanced, PeerSettings, RetryBudget};
+use engram_domain::api::{
     ApplyOutcome, DuplicateMatch, Embedder, Embeddings, ForgetOutcome, ForgetTarget, GetQuery,
     GetResult, Index, IndexOp, IndexStats, IndexWrites, IndexedMemory, Ingestion, ListPage,
-    ListQuery, LogOp, LoggedWrite, Purpose, RecallQuery, RecallResult, RememberBatch,
-    RememberOutcome, SparseVector, UpdateCommand, UpdateOutcome, WriteState, WriteToken,
+    ListQuery, Purpose, RecallQuery, RecallResult, RememberBatch, RememberOutcome, SparseVector,
+    UpdateCommand, UpdateOutcome, WriteState, WriteToken,
 };
-use crate::config::CommonArgs;
-use crate::convert;
-use crate::error::{Error, Result};
-use crate::limits::Limits;
-use crate::model::{Scope, TenantId};
-use crate::peers::{Balanced, PeerSettings, RetryBudget};
-use crate::validate;
+use engram_domain::convert;
+use engram_domain::error::{Error, Result};
+use engram_domain::limits::Limits;
+use engram_domain::model::{Scope, TenantId};
+use engram_domain::validate;
 
 /// Largest message an internal server or client accepts: a full batch of maximal memories with
 /// their vectors.
@@ -230,65 +229,6 @@ impl Embedder for EmbedderClient {
             model: response.model,
             dimension,
             vectors: response.embeddings.into_iter().map(|e| e.values).collect(),
-        })
-    }
-}
-
-// ---- Write log entries ----
-
-impl LoggedWrite {
-    /// The protobuf bytes of a `LogEntry`.
-    pub fn encode(&self) -> Vec<u8> {
-        let op = match &self.op {
-            LogOp::Remember(memory) => ipb::log_entry::Op::Remember(ipb::IndexedMemory {
-                memory: Some(convert::memory(memory)),
-                dense: None,
-                idempotency_key: memory.idempotency_key.clone(),
-                sparse: None,
-            }),
-            LogOp::Update(command) => ipb::log_entry::Op::Update(convert::update_request(command)),
-            LogOp::Forget(target) => ipb::log_entry::Op::Forget(convert::forget_request(target)),
-            LogOp::Extract(memory) => ipb::log_entry::Op::Extract(convert::memory(memory)),
-        };
-        ipb::LogEntry {
-            tenant: self.tenant.to_string(),
-            op: Some(op),
-            submitted_unix_ms: self.submitted_unix_ms,
-            dedup_keys: self.reservations.clone(),
-            traceparent: self.traceparent.clone(),
-        }
-        .encode_to_vec()
-    }
-
-    /// Decode and validate an entry the log holds.
-    pub fn decode(bytes: &[u8], limits: &Limits) -> Result<Self> {
-        let entry = ipb::LogEntry::decode(bytes)
-            .map_err(|e| Error::invalid("op", format!("not a LogEntry: {e}")))?;
-        let tenant = tenant(&entry.tenant)?;
-        let op = match entry.op {
-            Some(ipb::log_entry::Op::Remember(indexed)) => {
-                let mut memory =
-                    convert::memory_from_pb(indexed.memory.unwrap_or_default(), &tenant)?;
-                memory.idempotency_key = indexed.idempotency_key;
-                LogOp::Remember(Box::new(memory))
-            }
-            Some(ipb::log_entry::Op::Update(update)) => {
-                LogOp::Update(validate::update(update, limits)?)
-            }
-            Some(ipb::log_entry::Op::Forget(forget)) => {
-                LogOp::Forget(validate::forget(forget, limits)?)
-            }
-            Some(ipb::log_entry::Op::Extract(memory)) => {
-                LogOp::Extract(Box::new(convert::memory_from_pb(memory, &tenant)?))
-            }
-            None => return Err(Error::invalid("op", "is required")),
-        };
-        Ok(Self {
-            tenant,
-            op,
-            submitted_unix_ms: entry.submitted_unix_ms,
-            reservations: entry.dedup_keys,
-            traceparent: entry.traceparent,
         })
     }
 }

@@ -1,6 +1,6 @@
 //! The contracts between engram's services, as plain Rust traits over domain types.
 //!
-//! Each service implements its trait; the gRPC adapters in [`crate::rpc`] expose an
+//! Each service implements its trait; the gRPC adapters in `engram-runtime`'s `rpc` expose an
 //! implementation over tonic and give callers a client that implements the same trait over a
 //! channel. A caller holds an `Arc<dyn Trait>` and does not care which one it has, so tests and
 //! `engram up` can wire services in-process or over the network alike.

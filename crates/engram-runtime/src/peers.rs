@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::{Service, ServiceExt as _};
 
-use crate::error::{Error, Result};
+use engram_domain::error::{Error, Result};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -17,20 +17,17 @@
 //! address, a date or a year range has too few digits for a phone number. Where matches
 //! overlap, the kind higher in the table wins.
 //!
-//! A [`PrivacyMode`] applies per tenant ([`PrivacyPolicy`], from `ENGRAM_PRIVACY_MODE` and
-//! `ENGRAM_TENANT_PRIVACY`), and a request may ask for a stricter one, never a weaker one:
-//! `off` < `redact` < `block`.
+//! A [`PrivacyMode`] says what happens to what is found: `off` < `redact` < `block`, from the
+//! least to the most strict. Which mode applies to a tenant and a request, and the error a
+//! blocked field becomes, are the domain's (`engram_domain::privacy`).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use regex::Regex;
 
-use crate::{Error, Result};
-
 /// What to do with personal data found in a text, from the least to the most strict.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum PrivacyMode {
     /// Store and send text as it is.
     #[default]
@@ -347,93 +344,6 @@ pub fn describe(kinds: &[PiiKind]) -> String {
     }
 }
 
-/// Apply `mode` to one field: unchanged (`off`, or nothing found), redacted in place
-/// (`redact`), or an INVALID_ARGUMENT naming the field and what was found (`block`). Returns
-/// the kinds found.
-pub fn guard(mode: PrivacyMode, field: &str, text: &mut String) -> Result<Vec<PiiKind>> {
-    if mode == PrivacyMode::Off {
-        return Ok(Vec::new());
-    }
-    let findings = scan(text);
-    if findings.is_empty() {
-        return Ok(Vec::new());
-    }
-    let kinds = kinds(&findings);
-    match mode {
-        PrivacyMode::Off => Ok(Vec::new()),
-        PrivacyMode::Redact => {
-            *text = redact(text, &findings).into_owned();
-            Ok(kinds)
-        }
-        PrivacyMode::Block => Err(Error::invalid(
-            field,
-            format!(
-                "contains {}; this tenant's privacy mode `block` refuses personal data and secrets",
-                describe(&kinds)
-            ),
-        )),
-    }
-}
-
-/// The privacy mode of every tenant.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PrivacyPolicy {
-    pub default: PrivacyMode,
-    pub tenants: HashMap<String, PrivacyMode>,
-}
-
-/// The privacy settings every service reads (flattened into `CommonArgs`).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct PrivacyArgs {
-    /// Privacy mode of tenants not listed in ENGRAM_TENANT_PRIVACY: `off`, `redact` (personal
-    /// data and secrets replaced by placeholders like `[EMAIL]` before storage or a model
-    /// sees them) or `block` (writes containing them refused).
-    #[arg(long = "privacy-mode", env = "ENGRAM_PRIVACY_MODE", value_enum, default_value_t = PrivacyMode::Off)]
-    pub privacy_mode: PrivacyMode,
-    /// Privacy modes by tenant, e.g. `acme=redact,bank=block`.
-    #[arg(
-        long = "tenant-privacy",
-        env = "ENGRAM_TENANT_PRIVACY",
-        default_value = ""
-    )]
-    pub tenant_privacy: String,
-}
-
-impl PrivacyArgs {
-    pub fn policy(&self) -> Result<PrivacyPolicy> {
-        let bad = |why: String| Error::invalid("ENGRAM_TENANT_PRIVACY", why);
-        let mut tenants = HashMap::new();
-        for pair in self
-            .tenant_privacy
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-        {
-            let (tenant, mode) = pair
-                .split_once('=')
-                .ok_or_else(|| bad(format!("{pair:?} is not tenant=mode")))?;
-            let mode = PrivacyMode::parse(mode).ok_or_else(|| {
-                bad(format!(
-                    "{tenant}: {mode:?} is not a privacy mode (off, redact, block)"
-                ))
-            })?;
-            tenants.insert(tenant.trim().to_string(), mode);
-        }
-        Ok(PrivacyPolicy {
-            default: self.privacy_mode,
-            tenants,
-        })
-    }
-}
-
-impl PrivacyPolicy {
-    /// The tenant's mode, or the request's if that is stricter.
-    pub fn mode(&self, tenant: &str, requested: Option<PrivacyMode>) -> PrivacyMode {
-        let own = self.tenants.get(tenant).copied().unwrap_or(self.default);
-        requested.map_or(own, |r| r.max(own))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -579,52 +489,6 @@ mod tests {
         assert_eq!(
             redact(text, &findings),
             "Jane ([EMAIL], [PHONE]) paid with [CARD] from [IP]"
-        );
-    }
-
-    #[test]
-    fn modes_apply_and_requests_only_tighten() {
-        let mut text = "write to jane@example.com".to_string();
-        assert!(guard(PrivacyMode::Off, "text", &mut text).is_ok_and(|k| k.is_empty()));
-        let blocked = guard(PrivacyMode::Block, "memories[0].text", &mut text)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(blocked.contains("memories[0].text") && blocked.contains("an email address"));
-        assert_eq!(text, "write to jane@example.com");
-        assert_eq!(
-            guard(PrivacyMode::Redact, "text", &mut text).ok(),
-            Some(vec![PiiKind::Email])
-        );
-        assert_eq!(text, "write to [EMAIL]");
-
-        let policy = PrivacyArgs {
-            privacy_mode: PrivacyMode::Off,
-            tenant_privacy: "acme=redact, bank=block".into(),
-        }
-        .policy()
-        .unwrap_or_default();
-        assert_eq!(policy.mode("acme", None), PrivacyMode::Redact);
-        assert_eq!(
-            policy.mode("acme", Some(PrivacyMode::Off)),
-            PrivacyMode::Redact
-        );
-        assert_eq!(
-            policy.mode("acme", Some(PrivacyMode::Block)),
-            PrivacyMode::Block
-        );
-        assert_eq!(
-            policy.mode("other", Some(PrivacyMode::Redact)),
-            PrivacyMode::Redact
-        );
-        assert_eq!(policy.mode("bank", None), PrivacyMode::Block);
-        assert!(
-            PrivacyArgs {
-                privacy_mode: PrivacyMode::Off,
-                tenant_privacy: "acme=loose".into(),
-            }
-            .policy()
-            .is_err()
         );
     }
 }

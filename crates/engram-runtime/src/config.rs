@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
-use crate::error::{Error, Result};
-use crate::limits::Limits;
+use engram_domain::privacy::{PrivacyMode, PrivacyPolicy};
+use engram_domain::{Error, Limits, Result};
+
+use engram_domain::parse_duration;
 
 /// Settings shared by every service. Each binary (and `engram up`, once for all four services)
 /// flattens these into its command line; every field has a flag and an `ENGRAM_*` variable.
@@ -30,7 +32,7 @@ pub struct CommonArgs {
     #[arg(long, env = "ENGRAM_VECTOR_DIMENSION", default_value_t = 384)]
     pub vector_dimension: usize,
     #[command(flatten)]
-    pub privacy: crate::privacy::PrivacyArgs,
+    pub privacy: PrivacyArgs,
     /// How long a session's recent turns stay cached in Redis after its last turn (the index
     /// holds them for good).
     #[arg(long, env = "ENGRAM_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
@@ -47,7 +49,7 @@ impl CommonArgs {
             discovery_interval: Duration::from_secs(5),
             redis_url: None,
             vector_dimension: 384,
-            privacy: crate::privacy::PrivacyArgs::default(),
+            privacy: PrivacyArgs::default(),
             history_ttl: Duration::from_secs(24 * 3600),
         }
     }
@@ -71,10 +73,32 @@ impl CommonArgs {
     }
 }
 
-/// Durations like `250ms`, `30s` or `5m`.
-pub fn parse_duration(value: &str) -> std::result::Result<Duration, String> {
-    humantime::parse_duration(value)
-        .map_err(|e| format!("{value:?} is not a duration like 250ms, 30s or 5m: {e}"))
+/// The privacy settings every service reads (flattened into `CommonArgs`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct PrivacyArgs {
+    /// Privacy mode of tenants not listed in ENGRAM_TENANT_PRIVACY: `off`, `redact` (personal
+    /// data and secrets replaced by placeholders like `[EMAIL]` before storage or a model
+    /// sees them) or `block` (writes containing them refused).
+    #[arg(long = "privacy-mode", env = "ENGRAM_PRIVACY_MODE", default_value = "off", value_parser = parse_privacy_mode)]
+    pub privacy_mode: PrivacyMode,
+    /// Privacy modes by tenant, e.g. `acme=redact,bank=block`.
+    #[arg(
+        long = "tenant-privacy",
+        env = "ENGRAM_TENANT_PRIVACY",
+        default_value = ""
+    )]
+    pub tenant_privacy: String,
+}
+
+impl PrivacyArgs {
+    pub fn policy(&self) -> Result<PrivacyPolicy> {
+        PrivacyPolicy::parse(self.privacy_mode, &self.tenant_privacy)
+    }
+}
+
+fn parse_privacy_mode(value: &str) -> std::result::Result<PrivacyMode, String> {
+    PrivacyMode::parse(value)
+        .ok_or_else(|| format!("{value:?} is not a privacy mode (off, redact, block)"))
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM, whichever comes first.
