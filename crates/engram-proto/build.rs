@@ -5,10 +5,8 @@ use std::path::PathBuf;
 
 use prost::Message as _;
 
-const PROTOS: &[&str] = &[
-    "engram/v1/memory.proto",
-    "engram/internal/v1/internal.proto",
-];
+const PUBLIC: &str = "engram/v1/memory.proto";
+const PROTOS: &[&str] = &[PUBLIC, "engram/internal/v1/internal.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
@@ -24,8 +22,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
 
+    // Every file with the files it imports (the well-known types included), for reflection:
+    // all of them for the internal services, the public API's alone for the gateway.
     let fds = protox::compile(PROTOS, [&proto_root])?;
     std::fs::write(out_dir.join("engram_descriptor.bin"), fds.encode_to_vec())?;
+    let public = protox::compile([PUBLIC], [&proto_root])?;
+    std::fs::write(
+        out_dir.join("engram_public_descriptor.bin"),
+        public.encode_to_vec(),
+    )?;
 
     tonic_prost_build::configure()
         .emit_rerun_if_changed(false)

@@ -96,9 +96,11 @@ pub struct RememberArgs {
     /// Importance from 0 to 1.
     #[arg(long)]
     importance: Option<f32>,
-    /// Reply only once the memories are indexed.
-    #[arg(long)]
-    sync: bool,
+    /// Return as soon as the memories are in the write log, before they are indexed (ASYNC).
+    /// By default the command waits until they are searchable (SYNC), so that the next
+    /// command finds them.
+    #[arg(long = "no-wait")]
+    no_wait: bool,
     /// The memories' texts, one memory each.
     #[arg(required = true)]
     texts: Vec<String>,
@@ -349,10 +351,10 @@ pub async fn remember(args: RememberArgs) -> Result<(), Failure> {
             ..Default::default()
         })
         .collect();
-    let mode = if args.sync {
-        pb::WriteMode::Sync
+    let mode = if args.no_wait {
+        pb::WriteMode::Async
     } else {
-        pb::WriteMode::Unspecified
+        pb::WriteMode::Sync
     };
     let response = client
         .remember(pb::RememberRequest {

@@ -91,8 +91,13 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
         chat: args.chat.clone(),
         common: common.clone(),
     };
+    let model_dir = config.embedding.model_dir().cloned();
     let mut cluster = LocalCluster::start(config, listeners)?;
-    let outcome = serve_until_stopped(&mut cluster, &common, &data_dir, started, auth_off).await;
+    let paths = Paths {
+        data: data_dir.clone(),
+        model: model_dir,
+    };
+    let outcome = serve_until_stopped(&mut cluster, &common, &paths, started, auth_off).await;
     let stopped = cluster.shutdown().await;
     if let Some(redis) = &mut redis {
         redis.stop().await;
@@ -103,11 +108,17 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
     Ok(())
 }
 
+/// The directories the cluster uses, absolute (the banner shows them).
+struct Paths {
+    data: PathBuf,
+    model: Option<PathBuf>,
+}
+
 /// Serve until Ctrl-C/SIGTERM (`Ok`) or until a service fails (`Err`).
 async fn serve_until_stopped(
     cluster: &mut LocalCluster,
     common: &CommonArgs,
-    data_dir: &std::path::Path,
+    paths: &Paths,
     started: Instant,
     auth_off: bool,
 ) -> Result<()> {
@@ -115,7 +126,7 @@ async fn serve_until_stopped(
         ready = cluster.wait_ready(Duration::from_secs(120)) => ready?,
         () = shutdown_signal() => return Ok(()),
     }
-    print_banner(cluster, common, data_dir, started.elapsed(), auth_off);
+    print_banner(cluster, common, paths, started.elapsed(), auth_off);
     tokio::select! {
         () = shutdown_signal() => {
             eprintln!("engram: stopping (draining in-flight requests)…");
@@ -135,7 +146,7 @@ async fn ensure_model(dir: PathBuf) -> Result<()> {
 fn print_banner(
     cluster: &LocalCluster,
     common: &CommonArgs,
-    data_dir: &std::path::Path,
+    paths: &Paths,
     took: Duration,
     auth_off: bool,
 ) {
@@ -181,7 +192,10 @@ fn print_banner(
         a.embedding,
         admin(a.embedding_admin)
     );
-    eprintln!("  data   {}", data_dir.display());
+    eprintln!("  data   {}", paths.data.display());
+    if let Some(model) = &paths.model {
+        eprintln!("  model  {}", model.display());
+    }
     eprintln!("  redis  {}", common.redis_url.as_deref().unwrap_or("-"));
     eprintln!();
     eprintln!("try: engram remember --user alice \"I adopted a cat named Miso\"");

@@ -1,5 +1,7 @@
-//! `engram up` as a user runs it: a real process, stopped with SIGTERM while requests are in
-//! flight. They must complete, and the process must exit 0.
+//! `engram up` as a user runs it: a real process in a working directory of its own, with the
+//! README's default `./data`. Stopped with SIGTERM while requests are in flight, they complete
+//! and it exits 0; killed with SIGKILL, it starts again on the same directory with every
+//! acknowledged write.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,6 +19,7 @@ const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
 struct Banner {
     gateway: SocketAddr,
     gateway_admin: SocketAddr,
+    data: Option<String>,
 }
 
 /// Read `engram up`'s stderr until its banner, then keep draining it in the background.
@@ -24,15 +27,19 @@ fn read_banner(stderr: std::process::ChildStderr) -> Banner {
     let mut lines = BufReader::new(stderr).lines();
     let mut seen = Vec::new();
     let mut gateway = None;
+    let mut data = None;
     for line in lines.by_ref() {
         let line = line.expect("reading engram up's output");
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.first() == Some(&"gateway") && fields.len() == 3 {
             let admin = fields[2].trim_start_matches("http://");
-            gateway = Some(Banner {
-                gateway: fields[1].parse().expect("gateway address"),
-                gateway_admin: admin.parse().expect("gateway admin address"),
-            });
+            gateway = Some((
+                fields[1].parse().expect("gateway address"),
+                admin.parse().expect("gateway admin address"),
+            ));
+        }
+        if fields.first() == Some(&"data") && fields.len() == 2 {
+            data = Some(fields[1].to_string());
         }
         let done = line.starts_with("Ctrl-C stops the cluster");
         seen.push(line);
@@ -41,7 +48,54 @@ fn read_banner(stderr: std::process::ChildStderr) -> Banner {
         }
     }
     std::thread::spawn(move || for _ in lines {});
-    gateway.unwrap_or_else(|| panic!("no banner from engram up:\n{}", seen.join("\n")))
+    let (gateway, gateway_admin) =
+        gateway.unwrap_or_else(|| panic!("no banner from engram up:\n{}", seen.join("\n")));
+    Banner {
+        gateway,
+        gateway_admin,
+        data,
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `engram up` with no `--data-dir` (so `./data` in `cwd`), every service on a free port and
+/// its Redis on `redis_port`; returns once the banner says it serves.
+async fn engram_up(cwd: &std::path::Path, redis_port: u16) -> (std::process::Child, Banner) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_engram"));
+    command.current_dir(cwd).arg("up");
+    for service in ["gateway", "retrieval", "ingestion", "embedding"] {
+        command
+            .arg(format!("--{service}-listen"))
+            .arg(LOOPBACK_ANY_PORT)
+            .arg(format!("--{service}-admin-listen"))
+            .arg(LOOPBACK_ANY_PORT);
+    }
+    let mut child = command
+        .args(["--redis-port", &redis_port.to_string(), "--log", "warn"])
+        .env_remove("ENGRAM_DATA_DIR")
+        .env_remove("ENGRAM_REDIS_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting engram up");
+    let stderr = child.stderr.take().expect("stderr");
+    let banner = tokio::task::spawn_blocking(move || read_banner(stderr))
+        .await
+        .unwrap();
+    (child, banner)
+}
+
+async fn port_is_free(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {
@@ -74,44 +128,13 @@ async fn started(admin: SocketAddr, method: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
-    let data = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_engram"))
-        .arg("up")
-        .arg("--data-dir")
-        .arg(data.path())
-        .args([
-            "--gateway-listen",
-            LOOPBACK_ANY_PORT,
-            "--gateway-admin-listen",
-            LOOPBACK_ANY_PORT,
-        ])
-        .args([
-            "--retrieval-listen",
-            LOOPBACK_ANY_PORT,
-            "--retrieval-admin-listen",
-            LOOPBACK_ANY_PORT,
-        ])
-        .args([
-            "--ingestion-listen",
-            LOOPBACK_ANY_PORT,
-            "--ingestion-admin-listen",
-            LOOPBACK_ANY_PORT,
-        ])
-        .args([
-            "--embedding-listen",
-            LOOPBACK_ANY_PORT,
-            "--embedding-admin-listen",
-            LOOPBACK_ANY_PORT,
-        ])
-        .args(["--log", "warn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting engram up");
-    let stderr = child.stderr.take().expect("stderr");
-    let banner = tokio::task::spawn_blocking(move || read_banner(stderr))
-        .await
-        .unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let (mut child, banner) = engram_up(cwd.path(), redis_port).await;
+    // The relative default was resolved once, against the working directory.
+    let data = std::fs::canonicalize(cwd.path()).unwrap().join("data");
+    assert_eq!(banner.data.as_deref(), data.to_str());
+    assert!(data.join("redis").is_dir() && data.join("index").is_dir());
 
     let client = MemoryServiceClient::connect(format!("http://{}", banner.gateway))
         .await
@@ -179,5 +202,89 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
         .await
         .map_or(true, |connected| connected.is_err()),
         "the gateway still accepts connections after exiting"
+    );
+    // Its Redis stopped with it.
+    assert!(
+        port_is_free(redis_port).await,
+        "engram up left its Redis running"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_it_starts_again_on_the_same_directory_with_every_acknowledged_write() {
+    let cwd = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let (mut child, banner) = engram_up(cwd.path(), redis_port).await;
+    let mut client = MemoryServiceClient::connect(format!("http://{}", banner.gateway))
+        .await
+        .unwrap();
+    // Acknowledged writes of both kinds: indexed before the answer, and only logged.
+    let mut acknowledged = Vec::new();
+    for (user, mode) in [
+        ("sync", pb::WriteMode::Sync),
+        ("async", pb::WriteMode::Async),
+    ] {
+        for batch in 0..3 {
+            let memories = (0..20)
+                .map(|i| pb::MemoryInput {
+                    text: format!("{user} batch {batch} memory {i} about the garden"),
+                    ..Default::default()
+                })
+                .collect();
+            let response = client
+                .remember(pb::RememberRequest {
+                    scope: Some(pb::Scope {
+                        user_id: user.into(),
+                        ..Default::default()
+                    }),
+                    memories,
+                    mode: mode.into(),
+                    extract: false,
+                    privacy: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let ids: Vec<String> = response.results.into_iter().map(|r| r.id).collect();
+            acknowledged.push((ids, response.write_token));
+        }
+    }
+    drop(client);
+
+    // SIGKILL engram up alone (not its process group), as the OOM killer would.
+    child.kill().unwrap();
+    let _ = child.wait();
+
+    let (mut child, banner) = engram_up(cwd.path(), redis_port).await;
+    let mut client = MemoryServiceClient::connect(format!("http://{}", banner.gateway))
+        .await
+        .unwrap();
+    for (ids, write_token) in &acknowledged {
+        let found = client
+            .get(pb::GetRequest {
+                ids: ids.clone(),
+                after_write_token: write_token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .memories;
+        let found: Vec<&str> = found.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(found, *ids, "acknowledged writes missing after the restart");
+    }
+    drop(client);
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "engram up exited with {status}");
+    assert!(
+        port_is_free(redis_port).await,
+        "engram up left its Redis running"
     );
 }

@@ -491,7 +491,8 @@ pub struct ChatArgs {
     #[arg(
         id = "chat-api-key-file",
         long = "chat-api-key-file",
-        env = "ENGRAM_CHAT_API_KEY_FILE"
+        env = "ENGRAM_CHAT_API_KEY_FILE",
+        value_parser = engram_domain::absolute_path
     )]
     pub api_key_file: Option<std::path::PathBuf>,
     /// Longest wait for a connection to the chat provider.

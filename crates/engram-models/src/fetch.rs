@@ -48,7 +48,8 @@ pub fn default_model_dir() -> PathBuf {
         .filter(|p| p.is_absolute())
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| PathBuf::from(".cache"));
-    cache.join("engram/models/all-MiniLM-L6-v2")
+    let dir = cache.join("engram/models/all-MiniLM-L6-v2");
+    std::path::absolute(&dir).unwrap_or(dir)
 }
 
 /// Whether `dir` holds a verified copy of the model.

@@ -22,5 +22,11 @@ pub mod internal {
     }
 }
 
-/// Encoded `FileDescriptorSet` of every engram proto, for gRPC server reflection.
+/// Encoded `FileDescriptorSet` of every engram proto and the files they import, for gRPC
+/// server reflection of the internal services.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("engram_descriptor");
+
+/// Encoded `FileDescriptorSet` of the public API (`engram/v1`) and the files it imports: what
+/// the gateway's reflection serves.
+pub const PUBLIC_FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("engram_public_descriptor");

@@ -117,26 +117,18 @@ impl ServiceRuntime {
 
     /// Serve `routes` (plus health and reflection) on `listener` until `shutdown` completes,
     /// then stop accepting, let in-flight requests finish for up to `drain_grace`, and stop the
-    /// admin server. `health_names` are the gRPC service names reported by the health service.
+    /// admin server. `services` names every gRPC service `routes` holds: the health service
+    /// reports each, and reflection lists exactly these (with health and reflection itself).
     pub async fn serve(
         mut self,
         routes: Routes,
-        health_names: &[&'static str],
+        services: &[&'static str],
         listener: TcpListener,
         drain_grace: Duration,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let (reporter, health_service) = tonic_health::server::health_reporter();
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(engram_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(Error::internal)?;
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(engram_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(Error::internal)?;
+        let (reflection_v1, reflection_v1alpha) = reflection(services)?;
         let routes = routes
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -145,7 +137,7 @@ impl ServiceRuntime {
         // Mirror readiness into the gRPC health service for every name (and "" for the server).
         let mut readiness = self.health.subscribe();
         let names: Vec<&'static str> = std::iter::once("")
-            .chain(health_names.iter().copied())
+            .chain(services.iter().copied())
             .collect();
         let health_task = tokio::spawn(async move {
             loop {
@@ -221,6 +213,51 @@ impl Drop for ServiceRuntime {
         }
     }
 }
+
+/// The reflection services (v1 and v1alpha) of a port serving `services`: they list those,
+/// health and reflection, and answer for every file the listed services' files import, the
+/// well-known types included, so a client without built-in copies can build every request.
+fn reflection(
+    services: &[&'static str],
+) -> Result<(
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+)> {
+    // A public port's files say nothing of the internal API.
+    let engram = if services.iter().all(|s| s.starts_with("engram.v1.")) {
+        engram_proto::PUBLIC_FILE_DESCRIPTOR_SET
+    } else {
+        engram_proto::FILE_DESCRIPTOR_SET
+    };
+    let builder = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(engram)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            );
+        services
+            .iter()
+            .chain(&ALWAYS_SERVED)
+            .fold(builder, |builder, name| builder.with_service_name(*name))
+    };
+    Ok((
+        builder().build_v1().map_err(Error::internal)?,
+        builder().build_v1alpha().map_err(Error::internal)?,
+    ))
+}
+
+/// What every port serves beside its own services.
+const ALWAYS_SERVED: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 /// A service's gRPC and admin addresses (declared with [`crate::listen_args!`]).
 pub trait ListenAddrs {

@@ -54,7 +54,7 @@ pub struct EmbeddingArgs {
     pub provider: ProviderKind,
     /// Directory of the local model (config.json, tokenizer.json, model.safetensors); fetched
     /// there on first start if missing. Default: ~/.cache/engram/models/all-MiniLM-L6-v2.
-    #[arg(long = "model-dir", env = "ENGRAM_MODEL_DIR")]
+    #[arg(long = "model-dir", env = "ENGRAM_MODEL_DIR", value_parser = engram_domain::absolute_path)]
     pub model_dir: Option<PathBuf>,
     /// Inference threads of the local model; 0 means one per core.
     #[arg(
@@ -86,7 +86,7 @@ pub struct EmbeddingArgs {
     )]
     pub api_key_env: String,
     /// File holding the API key, e.g. a mounted Secret; takes precedence over the variable.
-    #[arg(long = "embedding-api-key-file", env = "ENGRAM_EMBEDDING_API_KEY_FILE")]
+    #[arg(long = "embedding-api-key-file", env = "ENGRAM_EMBEDDING_API_KEY_FILE", value_parser = engram_domain::absolute_path)]
     pub api_key_file: Option<PathBuf>,
     /// Texts per provider batch to aim for.
     #[arg(
@@ -335,7 +335,7 @@ async fn serve_runtime(
     runtime
         .serve(
             routes,
-            &["engram.internal.v1.Embedder"],
+            &[engram_proto::internal::v1::embedder_server::SERVICE_NAME],
             listener,
             config.common.drain_grace,
             shutdown,

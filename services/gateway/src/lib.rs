@@ -83,7 +83,7 @@ pub struct EdgeArgs {
     #[arg(long = "auth", env = "ENGRAM_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
     /// API key file (TOML; see the README), reloaded when it changes and on SIGHUP.
-    #[arg(long = "api-keys-file", env = "ENGRAM_API_KEYS_FILE")]
+    #[arg(long = "api-keys-file", env = "ENGRAM_API_KEYS_FILE", value_parser = engram_domain::absolute_path)]
     pub api_keys_file: Option<PathBuf>,
     /// API keys inline, in the key file's TOML (read once at start-up).
     #[arg(long = "api-keys", env = "ENGRAM_API_KEYS", hide_env_values = true)]
@@ -398,7 +398,10 @@ pub async fn serve(
     runtime
         .serve(
             routes,
-            &["engram.v1.MemoryService", "engram.v1.ChatService"],
+            &[
+                engram_proto::v1::memory_service_server::SERVICE_NAME,
+                engram_proto::v1::chat_service_server::SERVICE_NAME,
+            ],
             listeners.grpc,
             config.common.drain_grace,
             shutdown,

@@ -204,7 +204,7 @@ pub async fn serve(
     let served = runtime
         .serve(
             routes,
-            &["engram.internal.v1.Ingestion"],
+            &[engram_proto::internal::v1::ingestion_server::SERVICE_NAME],
             listeners.grpc,
             config.common.drain_grace,
             shutdown,

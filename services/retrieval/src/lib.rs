@@ -38,7 +38,7 @@ engram_runtime::listen_args!(Listen, "retrieval", "RETRIEVAL", "50052", "9092");
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetrievalArgs {
     /// Directory for engram's data; the index lives in `<data-dir>/index`.
-    #[arg(long = "data-dir", env = "ENGRAM_DATA_DIR", default_value = "./data")]
+    #[arg(long = "data-dir", env = "ENGRAM_DATA_DIR", default_value = "./data", value_parser = engram_domain::absolute_path)]
     pub data_dir: PathBuf,
     /// How long a Recall result stays cached; 0 turns the result cache off. Writes make
     /// cached results unreachable as soon as they are indexed, whatever the TTL.
@@ -213,7 +213,7 @@ pub async fn serve(
     let served = runtime
         .serve(
             routes,
-            &["engram.internal.v1.Index"],
+            &[engram_proto::internal::v1::index_server::SERVICE_NAME],
             listeners.grpc,
             config.common.drain_grace,
             shutdown,

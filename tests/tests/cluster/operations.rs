@@ -1,7 +1,11 @@
 //! What operators rely on: every service answers gRPC health and reflection, and its admin port
 //! serves /healthz, /readyz and Prometheus metrics.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+
+use engram_proto::prost::Message as _;
+use engram_proto::prost_types::FileDescriptorProto;
 
 use engram_proto::tonic::transport::Channel;
 use engram_tests::{Sandbox, http_get, pb};
@@ -20,10 +24,10 @@ async fn channel(addr: SocketAddr) -> Channel {
         .unwrap()
 }
 
-async fn listed_services(addr: SocketAddr) -> Vec<String> {
+async fn reflect(addr: SocketAddr, request: MessageRequest) -> MessageResponse {
     let request = ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
+        message_request: Some(request),
     };
     let mut responses = ServerReflectionClient::new(channel(addr).await)
         .server_reflection_info(tokio_stream::iter(vec![request]))
@@ -31,12 +35,62 @@ async fn listed_services(addr: SocketAddr) -> Vec<String> {
         .unwrap()
         .into_inner();
     let response = responses.message().await.unwrap().unwrap();
-    match response.message_response {
-        Some(MessageResponse::ListServicesResponse(list)) => {
+    response.message_response.expect("a reflection answer")
+}
+
+async fn listed_services(addr: SocketAddr) -> BTreeSet<String> {
+    match reflect(addr, MessageRequest::ListServices(String::new())).await {
+        MessageResponse::ListServicesResponse(list) => {
             list.service.into_iter().map(|s| s.name).collect()
         }
         other => panic!("unexpected reflection response {other:?}"),
     }
+}
+
+fn files_of(response: MessageResponse) -> Vec<FileDescriptorProto> {
+    match response {
+        MessageResponse::FileDescriptorResponse(files) => files
+            .file_descriptor_proto
+            .iter()
+            .map(|bytes| FileDescriptorProto::decode(bytes.as_slice()).unwrap())
+            .collect(),
+        other => panic!("unexpected reflection response {other:?}"),
+    }
+}
+
+/// What a client with no built-in descriptors (not even the well-known types) learns of
+/// `service` from the port's reflection alone: the file defining it and, by file name, every
+/// file that imports, transitively. Building the pool fails if any type cannot be resolved.
+async fn reflected_pool(addr: SocketAddr, service: &str) -> prost_reflect::DescriptorPool {
+    let mut files: BTreeMap<String, FileDescriptorProto> = BTreeMap::new();
+    let mut pending =
+        files_of(reflect(addr, MessageRequest::FileContainingSymbol(service.into())).await);
+    while let Some(file) = pending.pop() {
+        for dependency in &file.dependency {
+            if !files.contains_key(dependency) && pending.iter().all(|f| f.name() != dependency) {
+                let answer = reflect(addr, MessageRequest::FileByFilename(dependency.clone()));
+                pending.extend(files_of(answer.await));
+            }
+        }
+        files.insert(file.name().to_string(), file);
+    }
+    // Dependencies first.
+    let mut ordered = Vec::new();
+    while !files.is_empty() {
+        let ready: Vec<String> = files
+            .iter()
+            .filter(|(_, f)| f.dependency.iter().all(|d| !files.contains_key(d)))
+            .map(|(name, _)| name.clone())
+            .collect();
+        assert!(!ready.is_empty(), "an import cycle in {files:?}");
+        for name in ready {
+            ordered.extend(files.remove(&name));
+        }
+    }
+    let mut pool = prost_reflect::DescriptorPool::new();
+    pool.add_file_descriptor_protos(ordered)
+        .unwrap_or_else(|e| panic!("{service}: reflection is incomplete: {e}"));
+    pool
 }
 
 #[tokio::test]
@@ -44,17 +98,25 @@ async fn every_service_answers_health_reflection_and_metrics() {
     let sandbox = Sandbox::start().await;
     let a = sandbox.addrs;
     let services = [
-        (a.gateway, a.gateway_admin, "engram.v1.MemoryService"),
-        (a.retrieval, a.retrieval_admin, "engram.internal.v1.Index"),
+        (
+            a.gateway,
+            a.gateway_admin,
+            &["engram.v1.MemoryService", "engram.v1.ChatService"][..],
+        ),
+        (
+            a.retrieval,
+            a.retrieval_admin,
+            &["engram.internal.v1.Index"],
+        ),
         (
             a.ingestion,
             a.ingestion_admin,
-            "engram.internal.v1.Ingestion",
+            &["engram.internal.v1.Ingestion"],
         ),
         (
             a.embedding,
             a.embedding_admin,
-            "engram.internal.v1.Embedder",
+            &["engram.internal.v1.Embedder"],
         ),
     ];
     // Some traffic, so the RPC metrics have something to show.
@@ -72,21 +134,45 @@ async fn every_service_answers_health_reflection_and_metrics() {
         .await
         .unwrap();
 
-    for (grpc, admin, name) in services {
-        let health = HealthClient::new(channel(grpc).await)
-            .check(HealthCheckRequest {
-                service: name.to_string(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(health.status(), ServingStatus::Serving, "{name}");
+    for (grpc, admin, names) in services {
+        let name = names[0];
+        for name in names {
+            let health = HealthClient::new(channel(grpc).await)
+                .check(HealthCheckRequest {
+                    service: name.to_string(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(health.status(), ServingStatus::Serving, "{name}");
+        }
+        // Reflection lists exactly what the port serves, and every request and response type
+        // of each of those services can be built from what it answers.
         let listed = listed_services(grpc).await;
-        assert!(
-            listed.iter().any(|s| s == name),
-            "{name} not in reflection: {listed:?}"
-        );
-        assert!(listed.iter().any(|s| s == "grpc.health.v1.Health"));
+        let expected: BTreeSet<String> = names
+            .iter()
+            .copied()
+            .chain([
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            ])
+            .map(String::from)
+            .collect();
+        assert_eq!(listed, expected, "reflection of the port serving {name}");
+        for service in &listed {
+            let pool = reflected_pool(grpc, service).await;
+            let descriptor = pool.get_service_by_name(service).unwrap();
+            for method in descriptor.methods() {
+                let (input, output) = (method.input(), method.output());
+                assert!(
+                    pool.get_message_by_name(input.full_name()).is_some()
+                        && pool.get_message_by_name(output.full_name()).is_some(),
+                    "{service}/{}",
+                    method.name()
+                );
+            }
+        }
 
         let admin = admin.expect("admin port");
         assert_eq!(http_get(admin, "/healthz").await.0, 200);
@@ -97,6 +183,18 @@ async fn every_service_answers_health_reflection_and_metrics() {
             metrics.contains("grpc_server_handling_seconds"),
             "{name}: {metrics}"
         );
+    }
+    // The public port says nothing of the internal API.
+    match reflect(
+        a.gateway,
+        MessageRequest::FileContainingSymbol("engram.internal.v1.Index".into()),
+    )
+    .await
+    {
+        MessageResponse::ErrorResponse(e) => {
+            assert_eq!(e.error_code, engram_proto::tonic::Code::NotFound as i32)
+        }
+        other => panic!("the gateway described the internal API: {other:?}"),
     }
     let (_, gateway_metrics) = http_get(a.gateway_admin.unwrap(), "/metrics").await;
     assert!(gateway_metrics.contains(
