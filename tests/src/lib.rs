@@ -192,7 +192,7 @@ impl Sandbox {
             let redis = RedisProcess::start(&data_dir.join("redis"), None, persistence)
                 .await
                 .unwrap_or_else(|e| panic!("starting redis-server: {e}"));
-            common.redis_url = Some(redis.url());
+            common.redis_url = Some(redis.url().into());
             Some(redis)
         } else {
             None
@@ -244,7 +244,7 @@ impl Sandbox {
 
     /// A reader of the sandbox's write log.
     pub fn write_log(&self) -> engram_writelog::WriteLog {
-        engram_writelog::WriteLog::reader("test", &self.redis_url())
+        engram_writelog::WriteLog::reader("test", &self.redis_url().into())
             .unwrap_or_else(|e| panic!("connecting to the write log: {e}"))
     }
 

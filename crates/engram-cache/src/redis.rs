@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::{Pool, Runtime};
-use engram_domain::{Error, Result};
+use engram_domain::{Error, Result, SecretUrl};
 use engram_telemetry::Metrics;
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
@@ -18,8 +18,8 @@ use tokio::time::Instant;
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://host:port/db`.
-    pub url: String,
+    /// `redis://host:port/db` (`rediss://:PASSWORD@host:port/db`; never printed with it).
+    pub url: SecretUrl,
     /// Bound on one cache operation.
     pub op_timeout: Duration,
     /// After a failure, how long caches skip Redis before trying it again.
@@ -27,7 +27,7 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    pub fn new(url: impl Into<String>) -> Self {
+    pub fn new(url: impl Into<SecretUrl>) -> Self {
         Self {
             url: url.into(),
             op_timeout: Duration::from_millis(100),
@@ -50,7 +50,6 @@ pub struct Redis {
     availability: Arc<Mutex<Availability>>,
     available: Gauge,
     errors: Counter,
-    keys: Gauge,
 }
 
 impl std::fmt::Debug for Redis {
@@ -62,7 +61,7 @@ impl std::fmt::Debug for Redis {
 }
 
 /// A connection pool for `url`; errors name the setting.
-pub fn pool(setting: &str, url: &str) -> Result<Pool> {
+pub fn pool(setting: &str, url: &SecretUrl) -> Result<Pool> {
     pool_sized(setting, url, 16)
 }
 
@@ -70,15 +69,20 @@ pub fn pool(setting: &str, url: &str) -> Result<Pool> {
 ///
 /// Connections carry no response timeout of their own (the redis crate's default is 500 ms,
 /// which would cut a blocking stream read short): every caller bounds its operations itself.
-pub fn pool_sized(setting: &str, url: &str, size: usize) -> Result<Pool> {
+pub fn pool_sized(setting: &str, url: &SecretUrl, size: usize) -> Result<Pool> {
+    // The redis crate's own messages may quote the URL: replace it with the redacted one.
     let invalid = |e: &dyn std::fmt::Display| {
-        Error::invalid(setting, format!("{url:?} is not a usable Redis URL: {e}"))
+        let reason = e.to_string().replace(url.expose(), &url.redacted());
+        Error::invalid(
+            setting,
+            format!("{url:?} is not a usable Redis URL: {reason}"),
+        )
     };
     let connection = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(500)))
         .set_response_timeout(None);
-    let manager =
-        deadpool_redis::Manager::new_with_config(url, connection).map_err(|e| invalid(&e))?;
+    let manager = deadpool_redis::Manager::new_with_config(url.expose(), connection)
+        .map_err(|e| invalid(&e))?;
     let mut pool = deadpool_redis::PoolConfig::new(size);
     pool.timeouts.wait = Some(Duration::from_millis(500));
     pool.timeouts.create = Some(Duration::from_millis(500));
@@ -99,7 +103,6 @@ impl Redis {
             availability: Arc::default(),
             available: Gauge::default(),
             errors: Counter::default(),
-            keys: Gauge::default(),
         };
         this.available.set(1);
         metrics.register(
@@ -111,11 +114,6 @@ impl Redis {
             "engram_redis_cache_errors",
             "Cache operations on Redis that failed or timed out",
             this.errors.clone(),
-        );
-        metrics.register(
-            "engram_redis_keys",
-            "Keys in the Redis database (the size of the second cache level), sampled",
-            this.keys.clone(),
         );
         Ok(this)
     }
@@ -181,17 +179,5 @@ impl Redis {
             tracing::info!(url = %self.config.url, "redis is reachable again: caches use it");
         }
         self.available.set(1);
-    }
-
-    /// Sample the number of keys for `engram_redis_keys`.
-    pub async fn sample_size(&self) {
-        let keys: Option<i64> = self
-            .best_effort("dbsize", |mut conn| async move {
-                redis::cmd("DBSIZE").query_async(&mut conn).await
-            })
-            .await;
-        if let Some(keys) = keys {
-            self.keys.set(keys);
-        }
     }
 }

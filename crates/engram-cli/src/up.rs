@@ -72,7 +72,11 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
                 Persistence::AppendOnly,
             )
             .await?;
-            common.redis_url = Some(redis.url());
+            // This Redis is ours alone: partition leases in it are a killed predecessor's, and
+            // its acknowledged writes are indexed now rather than once those leases expire.
+            let url = redis.url().into();
+            engram_ingestion::break_stale_leases(&url, args.write_log.partitions).await?;
+            common.redis_url = Some(url);
             Some(redis)
         }
     };
@@ -196,7 +200,10 @@ fn print_banner(
     if let Some(model) = &paths.model {
         eprintln!("  model  {}", model.display());
     }
-    eprintln!("  redis  {}", common.redis_url.as_deref().unwrap_or("-"));
+    match &common.redis_url {
+        Some(url) => eprintln!("  redis  {url}"),
+        None => eprintln!("  redis  -"),
+    }
     eprintln!();
     eprintln!("try: engram remember --user alice \"I adopted a cat named Miso\"");
     eprintln!("     engram recall --user alice \"what pet do I have\"");

@@ -288,3 +288,43 @@ async fn after_sigkill_it_starts_again_on_the_same_directory_with_every_acknowle
         "engram up left its Redis running"
     );
 }
+
+#[test]
+fn a_password_in_the_redis_url_is_never_printed() {
+    let cwd = tempfile::tempdir().unwrap();
+    let secret_url = "redis://:hunter2@127.0.0.1:notaport/0";
+    let help = Command::new(env!("CARGO_BIN_EXE_engram"))
+        .args(["up", "--help"])
+        .env("ENGRAM_REDIS_URL", secret_url)
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("ENGRAM_REDIS_URL"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
+
+    // A URL the Redis client refuses: the error names the setting and shows the URL redacted.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_engram"));
+    command.current_dir(cwd.path()).arg("up");
+    for service in ["gateway", "retrieval", "ingestion", "embedding"] {
+        command
+            .arg(format!("--{service}-listen"))
+            .arg(LOOPBACK_ANY_PORT)
+            .arg(format!("--{service}-admin-listen"))
+            .arg(LOOPBACK_ANY_PORT);
+    }
+    let failed = command
+        .env("ENGRAM_REDIS_URL", secret_url)
+        .env_remove("ENGRAM_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(!failed.status.success());
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&failed.stdout),
+        String::from_utf8_lossy(&failed.stderr)
+    );
+    assert!(printed.contains("ENGRAM_REDIS_URL"), "{printed}");
+    assert!(printed.contains("redis://***@127.0.0.1"), "{printed}");
+    assert!(!printed.contains("hunter2"), "{printed}");
+}

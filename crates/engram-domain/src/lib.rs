@@ -14,10 +14,12 @@ pub mod limits;
 pub mod log_entry;
 pub mod model;
 pub mod privacy;
+pub mod secret;
 pub mod validate;
 
 pub use error::{Error, Result};
 pub use limits::Limits;
+pub use secret::SecretUrl;
 
 /// Durations like `250ms`, `30s` or `5m` (the form of every duration setting).
 pub fn parse_duration(value: &str) -> std::result::Result<std::time::Duration, String> {

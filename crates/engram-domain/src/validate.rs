@@ -91,6 +91,10 @@ pub fn memory_input(input: pb::MemoryInput, limits: &Limits) -> Result<NewMemory
 /// Default and largest token budget of a context.
 pub const DEFAULT_TOKEN_BUDGET: u32 = 1024;
 pub const MAX_TOKEN_BUDGET: u32 = 32_768;
+/// Largest answer a Converse may ask the model for, and what it asks for when the request
+/// names no limit: no caller can hold a model stream (and a chat bulkhead slot) for longer
+/// than this many tokens take.
+pub const MAX_ANSWER_TOKENS: u32 = 4096;
 /// Default memories and turns of a context; most turns.
 pub const DEFAULT_CONTEXT_MEMORIES: u32 = 20;
 pub const DEFAULT_CONTEXT_TURNS: u32 = 10;
@@ -188,7 +192,12 @@ pub fn converse(request: pb::ConverseRequest, limits: &Limits) -> Result<Convers
         },
         system_prompt,
         privacy: privacy_mode(request.privacy).map_err(|e| e.in_field("privacy"))?,
-        max_tokens: (request.max_tokens > 0).then_some(request.max_tokens),
+        max_tokens: Some(defaulted(
+            "max_tokens",
+            request.max_tokens,
+            MAX_ANSWER_TOKENS,
+            MAX_ANSWER_TOKENS,
+        )?),
         extract: request.extract,
         ephemeral: request.ephemeral,
     })
@@ -302,6 +311,24 @@ pub fn update(request: pb::UpdateRequest, limits: &Limits) -> Result<UpdateComma
                 "name at least one field to update, among {}",
                 UPDATABLE_FIELDS.join(", ")
             ),
+        ));
+    }
+    // Each field once: a mask repeating a path would re-validate the same text per path.
+    if paths.len() > UPDATABLE_FIELDS.len() {
+        return Err(Error::invalid(
+            "update_mask",
+            format!(
+                "names {} paths; there are {} updatable fields ({})",
+                paths.len(),
+                UPDATABLE_FIELDS.len(),
+                UPDATABLE_FIELDS.join(", ")
+            ),
+        ));
+    }
+    if let Some(i) = (1..paths.len()).find(|&i| paths[..i].contains(&paths[i])) {
+        return Err(Error::invalid(
+            format!("update_mask.paths[{i}]"),
+            format!("{:?} is named twice", paths[i]),
         ));
     }
     let input = request.memory.unwrap_or_default();
@@ -751,6 +778,32 @@ mod tests {
     }
 
     #[test]
+    fn a_converse_answer_is_bounded() {
+        let limits = Limits::default();
+        let ask = |max_tokens: u32| {
+            converse(
+                pb::ConverseRequest {
+                    scope: Some(pb::Scope {
+                        user_id: "u".into(),
+                        session_id: "s".into(),
+                        ..Default::default()
+                    }),
+                    message: "hello".into(),
+                    max_tokens,
+                    ..Default::default()
+                },
+                &limits,
+            )
+        };
+        assert_eq!(ask(0).unwrap().max_tokens, Some(MAX_ANSWER_TOKENS));
+        assert_eq!(ask(200).unwrap().max_tokens, Some(200));
+        assert_eq!(
+            field_of(ask(MAX_ANSWER_TOKENS + 1).unwrap_err()),
+            "max_tokens"
+        );
+    }
+
+    #[test]
     fn contexts_are_bounded_and_converse_needs_a_session() {
         let limits = Limits::default();
         let scope = |session: &str| {
@@ -847,6 +900,15 @@ mod tests {
         assert_eq!(
             field_of(update(request(&["text", "colour"]), &limits).unwrap_err()),
             "update_mask.paths[1]"
+        );
+        assert_eq!(
+            field_of(update(request(&["tags", "text", "text"]), &limits).unwrap_err()),
+            "update_mask.paths[2]"
+        );
+        let many = vec!["text"; 1_000_000];
+        assert_eq!(
+            field_of(update(request(&many), &limits).unwrap_err()),
+            "update_mask"
         );
         let command = update(request(&["text"]), &limits).unwrap();
         assert_eq!(command.patch.text.as_deref(), Some("new text"));

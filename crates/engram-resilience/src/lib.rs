@@ -118,6 +118,30 @@ impl fmt::Display for Failure {
     }
 }
 
+impl Failure {
+    /// What a caller of engram may be told: the kind of failure and the status, never the
+    /// provider's response body or connection details (they can hold the provider's URL,
+    /// account details or echoed prompts; they go to the log instead).
+    fn public(&self) -> String {
+        match self {
+            Failure::Server { status, .. } => format!("answered {status}"),
+            Failure::Rejected { status, .. } => format!("rejected the request with {status}"),
+            Failure::Connect(_) => "could not be reached".to_string(),
+            // Engram's own description, without the parse error and body snippet that follow
+            // it (`… response (expected value at …): <body>`).
+            Failure::Invalid(reason) => {
+                let ours = reason
+                    .split(['(', ':'])
+                    .next()
+                    .unwrap_or_default()
+                    .trim_end();
+                format!("sent an invalid response: {ours}")
+            }
+            Failure::Timeout(_) | Failure::RateLimited { .. } => self.to_string(),
+        }
+    }
+}
+
 /// Why a guarded call failed. The messages name the provider and what went wrong, e.g.
 /// `embedding provider openai timed out after 2s (attempt 3/3)`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -144,9 +168,31 @@ pub enum CallError {
     },
 }
 
+impl CallError {
+    /// The message without what only the log may hold (see [`Failure`]'s public form).
+    pub fn public(&self) -> String {
+        match self {
+            CallError::Failed {
+                provider,
+                failure,
+                attempt,
+                max_attempts,
+            } => format!(
+                "{provider} {} (attempt {attempt}/{max_attempts})",
+                failure.public()
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The error callers see: [`CallError::public`]; the whole message is logged here.
 impl From<CallError> for engram_domain::Error {
     fn from(e: CallError) -> Self {
-        let message = e.to_string();
+        let message = e.public();
+        if let CallError::Failed { .. } = &e {
+            tracing::warn!(error = %e, "outbound call failed");
+        }
         match e {
             CallError::CircuitOpen { retry_in, .. } => engram_domain::Error::Unavailable {
                 reason: message,

@@ -122,6 +122,12 @@ async fn a_rejected_request_is_not_retried() {
         err.to_string(),
         "embedding provider test rejected the request with 400: bad input (attempt 1/4)"
     );
+    // The provider's body stays in the log; callers get the status.
+    let public = engram_domain::Error::from(err);
+    assert_eq!(
+        public.to_string(),
+        "embedding provider test rejected the request with 400 (attempt 1/4)"
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -25,8 +25,9 @@ pub struct CommonArgs {
     pub discovery_interval: Duration,
     /// Redis for caches (and the write log), e.g. `redis://127.0.0.1:6379/0`. Unset: caches
     /// are in-process only. `engram up` starts its own Redis when this is unset.
-    #[arg(long, env = "ENGRAM_REDIS_URL")]
-    pub redis_url: Option<String>,
+    /// A password in it (`rediss://:PASSWORD@host:6380/0`) is never printed.
+    #[arg(long, env = "ENGRAM_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<engram_domain::SecretUrl>,
     /// Dimension of the embedding model's vectors. The index is created for it and refuses
     /// others; the embedding service checks every provider answer against it.
     #[arg(long, env = "ENGRAM_VECTOR_DIMENSION", default_value_t = 384)]

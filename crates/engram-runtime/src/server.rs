@@ -168,7 +168,7 @@ impl ServiceRuntime {
         };
         let server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .layer(GrpcMetricsLayer::new(&self.metrics))
+            .layer(GrpcMetricsLayer::new(&self.metrics, methods(services)?))
             .layer(TraceLayer::new(self.name))
             .layer(crate::deadline::DeadlineLayer)
             .add_routes(routes)
@@ -250,6 +250,37 @@ fn reflection(
         builder().build_v1().map_err(Error::internal)?,
         builder().build_v1alpha().map_err(Error::internal)?,
     ))
+}
+
+/// The (service, method) names of every method of `services` and of [`ALWAYS_SERVED`], read
+/// from the descriptor sets reflection serves: the only labels the server's metrics use.
+fn methods(services: &[&'static str]) -> Result<Vec<(String, String)>> {
+    use engram_proto::prost::Message as _;
+    let served: Vec<&str> = services.iter().chain(&ALWAYS_SERVED).copied().collect();
+    let mut methods = Vec::new();
+    for set in [
+        engram_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ] {
+        let set =
+            engram_proto::prost_types::FileDescriptorSet::decode(set).map_err(Error::internal)?;
+        for file in set.file {
+            for service in &file.service {
+                let name = format!("{}.{}", file.package(), service.name());
+                if served.contains(&name.as_str()) {
+                    methods.extend(
+                        service
+                            .method
+                            .iter()
+                            .map(|method| (name.clone(), method.name().to_string())),
+                    );
+                }
+            }
+        }
+    }
+    Ok(methods)
 }
 
 /// What every port serves beside its own services.

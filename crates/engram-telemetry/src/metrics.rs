@@ -1,5 +1,6 @@
 //! A service's Prometheus registry and the gRPC server metrics layer.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -79,11 +80,40 @@ pub struct GrpcMetricsLayer {
     started: Family<MethodLabels, Counter>,
     handled: Family<HandledLabels, Counter>,
     handling: HistogramFamily<MethodLabels>,
+    /// The labels of each path a server serves (`None`: label by the path, for the calls this
+    /// process makes itself).
+    known: Option<Arc<HashMap<String, MethodLabels>>>,
 }
 
+/// The label of both service and method for a path the server does not serve.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
 impl GrpcMetricsLayer {
-    pub fn new(metrics: &Metrics) -> Self {
-        Self::for_side(metrics, "server")
+    /// Server metrics labelled by `methods`, the (service, method) full names the server
+    /// serves. A request for any other path counts as `unknown`/`unknown`: what a caller sends
+    /// never adds a series.
+    pub fn new<S, M>(metrics: &Metrics, methods: impl IntoIterator<Item = (S, M)>) -> Self
+    where
+        S: Into<String>,
+        M: Into<String>,
+    {
+        let known = methods
+            .into_iter()
+            .map(|(service, method)| {
+                let labels = MethodLabels {
+                    grpc_service: service.into(),
+                    grpc_method: method.into(),
+                };
+                (
+                    format!("/{}/{}", labels.grpc_service, labels.grpc_method),
+                    labels,
+                )
+            })
+            .collect();
+        Self {
+            known: Some(Arc::new(known)),
+            ..Self::for_side(metrics, "server")
+        }
     }
 
     /// The same series for calls this process makes (`grpc_client_*`).
@@ -111,6 +141,17 @@ impl GrpcMetricsLayer {
             started,
             handled,
             handling,
+            known: None,
+        }
+    }
+
+    fn labels(&self, path: &str) -> MethodLabels {
+        match &self.known {
+            None => MethodLabels::of(path),
+            Some(known) => known.get(path).cloned().unwrap_or_else(|| MethodLabels {
+                grpc_service: UNKNOWN_METHOD.to_string(),
+                grpc_method: UNKNOWN_METHOD.to_string(),
+            }),
         }
     }
 }
@@ -161,7 +202,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let labels = MethodLabels::of(request.uri().path());
+        let labels = self.layer.labels(request.uri().path());
         let layer = self.layer.clone();
         layer.started.get_or_create(&labels).inc();
         let started = Instant::now();
@@ -259,7 +300,8 @@ mod tests {
     #[tokio::test]
     async fn counts_requests_by_code() {
         let metrics = Metrics::new();
-        let mut service = GrpcMetricsLayer::new(&metrics).layer(tower::service_fn(
+        let known = [("pkg.Svc", "Good"), ("pkg.Svc", "Bad")];
+        let mut service = GrpcMetricsLayer::new(&metrics, known).layer(tower::service_fn(
             |request: http::Request<()>| async move {
                 let mut response = http::Response::new(());
                 if request.uri().path().ends_with("Bad") {
@@ -270,7 +312,13 @@ mod tests {
                 Ok::<_, Infallible>(response)
             },
         ));
-        for path in ["/pkg.Svc/Good", "/pkg.Svc/Bad", "/pkg.Svc/Bad"] {
+        for path in [
+            "/pkg.Svc/Good",
+            "/pkg.Svc/Bad",
+            "/pkg.Svc/Bad",
+            "/pkg.Svc/Nope",
+            "/x",
+        ] {
             let request = http::Request::builder().uri(path).body(()).unwrap();
             service.call(request).await.unwrap();
         }
@@ -287,5 +335,13 @@ mod tests {
             ),
             "{text}"
         );
+        // Paths the server does not serve share one label set.
+        assert!(
+            text.contains(
+                r#"grpc_server_started_total{grpc_service="unknown",grpc_method="unknown"} 2"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("Nope"), "{text}");
     }
 }

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use deadpool_redis::{Connection, Pool};
 use engram_domain::api::{EntryId, WriteState, WriteToken, WriteWaiter};
 use engram_domain::model::{Scope, TenantId};
-use engram_domain::{Error, Result};
+use engram_domain::{Error, Result, SecretUrl};
 use redis::Value;
 use redis::streams::StreamReadReply;
 
@@ -224,7 +224,7 @@ impl WriteLog {
     }
 
     /// A log of `partitions` streams on the Redis at `url`; `setting` names the URL's source.
-    pub fn connect(setting: &str, url: &str, partitions: u32) -> Result<Self> {
+    pub fn connect(setting: &str, url: &SecretUrl, partitions: u32) -> Result<Self> {
         // Workers hold a connection per partition in blocking reads; writers need their own.
         let pool = engram_cache::pool_sized(setting, url, partitions as usize + 32)?;
         Ok(Self {
@@ -237,7 +237,7 @@ impl WriteLog {
 
     /// A log used only to read write states (retrieval): any partition a token names is
     /// accepted.
-    pub fn reader(setting: &str, url: &str) -> Result<Self> {
+    pub fn reader(setting: &str, url: &SecretUrl) -> Result<Self> {
         Ok(Self {
             pool: engram_cache::pool(setting, url)?,
             partitions: u32::MAX,
@@ -434,6 +434,22 @@ impl WriteLog {
                 .key(self.lease_key(partition))
                 .arg(owner)
                 .invoke_async::<i64>(&mut conn)
+                .await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Drop the lease of every partition, whoever holds it. Only for a Redis one process uses
+    /// alone (the one `engram up` starts for its data directory): a lease found there can only
+    /// be a dead predecessor's, and waiting for it to expire would leave acknowledged writes
+    /// unindexed for `ENGRAM_LOG_CLAIM_IDLE`. Their pending entries are read first as usual.
+    pub async fn break_leases(&self) -> Result<()> {
+        let keys: Vec<String> = (0..self.partitions).map(|p| self.lease_key(p)).collect();
+        self.run(|mut conn| async move {
+            redis::cmd("DEL")
+                .arg(&keys)
+                .query_async::<i64>(&mut conn)
                 .await
         })
         .await

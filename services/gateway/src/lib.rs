@@ -7,6 +7,7 @@
 //! over balanced channels to every replica (`engram_runtime::peers`).
 
 mod auth;
+pub mod bounds;
 pub mod context;
 pub mod conversation;
 mod edge;
@@ -32,6 +33,7 @@ use engram_runtime::config::{CommonArgs, IngestionUrl, RetrievalUrl};
 use engram_runtime::rpc;
 use engram_runtime::server::{Listeners, ServiceRuntime};
 
+use crate::bounds::ByMethod;
 use crate::context::ContextBuilder;
 use crate::conversation::{Chat, ChatEndpoint};
 
@@ -40,8 +42,11 @@ pub use edge::{Deadlines, Edge, EdgeConfig};
 
 pub const SERVICE_NAME: &str = "gateway";
 
-/// Largest request the public API accepts: a full batch of maximal memories fits.
-pub const MAX_PUBLIC_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest request (a Remember batch) or response the public API accepts by default: four
+/// maximal requests in flight fit the manifests' 512 MiB beside the gateway's own memory. A
+/// batch of full-size memories (about 180 KiB each at the limits) fits 90 to a request; other
+/// methods have their own, smaller bounds (see [`bounds`]).
+pub const MAX_PUBLIC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 engram_runtime::listen_args!(Listen, "gateway", "GATEWAY", "50051", "9091");
 
@@ -119,7 +124,8 @@ pub struct EdgeArgs {
         default_value = ""
     )]
     pub rpc_deadlines: String,
-    /// Largest public request or response, in bytes.
+    /// Largest public request (a Remember batch) or response, in bytes; every other method
+    /// has a smaller bound of its own (a Get: its ids), capped by this.
     #[arg(long = "max-message-bytes", env = "ENGRAM_MAX_MESSAGE_BYTES", default_value_t = MAX_PUBLIC_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
 }
@@ -377,12 +383,14 @@ pub async fn serve(
         limits: config.common.limits.clone(),
     };
     let max = config.edge.max_message_bytes;
-    // Every public service: the same message bound and compression (the generated servers
-    // share these builder methods but no trait).
+    let method_limits = bounds::method_limits(&config.common.limits, max);
+    let other_methods = bounds::MAX_SMALL_MESSAGE_BYTES.min(max);
+    // Every public service: its method's decoding bound, the response bound and compression
+    // (the generated servers share these builder methods but no trait).
     macro_rules! public {
-        ($server:expr) => {
+        ($server:expr, $limit:expr) => {
             $server
-                .max_decoding_message_size(max)
+                .max_decoding_message_size($limit)
                 .max_encoding_message_size(max)
                 .accept_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Zstd)
@@ -390,8 +398,14 @@ pub async fn serve(
                 .send_compressed(CompressionEncoding::Zstd)
         };
     }
-    let service = public!(MemoryServiceServer::new(gateway));
-    let chat_service = public!(ChatServiceServer::new(ChatEndpoint(chat)));
+    let gateway = Arc::new(gateway);
+    let service = ByMethod::new(&method_limits, other_methods, |limit| {
+        public!(MemoryServiceServer::from_arc(Arc::clone(&gateway)), limit)
+    });
+    let chat = Arc::new(ChatEndpoint(chat));
+    let chat_service = ByMethod::new(&method_limits, other_methods, |limit| {
+        public!(ChatServiceServer::from_arc(Arc::clone(&chat)), limit)
+    });
     let edge = Edge::new(service, edge, runtime.metrics());
     let chat_edge = edge.also(chat_service);
     let routes = Routes::new(edge).add_service(chat_edge);

@@ -235,6 +235,14 @@ pub struct LogSettings {
 /// Key prefix of the extraction log.
 pub const EXTRACTION_LOG: &str = "engram:extract";
 
+/// Drop every partition lease of the write and extraction logs on the Redis at `url`: see
+/// [`WriteLog::break_leases`]; only for a Redis no other live process uses.
+pub async fn break_stale_leases(url: &engram_domain::SecretUrl, partitions: u32) -> Result<()> {
+    let log = WriteLog::connect("ENGRAM_REDIS_URL", url, partitions)?;
+    log.break_leases().await?;
+    log.with_prefix(EXTRACTION_LOG).break_leases().await
+}
+
 /// [`Ingestion`]: writes go to the durable log and are acknowledged at once (or, without
 /// Redis, are embedded and indexed before they are acknowledged).
 pub struct Pipeline {
@@ -394,11 +402,6 @@ impl Pipeline {
             pipeline.findings.clone(),
         );
         Ok(pipeline)
-    }
-
-    /// Whether a chat model is configured (fact extraction is possible).
-    pub fn has_chat(&self) -> bool {
-        self.chat.is_some()
     }
 
     /// Workers indexing from this pipeline's log, if it has one.

@@ -334,6 +334,8 @@ async fn model_failures_end_in_a_fallback_with_the_context() {
     let events = converse(&mut chat, ask()).await;
     let f = fallback(&events);
     assert!(f.reason.contains("500"), "{}", f.reason);
+    // The provider's body is logged, never sent to the caller.
+    assert!(!f.reason.contains("scripted failure"), "{}", f.reason);
     assert_eq!(f.code, "UNAVAILABLE");
     assert_eq!(fake.chat_requests().len() - before, 3, "three attempts");
 
@@ -489,7 +491,8 @@ async fn history_survives_a_redis_flush() {
     let expected: Vec<String> = (2..12).map(|i| format!("turn {i}")).collect();
     assert_eq!(texts(&before), expected, "the last 10 turns, oldest first");
 
-    let pool = engram_cache::pool("test", &sandbox.redis_url()).unwrap_or_else(|e| panic!("{e}"));
+    let pool =
+        engram_cache::pool("test", &sandbox.redis_url().into()).unwrap_or_else(|e| panic!("{e}"));
     let mut conn = pool.get().await.unwrap_or_else(|e| panic!("{e}"));
     let () = redis::cmd("FLUSHALL")
         .query_async(&mut conn)

@@ -578,3 +578,63 @@ async fn gzip_and_zstd_requests_are_accepted_and_answered_compressed() {
     }
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn each_method_decodes_no_more_than_it_can_carry_compressed_or_not() {
+    use engram_proto::tonic::codec::CompressionEncoding;
+    use engram_proto::v1::memory_service_client::MemoryServiceClient;
+    let sandbox = Sandbox::start().await;
+    let client = MemoryServiceClient::connect(format!("http://{}", sandbox.addrs.gateway))
+        .await
+        .unwrap()
+        .max_encoding_message_size(usize::MAX);
+    // 300,000 empty ids: 600 KB on the wire, 7 MB of strings once decoded; a Get can carry
+    // only 1,000 ids. Refused before decoding, and while inflating when gzip shrinks it to a
+    // few kilobytes.
+    let amplified = || pb::GetRequest {
+        ids: vec![String::new(); 300_000],
+        after_write_token: String::new(),
+    };
+    let refused = client.clone().get(amplified()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
+    let refused = client
+        .clone()
+        .send_compressed(CompressionEncoding::Gzip)
+        .get(amplified())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // As many bytes of memories are within a Remember's bound: accepted.
+    let refused = client
+        .clone()
+        .send_compressed(CompressionEncoding::Gzip)
+        .remember(pb::RememberRequest {
+            scope: scope("bounds"),
+            memories: vec![
+                pb::MemoryInput {
+                    text: "x".repeat(6_000),
+                    ..Default::default()
+                };
+                100
+            ],
+            ..Default::default()
+        })
+        .await;
+    assert!(refused.is_ok(), "{refused:?}");
+    // A Get at its limit is served.
+    let ids = vec![uuid_like(); 1_000];
+    let found = client
+        .clone()
+        .get(pb::GetRequest {
+            ids,
+            after_write_token: String::new(),
+        })
+        .await;
+    assert!(found.is_ok(), "{found:?}");
+    sandbox.stop().await;
+}
+
+/// A well-formed memory id that names nothing.
+fn uuid_like() -> String {
+    "0190d3c8-0000-7000-8000-000000000000".to_string()
+}

@@ -25,17 +25,25 @@ async fn channel(addr: SocketAddr) -> Channel {
 }
 
 async fn reflect(addr: SocketAddr, request: MessageRequest) -> MessageResponse {
+    try_reflect(addr, request).await.unwrap()
+}
+
+/// A reflection answer, or the status the stream ended with (tonic's reflection answers an
+/// unknown symbol with NOT_FOUND).
+async fn try_reflect(
+    addr: SocketAddr,
+    request: MessageRequest,
+) -> Result<MessageResponse, engram_proto::tonic::Status> {
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(request),
     };
     let mut responses = ServerReflectionClient::new(channel(addr).await)
         .server_reflection_info(tokio_stream::iter(vec![request]))
-        .await
-        .unwrap()
+        .await?
         .into_inner();
-    let response = responses.message().await.unwrap().unwrap();
-    response.message_response.expect("a reflection answer")
+    let response = responses.message().await?.expect("a reflection answer");
+    Ok(response.message_response.expect("a reflection answer"))
 }
 
 async fn listed_services(addr: SocketAddr) -> BTreeSet<String> {
@@ -185,18 +193,50 @@ async fn every_service_answers_health_reflection_and_metrics() {
         );
     }
     // The public port says nothing of the internal API.
-    match reflect(
+    match try_reflect(
         a.gateway,
         MessageRequest::FileContainingSymbol("engram.internal.v1.Index".into()),
     )
     .await
     {
-        MessageResponse::ErrorResponse(e) => {
+        Ok(MessageResponse::ErrorResponse(e)) => {
             assert_eq!(e.error_code, engram_proto::tonic::Code::NotFound as i32)
         }
-        other => panic!("the gateway described the internal API: {other:?}"),
+        Err(status) => assert_eq!(status.code(), engram_proto::tonic::Code::NotFound),
+        Ok(other) => panic!("the gateway described the internal API: {other:?}"),
+    }
+    // Paths the gateway does not serve, sent without a key, add no series: all count as
+    // `unknown`.
+    let mut grpc = engram_proto::tonic::client::Grpc::new(channel(a.gateway).await);
+    for i in 0..20 {
+        grpc.ready().await.unwrap();
+        let path = format!("/evil{i}.Service/Method{i}").parse().unwrap();
+        let codec = tonic_prost::ProstCodec::<pb::GetRequest, pb::GetResponse>::default();
+        let refused = grpc
+            .unary(
+                engram_proto::tonic::Request::new(pb::GetRequest::default()),
+                path,
+                codec,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                refused.code(),
+                engram_proto::tonic::Code::Unimplemented
+                    | engram_proto::tonic::Code::Unauthenticated
+            ),
+            "{refused:?}"
+        );
     }
     let (_, gateway_metrics) = http_get(a.gateway_admin.unwrap(), "/metrics").await;
+    assert!(
+        gateway_metrics.contains(
+            r#"grpc_server_started_total{grpc_service="unknown",grpc_method="unknown"} 20"#
+        ),
+        "{gateway_metrics}"
+    );
+    assert!(!gateway_metrics.contains("evil"), "{gateway_metrics}");
     assert!(gateway_metrics.contains(
         r#"grpc_server_handled_total{grpc_service="engram.v1.MemoryService",grpc_method="Recall",grpc_code="OK"} 1"#
     ));
