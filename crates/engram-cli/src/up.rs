@@ -1,6 +1,6 @@
 //! `engram up`: the whole cluster in one process, for local development.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -63,6 +63,8 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
             format!("cannot create {}: {e}", data_dir.display()),
         )
     })?;
+    // Before anything touches the directory's Redis or index.
+    let _lock = lock_data_dir(&data_dir)?;
     let mut redis = match &common.redis_url {
         Some(_) => None,
         None => {
@@ -110,6 +112,35 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
     stopped?;
     eprintln!("engram: stopped cleanly");
     Ok(())
+}
+
+/// Hold `dir` for this process (released when it exits, however it exits): a second
+/// `engram up` on the same directory would take its Redis over and share its index.
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join("engram.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| {
+            Error::invalid(
+                "ENGRAM_DATA_DIR",
+                format!("cannot create {}: {e}", path.display()),
+            )
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::FailedPrecondition(format!(
+            "another engram up serves {} (it holds {}); stop it first, or give this one another --data-dir",
+            dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::invalid(
+            "ENGRAM_DATA_DIR",
+            format!("cannot lock {}: {e}", path.display()),
+        )),
+    }
 }
 
 /// The directories the cluster uses, absolute (the banner shows them).

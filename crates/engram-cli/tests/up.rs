@@ -289,6 +289,74 @@ async fn after_sigkill_it_starts_again_on_the_same_directory_with_every_acknowle
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_engram_up_on_the_same_directory_is_refused_and_the_first_serves_on() {
+    let cwd = tempfile::tempdir().unwrap();
+    let redis_port = free_port();
+    let (mut first, banner) = engram_up(cwd.path(), redis_port).await;
+    let mut client = MemoryServiceClient::connect(format!("http://{}", banner.gateway))
+        .await
+        .unwrap();
+    let remembered = client
+        .remember(pb::RememberRequest {
+            scope: Some(pb::Scope {
+                user_id: "first".into(),
+                ..Default::default()
+            }),
+            memories: vec![pb::MemoryInput {
+                text: "the first one keeps serving".into(),
+                ..Default::default()
+            }],
+            mode: pb::WriteMode::Sync.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // Same directory, its own ports: refused before it touches the Redis or the index.
+    let mut second = Command::new(env!("CARGO_BIN_EXE_engram"));
+    second.current_dir(cwd.path()).arg("up");
+    for service in ["gateway", "retrieval", "ingestion", "embedding"] {
+        second
+            .arg(format!("--{service}-listen"))
+            .arg(LOOPBACK_ANY_PORT)
+            .arg(format!("--{service}-admin-listen"))
+            .arg(LOOPBACK_ANY_PORT);
+    }
+    let refused = second
+        .args(["--redis-port", &redis_port.to_string()])
+        .env_remove("ENGRAM_DATA_DIR")
+        .env_remove("ENGRAM_REDIS_URL")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("another engram up serves"), "{said}");
+
+    let found = client
+        .get(pb::GetRequest {
+            ids: vec![remembered.results[0].id.clone()],
+            after_write_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .memories;
+    assert_eq!(found.len(), 1);
+    drop(client);
+    let kill = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::task::spawn_blocking(move || first.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "engram up exited with {status}");
+}
+
 #[test]
 fn a_password_in_the_redis_url_is_never_printed() {
     let cwd = tempfile::tempdir().unwrap();
@@ -325,6 +393,6 @@ fn a_password_in_the_redis_url_is_never_printed() {
         String::from_utf8_lossy(&failed.stderr)
     );
     assert!(printed.contains("ENGRAM_REDIS_URL"), "{printed}");
-    assert!(printed.contains("redis://***@127.0.0.1"), "{printed}");
+    assert!(printed.contains("\"redis://***\""), "{printed}");
     assert!(!printed.contains("hunter2"), "{printed}");
 }

@@ -8,6 +8,10 @@ pub use engram_text::privacy::{Finding, PiiKind, PrivacyMode, describe, kinds, r
 
 use crate::error::{Error, Result};
 
+/// Most findings one field may hold under `redact` or `block`: a text made of thousands of
+/// addresses is refused rather than rewritten placeholder by placeholder.
+pub const MAX_FINDINGS_PER_FIELD: usize = 1000;
+
 /// Apply `mode` to one field: unchanged (`off`, or nothing found), redacted in place
 /// (`redact`), or an INVALID_ARGUMENT naming the field and what was found (`block`). Returns
 /// the kinds found.
@@ -18,6 +22,15 @@ pub fn guard(mode: PrivacyMode, field: &str, text: &mut String) -> Result<Vec<Pi
     let findings = scan(text);
     if findings.is_empty() {
         return Ok(Vec::new());
+    }
+    if findings.len() > MAX_FINDINGS_PER_FIELD {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "holds {} findings of personal data or secrets, more than the {MAX_FINDINGS_PER_FIELD} one field may hold",
+                findings.len()
+            ),
+        ));
     }
     let kinds = kinds(&findings);
     match mode {
@@ -76,6 +89,21 @@ impl PrivacyPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_of_too_many_findings_is_refused_not_rewritten() {
+        let many = "a@example.com ".repeat(MAX_FINDINGS_PER_FIELD + 1);
+        let mut text = many.clone();
+        let refused = guard(PrivacyMode::Redact, "memories[3].text", &mut text).unwrap_err();
+        assert!(
+            refused.to_string().contains("memories[3].text"),
+            "{refused}"
+        );
+        assert_eq!(text, many, "nothing rewritten");
+        let mut text = "a@example.com ".repeat(MAX_FINDINGS_PER_FIELD);
+        assert!(guard(PrivacyMode::Redact, "text", &mut text).is_ok());
+        assert!(!text.contains('@'));
+    }
 
     #[test]
     fn modes_apply_and_requests_only_tighten() {

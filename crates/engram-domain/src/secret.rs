@@ -57,21 +57,52 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
-/// `url` with the user information of its authority (`user:password@`) replaced by `***@`.
-/// Works on text that is not a valid URL too: everything between `scheme://` and the last `@`
-/// before the path is hidden.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // No authority to find: hide everything after an `@`, if any.
-        return match url.rfind('@') {
-            Some(at) => format!("***{}", &url[at..]),
-            None => url.to_string(),
-        };
+/// `text` with its credentials replaced by `***`: the user information of the authority
+/// (`user:password@`) and query parameters that carry them (`?pass=…`, as Unix-socket Redis
+/// URLs do). Text that does not parse as a URL, or whose credential-free form still holds an
+/// `@` (a password with an unencoded `/`, `?` or `#` in it), shows only its scheme.
+pub fn redact_url(text: &str) -> String {
+    let hidden = || match text.split_once("://") {
+        Some((scheme, _))
+            if scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
+        {
+            format!("{scheme}://***")
+        }
+        _ => "***".to_string(),
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://***{}", &rest[at..]),
-        None => url.to_string(),
+    let Ok(mut url) = url::Url::parse(text) else {
+        return hidden();
+    };
+    let had_credentials = !url.username().is_empty() || url.password().is_some();
+    if had_credentials && (url.set_username("").is_err() || url.set_password(None).is_err()) {
+        return hidden();
+    }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let secret = ["pass", "password", "user", "username", "token", "auth"]
+                    .contains(&key.to_ascii_lowercase().as_str());
+                let value = if secret {
+                    "***".into()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    let shown = url.to_string();
+    if shown.contains('@') {
+        return hidden();
+    }
+    if had_credentials {
+        shown.replacen("://", "://***@", 1)
+    } else {
+        shown
     }
 }
 
@@ -88,8 +119,16 @@ mod tests {
                 "rediss://***@redis.example:6380/0",
             ),
             ("redis://admin:hunter2@h/1", "redis://***@h/1"),
-            ("redis://a:b@c:hunter2@h:1/0?x=@", "redis://***@h:1/0?x=@"),
-            ("not a url :hunter2@h", "***@h"),
+            ("redis://a:b@c:hunter2@h:1/0", "redis://***@h:1/0"),
+            ("redis://:hunter2@[::1]:6379/0", "redis://***@[::1]:6379/0"),
+            (
+                "redis+unix:///run/redis.sock?db=0&pass=hunter2",
+                "redis+unix:///run/redis.sock?db=0&pass=***",
+            ),
+            ("redis://:ab/hunter2@h:6379/0", "redis://***"),
+            ("redis://:ab#hunter2@h/0", "redis://***"),
+            ("redis://u:123/hunter2@h/0", "redis://***"),
+            ("not a url :hunter2@h", "***"),
         ] {
             let secret: SecretUrl = url.parse().unwrap();
             assert_eq!(secret.to_string(), shown);

@@ -91,9 +91,9 @@ pub fn memory_input(input: pb::MemoryInput, limits: &Limits) -> Result<NewMemory
 /// Default and largest token budget of a context.
 pub const DEFAULT_TOKEN_BUDGET: u32 = 1024;
 pub const MAX_TOKEN_BUDGET: u32 = 32_768;
-/// Largest answer a Converse may ask the model for, and what it asks for when the request
-/// names no limit: no caller can hold a model stream (and a chat bulkhead slot) for longer
-/// than this many tokens take.
+/// Largest answer a Converse may ask the model for. A request naming no limit sends none to
+/// the model (its default applies), and the gateway still ends the answer at this many
+/// tokens: no caller holds a model stream (and a chat bulkhead slot) for longer.
 pub const MAX_ANSWER_TOKENS: u32 = 4096;
 /// Default memories and turns of a context; most turns.
 pub const DEFAULT_CONTEXT_MEMORIES: u32 = 20;
@@ -192,12 +192,18 @@ pub fn converse(request: pb::ConverseRequest, limits: &Limits) -> Result<Convers
         },
         system_prompt,
         privacy: privacy_mode(request.privacy).map_err(|e| e.in_field("privacy"))?,
-        max_tokens: Some(defaulted(
-            "max_tokens",
-            request.max_tokens,
-            MAX_ANSWER_TOKENS,
-            MAX_ANSWER_TOKENS,
-        )?),
+        max_tokens: match request.max_tokens {
+            0 => None,
+            n if n <= MAX_ANSWER_TOKENS => Some(n),
+            n => {
+                return Err(Error::invalid(
+                    "max_tokens",
+                    format!(
+                        "must be at most {MAX_ANSWER_TOKENS} (0: the model's default), got {n}"
+                    ),
+                ));
+            }
+        },
         extract: request.extract,
         ephemeral: request.ephemeral,
     })
@@ -795,7 +801,7 @@ mod tests {
                 &limits,
             )
         };
-        assert_eq!(ask(0).unwrap().max_tokens, Some(MAX_ANSWER_TOKENS));
+        assert_eq!(ask(0).unwrap().max_tokens, None);
         assert_eq!(ask(200).unwrap().max_tokens, Some(200));
         assert_eq!(
             field_of(ask(MAX_ANSWER_TOKENS + 1).unwrap_err()),

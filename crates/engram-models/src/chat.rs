@@ -251,26 +251,29 @@ impl ChatStream {
             if self.ended {
                 return None;
             }
-            let failed = |stream: &mut Self, reason: String| {
+            // `reason` may be told to callers; `detail` (what the provider sent) only logged.
+            let failed = |stream: &mut Self, reason: String, detail: String| {
                 stream.ended = true;
                 Some(Err(ModelError::Stream {
                     provider: stream.provider.clone(),
                     reason,
+                    detail,
                 }))
             };
             let bytes = match tokio::time::timeout(self.idle_timeout, self.body.next()).await {
                 Err(_) => {
                     let idle = self.idle_timeout;
-                    return failed(
-                        self,
-                        format!("sent nothing for {idle:?} mid-answer (ENGRAM_CHAT_IDLE_TIMEOUT)"),
-                    );
+                    let reason =
+                        format!("sent nothing for {idle:?} mid-answer (ENGRAM_CHAT_IDLE_TIMEOUT)");
+                    return failed(self, reason, String::new());
                 }
                 Ok(None) => {
-                    return failed(self, "closed the stream before it finished".into());
+                    let reason = "closed the stream before it finished";
+                    return failed(self, reason.into(), String::new());
                 }
                 Ok(Some(Err(e))) => {
-                    return failed(self, format!("broke off the stream: {}", describe(&e)));
+                    let reason = "broke off the stream";
+                    return failed(self, reason.into(), describe(&e));
                 }
                 Ok(Some(Ok(bytes))) => bytes,
             };
@@ -280,7 +283,7 @@ impl ChatStream {
                     Ok(Event::Done) => self.ended = true,
                     Err(failure) => {
                         self.pending.clear();
-                        return failed(self, failure.to_string());
+                        return failed(self, failure.public(), failure.to_string());
                     }
                 }
             }

@@ -17,17 +17,27 @@ pub enum ModelError {
     Config { setting: String, reason: String },
     #[error(transparent)]
     Provider(#[from] CallError),
+    /// A stream that failed mid-answer: `reason` is for callers, `detail` (what the provider
+    /// sent, which may quote prompts or its own internals) for the log only.
     #[error("{provider} {reason}")]
-    Stream { provider: String, reason: String },
+    Stream {
+        provider: String,
+        reason: String,
+        detail: String,
+    },
 }
 
 impl From<ModelError> for Error {
     fn from(e: ModelError) -> Self {
         match e {
             ModelError::Provider(call) => Error::from(call),
-            ModelError::Closed { .. } | ModelError::Stream { .. } => {
+            ModelError::Stream { ref detail, .. } => {
+                if !detail.is_empty() {
+                    tracing::warn!(error = %e, %detail, "chat stream failed mid-answer");
+                }
                 Error::unavailable(e.to_string())
             }
+            ModelError::Closed { .. } => Error::unavailable(e.to_string()),
             ModelError::Overloaded { .. } => Error::ResourceExhausted {
                 reason: e.to_string(),
                 retry_after: Some(std::time::Duration::from_millis(50)),

@@ -122,7 +122,7 @@ impl Failure {
     /// What a caller of engram may be told: the kind of failure and the status, never the
     /// provider's response body or connection details (they can hold the provider's URL,
     /// account details or echoed prompts; they go to the log instead).
-    fn public(&self) -> String {
+    pub fn public(&self) -> String {
         match self {
             Failure::Server { status, .. } => format!("answered {status}"),
             Failure::Rejected { status, .. } => format!("rejected the request with {status}"),

@@ -1,7 +1,7 @@
 //! API keys: who a caller is (a tenant and a role) and how fast it may call.
 //!
-//! Keys are configured as TOML, in a file (`ENGRAM_API_KEYS_FILE`, reloaded when it changes
-//! and on SIGHUP, without a restart) or inline (`ENGRAM_API_KEYS`, read once):
+//! Keys are configured as TOML, in a file (`ENGRAM_API_KEYS_FILE`, reloaded when its content
+//! changes and on SIGHUP, without a restart) or inline (`ENGRAM_API_KEYS`, read once):
 //!
 //! ```toml
 //! [[keys]]
@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use engram_domain::model::TenantId;
 use engram_domain::{Error, Result};
@@ -176,18 +176,20 @@ pub struct KeyStore {
     source: KeySource,
     default_rate: Rate,
     keys: RwLock<Arc<Keys>>,
-    modified: RwLock<Option<SystemTime>>,
+    /// SHA-256 of the file's content the keys in force were read from (not its mtime: two
+    /// writes within one mtime tick would keep the first).
+    content: RwLock<Option<[u8; 32]>>,
 }
 
 impl KeyStore {
     /// Load the keys; an unreadable or invalid source fails start-up with the reason.
     pub fn load(source: KeySource, default_rate: Rate) -> Result<Self> {
-        let (keys, modified) = read(&source, default_rate)?;
+        let (keys, content) = read(&source, default_rate)?;
         Ok(Self {
             source,
             default_rate,
             keys: RwLock::new(Arc::new(keys)),
-            modified: RwLock::new(modified),
+            content: RwLock::new(content),
         })
     }
 
@@ -195,20 +197,22 @@ impl KeyStore {
         Arc::clone(&self.keys.read())
     }
 
-    /// Read the file again if it changed (or `force`). A file that no longer parses keeps the
-    /// keys in force, and the error says why.
+    /// Read the file again and take its keys if its content changed (or `force`). A file that
+    /// no longer parses keeps the keys in force, and the error says why. Blocking file I/O:
+    /// [`KeyStore::watch`] calls it off the runtime threads.
     pub fn reload(&self, force: bool) -> Result<bool> {
         let KeySource::File(path) = &self.source else {
             return Ok(false);
         };
-        let modified = modified(path);
-        if !force && modified.is_some() && modified == *self.modified.read() {
+        let text = read_file(path)?;
+        let content = Some(<[u8; 32]>::from(Sha256::digest(text.as_bytes())));
+        if !force && content == *self.content.read() {
             return Ok(false);
         }
-        let (keys, modified) = read(&self.source, self.default_rate)?;
+        let keys = Keys::parse(&text, &file_source(path), self.default_rate)?;
         tracing::info!(file = %path.display(), keys = keys.len(), "API keys reloaded");
         *self.keys.write() = Arc::new(keys);
-        *self.modified.write() = modified;
+        *self.content.write() = content;
         Ok(true)
     }
 
@@ -247,31 +251,42 @@ impl KeyStore {
                 let Some(store) = store.upgrade() else {
                     return;
                 };
-                if let Err(e) = store.reload(forced) {
-                    tracing::error!(error = %e, "API key file not reloaded; the keys in force stay");
+                match tokio::task::spawn_blocking(move || store.reload(forced)).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "API key file not reloaded; the keys in force stay");
+                    }
+                    Err(e) => tracing::error!(error = %e, "API key reload failed"),
                 }
             }
         });
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+fn read_file(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| {
+        Error::invalid(
+            "ENGRAM_API_KEYS_FILE",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })
 }
 
-fn read(source: &KeySource, default_rate: Rate) -> Result<(Keys, Option<SystemTime>)> {
+fn file_source(path: &Path) -> String {
+    format!("ENGRAM_API_KEYS_FILE {}", path.display())
+}
+
+/// The keys of `source` and, for a file, the SHA-256 of its content.
+fn read(source: &KeySource, default_rate: Rate) -> Result<(Keys, Option<[u8; 32]>)> {
     match source {
         KeySource::Inline(text) => Ok((Keys::parse(text, "ENGRAM_API_KEYS", default_rate)?, None)),
         KeySource::File(path) => {
-            let modified = modified(path);
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                Error::invalid(
-                    "ENGRAM_API_KEYS_FILE",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            let source = format!("ENGRAM_API_KEYS_FILE {}", path.display());
-            Ok((Keys::parse(&text, &source, default_rate)?, modified))
+            let text = read_file(path)?;
+            let content = Sha256::digest(text.as_bytes()).into();
+            Ok((
+                Keys::parse(&text, &file_source(path), default_rate)?,
+                Some(content),
+            ))
         }
     }
 }
@@ -297,6 +312,36 @@ mod tests {
         per_second: 100.0,
         burst: 200.0,
     };
+
+    #[test]
+    fn a_changed_file_is_reloaded_even_within_one_mtime_tick() {
+        let dir = std::env::temp_dir().join(format!("engram-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        let tenant = TenantId::parse("acme").unwrap();
+        let (first, entry) = new_key("first", &tenant, Role::Read);
+        std::fs::write(&path, &entry).unwrap();
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        let store = KeyStore::load(KeySource::File(path.clone()), DEFAULT).unwrap();
+        assert!(store.keys().lookup(&first).is_some());
+        assert!(
+            !store.reload(false).unwrap(),
+            "unchanged content is not reloaded"
+        );
+        // A second write with the same modification time: the content tells.
+        let (second, entry) = new_key("second", &tenant, Role::Read);
+        std::fs::write(&path, &entry).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert!(store.reload(false).unwrap());
+        assert!(store.keys().lookup(&first).is_none());
+        assert!(store.keys().lookup(&second).is_some());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn keys_map_to_their_tenant_role_and_rate() {

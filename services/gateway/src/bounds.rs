@@ -6,16 +6,28 @@
 //!
 //! The generated servers carry one limit each, so a service is served by one instance per
 //! limit, over the same handler, and [`ByMethod`] routes each call to its method's instance.
+//!
+//! Bytes alone do not bound what decoding allocates: an empty repeated message is two bytes on
+//! the wire and a whole struct once decoded, so 16 MiB of empty memories would decode into
+//! gigabytes. A method whose request repeats messages has a [`WireCheck`] that counts them in
+//! the encoded bytes (inflated first if compressed, within the same limit) and refuses the
+//! call before it is decoded.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::future::Future;
+use std::io::Read as _;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use engram_domain::Limits;
+use bytes::Bytes;
 use engram_domain::limits::fixed;
+use engram_domain::{Error, Limits, Result};
+use engram_proto::tonic::Status;
 use engram_proto::tonic::body::Body;
 use engram_proto::tonic::server::NamedService;
+use http_body_util::BodyExt as _;
 
 /// The limit of a method that carries no memory text: a query, a scope, filters, a page.
 pub const MAX_SMALL_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -63,15 +75,145 @@ pub fn method_limits(limits: &Limits, max_message_bytes: usize) -> HashMap<&'sta
     .collect()
 }
 
+/// A check of a request's encoded message (uncompressed) against the limits.
+pub type WireCheck = fn(&[u8], &Limits) -> Result<()>;
+
+/// The wire checks of the public API, by method.
+pub fn wire_checks() -> HashMap<&'static str, WireCheck> {
+    HashMap::from([("Remember", remember_counts as WireCheck)])
+}
+
+/// A RememberRequest holds at most `max_batch` memories (field 2), each with at most
+/// [`fixed::MAX_TAGS`] tags (field 5) and [`fixed::MAX_METADATA_ENTRIES`] metadata entries
+/// (field 4). Counted as the bytes are walked, so the walk stops at the first excess.
+fn remember_counts(message: &[u8], limits: &Limits) -> Result<()> {
+    let mut memories = 0;
+    for field in Fields(message) {
+        let Some((2, memory)) = field else { continue };
+        memories += 1;
+        if memories > limits.max_batch {
+            return Err(Error::invalid(
+                "memories",
+                format!(
+                    "at most {} per request (ENGRAM_MAX_BATCH)",
+                    limits.max_batch
+                ),
+            ));
+        }
+        let (mut tags, mut entries) = (0, 0);
+        for field in Fields(memory) {
+            match field {
+                Some((5, _)) => tags += 1,
+                Some((4, _)) => entries += 1,
+                _ => {}
+            }
+        }
+        let at = memories - 1;
+        if tags > fixed::MAX_TAGS {
+            return Err(Error::invalid(
+                format!("memories[{at}].tags"),
+                format!("at most {} tags", fixed::MAX_TAGS),
+            ));
+        }
+        if entries > fixed::MAX_METADATA_ENTRIES {
+            return Err(Error::invalid(
+                format!("memories[{at}].metadata"),
+                format!("at most {} entries", fixed::MAX_METADATA_ENTRIES),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The fields of one protobuf message level: `Some((number, bytes))` for a length-delimited
+/// field, `None` for any other; the walk ends at the end or at malformed bytes (which the
+/// decoder will refuse).
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Option<(u64, &'a [u8])>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let key = varint(&mut self.0)?;
+        let skip = match key & 7 {
+            0 => {
+                varint(&mut self.0)?;
+                0
+            }
+            1 => 8,
+            2 => {
+                let len = usize::try_from(varint(&mut self.0)?).ok()?;
+                let value = self.0.get(..len)?;
+                self.0 = &self.0[len..];
+                return Some(Some((key >> 3, value)));
+            }
+            5 => 4,
+            _ => return None,
+        };
+        self.0 = self.0.get(skip..)?;
+        Some(None)
+    }
+}
+
+fn varint(bytes: &mut &[u8]) -> Option<u64> {
+    let mut value = 0u64;
+    for shift in (0..64).step_by(7) {
+        let (&byte, rest) = bytes.split_first()?;
+        *bytes = rest;
+        value |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+/// The message of a unary request's body (one gRPC frame), inflated within `limit` if the
+/// frame is compressed. `Ok(None)`: not a single frame or an encoding this does not know;
+/// the server's own decoder will answer for it.
+fn message(frame: &[u8], encoding: Option<&str>, limit: usize) -> Result<Option<Vec<u8>>> {
+    let Some((&flag, rest)) = frame.split_first() else {
+        return Ok(None);
+    };
+    let Some((len, payload)) = rest.split_first_chunk::<4>() else {
+        return Ok(None);
+    };
+    if u32::from_be_bytes(*len) as usize != payload.len() || payload.len() > limit {
+        return Ok(None);
+    }
+    if flag == 0 {
+        return Ok(Some(payload.to_vec()));
+    }
+    let reader: Box<dyn std::io::Read + '_> = match encoding {
+        Some("gzip") => Box::new(flate2::read::GzDecoder::new(payload)),
+        Some("zstd") => match zstd::stream::read::Decoder::new(payload) {
+            Ok(decoder) => Box::new(decoder),
+            Err(_) => return Ok(None),
+        },
+        _ => return Ok(None),
+    };
+    let mut inflated = Vec::new();
+    match reader.take(limit as u64 + 1).read_to_end(&mut inflated) {
+        Ok(_) if inflated.len() > limit => Err(Error::ResourceExhausted {
+            reason: format!("the request inflates past its limit of {limit} bytes"),
+            retry_after: None,
+        }),
+        Ok(_) => Ok(Some(inflated)),
+        Err(_) => Ok(None),
+    }
+}
+
 /// One service served by instances that differ only in their decoding limit: each call goes
-/// to the instance of its method's limit.
+/// to the instance of its method's limit, after its [`WireCheck`] if it has one.
 #[derive(Clone)]
 pub struct ByMethod<S> {
-    instances: Arc<[S]>,
+    instances: Arc<[(usize, S)]>,
     /// Index into `instances` by method name.
     routes: Arc<HashMap<&'static str, usize>>,
     /// The instance of methods not in `routes` (unknown ones: they answer UNIMPLEMENTED).
     fallback: usize,
+    checks: Arc<HashMap<&'static str, WireCheck>>,
+    limits: Arc<Limits>,
 }
 
 impl<S> ByMethod<S> {
@@ -82,6 +224,17 @@ impl<S> ByMethod<S> {
         fallback: usize,
         make: impl Fn(usize) -> S,
     ) -> Self {
+        Self::checked(limits, fallback, make, HashMap::new(), Limits::default())
+    }
+
+    /// [`ByMethod::new`] with `checks` run, against `request_limits`, before their methods.
+    pub fn checked(
+        limits: &HashMap<&'static str, usize>,
+        fallback: usize,
+        make: impl Fn(usize) -> S,
+        checks: HashMap<&'static str, WireCheck>,
+        request_limits: Limits,
+    ) -> Self {
         let mut distinct: Vec<usize> = limits.values().copied().chain([fallback]).collect();
         distinct.sort_unstable();
         distinct.dedup();
@@ -91,15 +244,28 @@ impl<S> ByMethod<S> {
             .map(|(method, limit)| (*method, index(*limit)))
             .collect();
         Self {
-            instances: distinct.iter().map(|limit| make(*limit)).collect(),
+            instances: distinct
+                .iter()
+                .map(|limit| (*limit, make(*limit)))
+                .collect(),
             routes: Arc::new(routes),
             fallback: index(fallback),
+            checks: Arc::new(checks),
+            limits: Arc::new(request_limits),
         }
     }
 
-    fn instance(&self, path: &str) -> &S {
-        let method = path.rsplit('/').next().unwrap_or_default();
-        let at = self.routes.get(method).copied().unwrap_or(self.fallback);
+    fn method(path: &str) -> &str {
+        path.rsplit('/').next().unwrap_or_default()
+    }
+
+    /// The instance serving `path`, and its decoding limit.
+    fn instance(&self, path: &str) -> &(usize, S) {
+        let at = self
+            .routes
+            .get(Self::method(path))
+            .copied()
+            .unwrap_or(self.fallback);
         &self.instances[at]
     }
 }
@@ -111,19 +277,59 @@ impl<S: NamedService> NamedService for ByMethod<S> {
 impl<S> tower::Service<http::Request<Body>> for ByMethod<S>
 where
     S: tower::Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Clone,
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = Infallible;
-    type Future = S::Future;
+    type Future =
+        Pin<Box<dyn Future<Output = std::result::Result<Self::Response, Infallible>> + Send>>;
 
     /// Generated servers are always ready; the instance is chosen per call.
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        self.instance(request.uri().path()).clone().call(request)
+        let (limit, instance) = self.instance(request.uri().path()).clone();
+        let Some(check) = self.checks.get(Self::method(request.uri().path())).copied() else {
+            return Box::pin(instance.clone().call(request));
+        };
+        let limits = Arc::clone(&self.limits);
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            // At most one frame header and `limit` bytes; more is the decoder's to refuse.
+            let collected = http_body_util::Limited::new(body, limit + 5)
+                .collect()
+                .await;
+            let frame: Bytes = match collected {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    let refused = Status::out_of_range(format!(
+                        "the request is larger than its limit of {limit} bytes"
+                    ));
+                    return Ok(refused.into_http());
+                }
+                Err(e) => {
+                    let refused = Status::cancelled(format!("the request broke off: {e}"));
+                    return Ok(refused.into_http());
+                }
+            };
+            let encoding = parts
+                .headers
+                .get("grpc-encoding")
+                .and_then(|v| v.to_str().ok());
+            let checked = message(&frame, encoding, limit)
+                .and_then(|message| message.map_or(Ok(()), |m| check(&m, &limits)));
+            if let Err(refused) = checked {
+                return Ok(Status::from(refused).into_http());
+            }
+            let request =
+                http::Request::from_parts(parts, Body::new(http_body_util::Full::new(frame)));
+            instance.clone().call(request).await
+        })
     }
 }
 
@@ -151,9 +357,59 @@ mod tests {
     fn calls_go_to_the_instance_of_their_method() {
         let table: HashMap<&'static str, usize> = [("Get", 10), ("Remember", 1000)].into();
         let by = ByMethod::new(&table, 100, |limit| limit);
-        assert_eq!(*by.instance("/engram.v1.MemoryService/Get"), 10);
-        assert_eq!(*by.instance("/engram.v1.MemoryService/Remember"), 1000);
-        assert_eq!(*by.instance("/engram.v1.MemoryService/Recall"), 100);
-        assert_eq!(*by.instance("/engram.v1.MemoryService/Nope"), 100);
+        assert_eq!(by.instance("/engram.v1.MemoryService/Get").1, 10);
+        assert_eq!(by.instance("/engram.v1.MemoryService/Remember").1, 1000);
+        assert_eq!(by.instance("/engram.v1.MemoryService/Recall").1, 100);
+        assert_eq!(by.instance("/engram.v1.MemoryService/Nope").1, 100);
+    }
+
+    fn field(number: u64, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for mut value in [number << 3 | 2, payload.len() as u64] {
+            while value >= 0x80 {
+                out.push((value as u8) | 0x80);
+                value >>= 7;
+            }
+            out.push(value as u8);
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn repeated_messages_are_counted_before_decoding() {
+        let limits = Limits::default();
+        let memory = [field(1, b"hello"), field(5, b"tag")].concat();
+        let batch = |n: usize| field(2, &memory).repeat(n);
+        assert!(remember_counts(&batch(limits.max_batch), &limits).is_ok());
+        let refused = remember_counts(&batch(limits.max_batch + 1), &limits).unwrap_err();
+        assert!(refused.to_string().contains("memories"), "{refused}");
+        // A million empty memories: 2 MB on the wire, refused at the 1,001st.
+        assert!(remember_counts(&[0x12, 0x00].repeat(1_000_000), &limits).is_err());
+        let tagged = field(2, &field(5, b"").repeat(fixed::MAX_TAGS + 1));
+        let refused = remember_counts(&tagged, &limits).unwrap_err();
+        assert!(
+            refused.to_string().contains("memories[0].tags"),
+            "{refused}"
+        );
+        // Malformed bytes end the walk; the decoder refuses them.
+        assert!(remember_counts(&[0x12, 0xff], &limits).is_ok());
+    }
+
+    #[test]
+    fn a_compressed_frame_is_inflated_within_its_limit() {
+        use std::io::Write as _;
+        let raw = [0x12, 0x00].repeat(10_000);
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gzip.write_all(&raw).unwrap();
+        let compressed = gzip.finish().unwrap();
+        let frame = |flag: u8, payload: &[u8]| {
+            [&[flag][..], &(payload.len() as u32).to_be_bytes(), payload].concat()
+        };
+        let inflated = message(&frame(1, &compressed), Some("gzip"), 1 << 20).unwrap();
+        assert_eq!(inflated, Some(raw.clone()));
+        assert!(message(&frame(1, &compressed), Some("gzip"), 1000).is_err());
+        assert_eq!(message(&frame(0, &raw), None, 1 << 20).unwrap(), Some(raw));
+        assert_eq!(message(b"\x00\x00", None, 100).unwrap(), None);
     }
 }

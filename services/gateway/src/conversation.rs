@@ -19,7 +19,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use engram_domain::api::{ConverseCommand, Ingestion, RememberBatch};
 use engram_domain::model::{Kind, NewMemory, TenantId, WriteMode};
@@ -34,7 +34,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::context::{ContextBuilder, Packed, pack};
 
@@ -53,6 +53,42 @@ pub struct Chat {
     pub privacy: PrivacyPolicy,
     pub limits: Limits,
     pub metrics: ConverseMetrics,
+    pub streams: TenantStreams,
+    /// Longest a Converse may last (ENGRAM_CONVERSE_MAX_DURATION).
+    pub max_duration: Duration,
+}
+
+/// How many Converse streams each tenant has open, against a cap per tenant. Tenants come from
+/// API keys, so the map holds at most one entry per configured tenant.
+pub struct TenantStreams {
+    max: usize,
+    open: parking_lot::Mutex<std::collections::HashMap<TenantId, Arc<Semaphore>>>,
+}
+
+impl TenantStreams {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            open: parking_lot::Mutex::default(),
+        }
+    }
+
+    /// A place for one more stream of `tenant`, held until it is dropped.
+    fn admit(&self, tenant: &TenantId) -> Result<OwnedSemaphorePermit, Error> {
+        let slots = Arc::clone(
+            self.open
+                .lock()
+                .entry(tenant.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.max))),
+        );
+        slots.try_acquire_owned().map_err(|_| Error::ResourceExhausted {
+            reason: format!(
+                "tenant {tenant} has {} Converse streams open, its limit (ENGRAM_CONVERSE_MAX_STREAMS); retry when one ends",
+                self.max
+            ),
+            retry_after: Some(Duration::from_secs(1)),
+        })
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -155,6 +191,7 @@ impl ChatService for ChatEndpoint {
         let mut message = command.context.query.clone();
         let found = privacy::guard(mode, "message", &mut message)
             .inspect_err(|_| chat.metrics.count("refused"))?;
+        let slot = chat.streams.admit(&tenant)?;
         let timings = pb::ConverseTimings {
             privacy_us: micros(started),
             ..Default::default()
@@ -169,7 +206,10 @@ impl ChatService for ChatEndpoint {
             timings,
             events,
         };
-        tokio::spawn(async move { chat.run(turn).await });
+        tokio::spawn(async move {
+            chat.run(turn).await;
+            drop(slot);
+        });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(receiver),
         )))
@@ -306,9 +346,25 @@ impl Chat {
         let mut text = String::new();
         let mut finish = String::new();
         let mut usage = None;
+        // The answer ends here whatever the model does (it may ignore max_tokens).
+        let cap = turn
+            .command
+            .max_tokens
+            .unwrap_or(validate::MAX_ANSWER_TOKENS) as usize;
+        let mut answered = 0;
+        let ends = tokio::time::Instant::from_std(turn.started + self.max_duration);
         loop {
             let chunk = tokio::select! {
                 chunk = stream.next() => chunk,
+                () = tokio::time::sleep_until(ends) => {
+                    let limit = self.max_duration;
+                    return Answer::Failed {
+                        error: Error::DeadlineExceeded(format!(
+                            "the answer did not finish within {limit:?} (ENGRAM_CONVERSE_MAX_DURATION)"
+                        )),
+                        partial: !text.is_empty(),
+                    };
+                }
                 // Dropping the stream closes the provider's connection: the request is
                 // cancelled upstream.
                 () = turn.events.closed() => return Answer::Abandoned,
@@ -320,6 +376,7 @@ impl Chat {
                         turn.timings.first_token_us = micros(turn.started);
                     }
                     text.push_str(&delta);
+                    answered += tokens.count(&delta);
                     let sent = turn
                         .send(pb::converse_event::Event::Delta(pb::DeltaEvent {
                             text: delta,
@@ -327,6 +384,11 @@ impl Chat {
                         .await;
                     if !sent {
                         return Answer::Abandoned;
+                    }
+                    if answered >= cap {
+                        // Dropping the stream cancels the rest upstream.
+                        finish = "length".into();
+                        break;
                     }
                 }
                 Some(Ok(ChatChunk::Finish(reason))) => finish = reason,

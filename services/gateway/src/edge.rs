@@ -292,13 +292,14 @@ where
         request.extensions_mut().insert(caller);
         let work = self.inner.call(request);
         Box::pin(async move {
-            let _permit = permit;
-            state.in_flight_gauge.inc();
+            let held = Held::new(permit, state.in_flight_gauge.clone());
             let outcome =
                 tokio::time::timeout_at(expires, deadline::scope(Some(expires), work)).await;
-            state.in_flight_gauge.dec();
             match outcome {
-                Ok(response) => response,
+                // The call stays in flight until its body is sent: a stream (Converse) counts
+                // for its whole life.
+                Ok(Ok(response)) => Ok(response.map(|body| Body::new(held.around(body)))),
+                Ok(Err(never)) => match never {},
                 Err(_) => Ok(state.reject(
                     "deadline",
                     Error::DeadlineExceeded(format!(
@@ -307,6 +308,59 @@ where
                 )),
             }
         })
+    }
+}
+
+/// A call's place in flight: its permit and its count in `engram_gateway_in_flight`, given
+/// back when dropped (with the response body, once it is sent, or with the call).
+struct Held {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: Gauge,
+}
+
+impl Held {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, gauge: Gauge) -> Self {
+        gauge.inc();
+        Self {
+            _permit: permit,
+            gauge,
+        }
+    }
+
+    fn around(self, body: Body) -> HeldBody {
+        HeldBody { body, _held: self }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+/// A response body that keeps its call in flight until it ends or is dropped.
+struct HeldBody {
+    body: Body,
+    _held: Held,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

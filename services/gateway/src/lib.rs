@@ -42,11 +42,14 @@ pub use edge::{Deadlines, Edge, EdgeConfig};
 
 pub const SERVICE_NAME: &str = "gateway";
 
-/// Largest request (a Remember batch) or response the public API accepts by default: four
-/// maximal requests in flight fit the manifests' 512 MiB beside the gateway's own memory. A
-/// batch of full-size memories (about 180 KiB each at the limits) fits 90 to a request; other
-/// methods have their own, smaller bounds (see [`bounds`]).
+/// Largest request (a Remember batch) the public API accepts by default. A batch of
+/// full-size memories (about 180 KiB each at the limits) fits 90 to a request; other methods
+/// have their own, smaller bounds (see [`bounds`]).
 pub const MAX_PUBLIC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest response: what the server builds from stored memories (a Get of 1,000, a List
+/// page) rather than what a caller sends, so it keeps the earlier, larger bound.
+pub const MAX_PUBLIC_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 engram_runtime::listen_args!(Listen, "gateway", "GATEWAY", "50051", "9091");
 
@@ -124,10 +127,23 @@ pub struct EdgeArgs {
         default_value = ""
     )]
     pub rpc_deadlines: String,
-    /// Largest public request (a Remember batch) or response, in bytes; every other method
-    /// has a smaller bound of its own (a Get: its ids), capped by this.
+    /// Largest public request (a Remember batch), in bytes; every other method has a smaller
+    /// bound of its own (a Get: its ids), capped by this. Responses may be up to 64 MiB, or
+    /// this if larger.
     #[arg(long = "max-message-bytes", env = "ENGRAM_MAX_MESSAGE_BYTES", default_value_t = MAX_PUBLIC_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// Converse streams one tenant may have open at once; more are refused
+    /// (RESOURCE_EXHAUSTED), so one tenant cannot hold every chat slot.
+    #[arg(
+        long = "converse-max-streams",
+        env = "ENGRAM_CONVERSE_MAX_STREAMS",
+        default_value_t = 4
+    )]
+    pub converse_max_streams: usize,
+    /// Longest a Converse stream may last, model answer included; then it ends with a
+    /// fallback (DEADLINE_EXCEEDED).
+    #[arg(long = "converse-max-duration", env = "ENGRAM_CONVERSE_MAX_DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub converse_max_duration: Duration,
 }
 
 impl Default for EdgeArgs {
@@ -144,6 +160,8 @@ impl Default for EdgeArgs {
             default_deadline: Duration::from_secs(10),
             rpc_deadlines: String::new(),
             max_message_bytes: MAX_PUBLIC_MESSAGE_BYTES,
+            converse_max_streams: 4,
+            converse_max_duration: Duration::from_secs(300),
         }
     }
 }
@@ -375,6 +393,8 @@ pub async fn serve(
         privacy: config.common.privacy.policy()?,
         limits: config.common.limits.clone(),
         metrics: conversation::ConverseMetrics::new(runtime.metrics()),
+        streams: conversation::TenantStreams::new(config.edge.converse_max_streams),
+        max_duration: config.edge.converse_max_duration,
     });
     let gateway = Gateway {
         index,
@@ -385,13 +405,14 @@ pub async fn serve(
     let max = config.edge.max_message_bytes;
     let method_limits = bounds::method_limits(&config.common.limits, max);
     let other_methods = bounds::MAX_SMALL_MESSAGE_BYTES.min(max);
+    let max_response = MAX_PUBLIC_RESPONSE_BYTES.max(max);
     // Every public service: its method's decoding bound, the response bound and compression
     // (the generated servers share these builder methods but no trait).
     macro_rules! public {
         ($server:expr, $limit:expr) => {
             $server
                 .max_decoding_message_size($limit)
-                .max_encoding_message_size(max)
+                .max_encoding_message_size(max_response)
                 .accept_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Zstd)
                 .send_compressed(CompressionEncoding::Gzip)
@@ -399,9 +420,13 @@ pub async fn serve(
         };
     }
     let gateway = Arc::new(gateway);
-    let service = ByMethod::new(&method_limits, other_methods, |limit| {
-        public!(MemoryServiceServer::from_arc(Arc::clone(&gateway)), limit)
-    });
+    let service = ByMethod::checked(
+        &method_limits,
+        other_methods,
+        |limit| public!(MemoryServiceServer::from_arc(Arc::clone(&gateway)), limit),
+        bounds::wire_checks(),
+        config.common.limits.clone(),
+    );
     let chat = Arc::new(ChatEndpoint(chat));
     let chat_service = ByMethod::new(&method_limits, other_methods, |limit| {
         public!(ChatServiceServer::from_arc(Arc::clone(&chat)), limit)

@@ -729,6 +729,18 @@ fn results_for(resolutions: &[Resolution], ids: &[MemoryId]) -> Vec<WriteResult>
         .collect()
 }
 
+/// Batches with more text than this are scanned for personal data off the runtime's turn.
+const SCAN_IN_PLACE_BYTES: usize = 64 * 1024;
+
+/// Run CPU-heavy `work` without stalling the tasks of the runtime thread it is on (a
+/// multi-threaded runtime hands them to another thread); inline on a current-thread runtime.
+fn cpu_bound<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(work),
+        _ => work(),
+    }
+}
+
 fn lag_error(backlog: u64) -> Error {
     Error::ResourceExhausted {
         reason: format!("indexing is {backlog} writes behind for this partition; retry shortly"),
@@ -747,8 +759,19 @@ impl Ingestion for Pipeline {
             privacy,
         } = batch;
         let privacy = self.privacy.mode(tenant.as_str(), privacy);
-        for (i, memory) in memories.iter_mut().enumerate() {
-            self.guard(privacy, &format!("memories[{i}]"), memory)?;
+        let guard_all = |memories: &mut Vec<NewMemory>| {
+            memories
+                .iter_mut()
+                .enumerate()
+                .try_for_each(|(i, memory)| self.guard(privacy, &format!("memories[{i}]"), memory))
+        };
+        let bytes: usize = memories.iter().map(|m| m.text.len()).sum();
+        if privacy != PrivacyMode::Off && bytes > SCAN_IN_PLACE_BYTES {
+            // Scanning a large batch takes milliseconds to seconds of CPU: let the runtime
+            // move this worker's other tasks elsewhere meanwhile.
+            cpu_bound(|| guard_all(&mut memories))?;
+        } else {
+            guard_all(&mut memories)?;
         }
         if extract {
             if self.chat.is_none() {

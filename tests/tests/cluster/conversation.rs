@@ -816,3 +816,106 @@ async fn extraction_stores_linked_facts_and_dead_letters_malformed_answers() {
     );
     plain.stop().await;
 }
+
+#[tokio::test]
+async fn an_answer_ends_at_its_token_cap_whatever_the_model_does() {
+    let fake = FakeProvider::start(8).await;
+    // The fake ignores max_tokens: it streams all 400 words.
+    fake.set_reply(&"word ".repeat(400));
+    let sandbox = Sandbox::start_with(None, Options::with_chat(&fake, fast_policy())).await;
+    let mut chat = sandbox.chat_client().await;
+    let events = converse(
+        &mut chat,
+        pb::ConverseRequest {
+            max_tokens: 20,
+            ephemeral: true,
+            ..converse_request("cap", "s", "Talk for a long time.")
+        },
+    )
+    .await;
+    let answered = deltas(&events);
+    let words = answered.split_whitespace().count();
+    assert!((20..=25).contains(&words), "{words} words: {answered:?}");
+    match events.last() {
+        Some(pb::converse_event::Event::Done(done)) => assert_eq!(done.finish_reason, "length"),
+        other => panic!("expected done last, got {other:?}"),
+    }
+    // More than the API allows is refused before anything runs.
+    let refused = chat
+        .converse(pb::ConverseRequest {
+            max_tokens: engram_domain::validate::MAX_ANSWER_TOKENS + 1,
+            ..converse_request("cap", "s", "Hello")
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn streams_are_capped_per_tenant_counted_in_flight_for_their_life_and_end_on_time() {
+    let fake = FakeProvider::start(8).await;
+    fake.set_reply("one two three four five");
+    // One word, then silence: each stream stays open until its overall deadline.
+    fake.set_chat_default(ChatBehavior::StallAfter(1));
+    let mut options = Options::with_chat(&fake, fast_policy());
+    options.chat.idle_timeout = Duration::from_secs(120);
+    options.edge.converse_max_streams = 2;
+    options.edge.converse_max_duration = Duration::from_secs(2);
+    let sandbox = Sandbox::start_with(None, options).await;
+    let mut chat = sandbox.chat_client().await;
+    let request = || pb::ConverseRequest {
+        ephemeral: true,
+        ..converse_request("streams", "s", "Tell me a story.")
+    };
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut stream = chat.converse(request()).await.unwrap().into_inner();
+        // Until the first word: the stream is past its response head.
+        loop {
+            let event = stream.message().await.unwrap().unwrap().event;
+            if matches!(event, Some(pb::converse_event::Event::Delta(_))) {
+                break;
+            }
+        }
+        open.push(stream);
+    }
+    let admin = sandbox.addrs.gateway_admin.unwrap();
+    assert_eq!(
+        engram_tests::metric(admin, "engram_gateway_in_flight").await,
+        Some(2.0)
+    );
+    let refused = chat.converse(request()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("ENGRAM_CONVERSE_MAX_STREAMS"),
+        "{refused:?}"
+    );
+    // Each stream ends at ENGRAM_CONVERSE_MAX_DURATION with a partial fallback.
+    for mut stream in open {
+        let mut last = None;
+        while let Some(event) = stream.message().await.unwrap() {
+            last = event.event;
+        }
+        match last {
+            Some(pb::converse_event::Event::Fallback(f)) => {
+                assert_eq!(f.code, "DEADLINE_EXCEEDED", "{f:?}");
+                assert!(f.partial);
+                assert!(f.reason.contains("ENGRAM_CONVERSE_MAX_DURATION"), "{f:?}");
+            }
+            other => panic!("expected a fallback last, got {other:?}"),
+        }
+    }
+    // Their places are given back.
+    eventually("the streams to leave the in-flight count", || async {
+        (engram_tests::metric(admin, "engram_gateway_in_flight").await == Some(0.0)).then_some(())
+    })
+    .await;
+    fake.set_chat_default(ChatBehavior::Reply);
+    let events = converse(&mut chat, request()).await;
+    assert!(matches!(
+        events.last(),
+        Some(pb::converse_event::Event::Done(_))
+    ));
+    sandbox.stop().await;
+}

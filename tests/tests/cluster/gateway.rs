@@ -604,6 +604,23 @@ async fn each_method_decodes_no_more_than_it_can_carry_compressed_or_not() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // 100,000 empty memories: 200 KB on the wire, 15 MB once decoded. Counted in the
+    // (inflated) bytes and refused before decoding, so the count is never reached.
+    let refused = client
+        .clone()
+        .send_compressed(CompressionEncoding::Gzip)
+        .remember(pb::RememberRequest {
+            scope: scope("bounds"),
+            memories: vec![pb::MemoryInput::default(); 100_000],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("ENGRAM_MAX_BATCH") && !refused.message().contains("100000"),
+        "{refused:?}"
+    );
     // As many bytes of memories are within a Remember's bound: accepted.
     let refused = client
         .clone()
