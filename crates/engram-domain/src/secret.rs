@@ -76,6 +76,11 @@ pub fn redact_url(text: &str) -> String {
         return hidden();
     };
     let had_credentials = !url.username().is_empty() || url.password().is_some();
+    // An `@` outside the credentials the parser found: a password with an unencoded `?` or
+    // `#` that the parser took for the query or the fragment.
+    if !had_credentials && text.contains('@') {
+        return hidden();
+    }
     if had_credentials && (url.set_username("").is_err() || url.set_password(None).is_err()) {
         return hidden();
     }
@@ -128,6 +133,7 @@ mod tests {
             ("redis://:ab/hunter2@h:6379/0", "redis://***"),
             ("redis://:ab#hunter2@h/0", "redis://***"),
             ("redis://u:123/hunter2@h/0", "redis://***"),
+            ("redis://user:12?hunter2@host/0", "redis://***"),
             ("not a url :hunter2@h", "***"),
         ] {
             let secret: SecretUrl = url.parse().unwrap();

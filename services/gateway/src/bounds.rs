@@ -85,74 +85,90 @@ pub fn wire_checks() -> HashMap<&'static str, WireCheck> {
 
 /// A RememberRequest holds at most `max_batch` memories (field 2), each with at most
 /// [`fixed::MAX_TAGS`] tags (field 5) and [`fixed::MAX_METADATA_ENTRIES`] metadata entries
-/// (field 4). Counted as the bytes are walked, so the walk stops at the first excess.
+/// (field 4). Counted as the bytes are walked, so the walk stops at the first excess; bytes
+/// the walk cannot follow (malformed, or groups, which no engram message has) are refused
+/// rather than left to a decoder that might skip past them.
 fn remember_counts(message: &[u8], limits: &Limits) -> Result<()> {
     let mut memories = 0;
-    for field in Fields(message) {
-        let Some((2, memory)) = field else { continue };
+    let mut refusal = None;
+    walk(message, &mut |number, memory| {
+        if number != 2 {
+            return true;
+        }
         memories += 1;
         if memories > limits.max_batch {
-            return Err(Error::invalid(
+            refusal = Some(Error::invalid(
                 "memories",
                 format!(
                     "at most {} per request (ENGRAM_MAX_BATCH)",
                     limits.max_batch
                 ),
             ));
-        }
-        let (mut tags, mut entries) = (0, 0);
-        for field in Fields(memory) {
-            match field {
-                Some((5, _)) => tags += 1,
-                Some((4, _)) => entries += 1,
-                _ => {}
-            }
+            return false;
         }
         let at = memories - 1;
+        let (mut tags, mut entries) = (0, 0);
+        let counted = walk(memory, &mut |number, _| {
+            match number {
+                5 => tags += 1,
+                4 => entries += 1,
+                _ => {}
+            }
+            tags <= fixed::MAX_TAGS && entries <= fixed::MAX_METADATA_ENTRIES
+        });
         if tags > fixed::MAX_TAGS {
-            return Err(Error::invalid(
+            refusal = Some(Error::invalid(
                 format!("memories[{at}].tags"),
                 format!("at most {} tags", fixed::MAX_TAGS),
             ));
-        }
-        if entries > fixed::MAX_METADATA_ENTRIES {
-            return Err(Error::invalid(
+        } else if entries > fixed::MAX_METADATA_ENTRIES {
+            refusal = Some(Error::invalid(
                 format!("memories[{at}].metadata"),
                 format!("at most {} entries", fixed::MAX_METADATA_ENTRIES),
             ));
+        } else if counted.is_err() {
+            refusal = Some(malformed(&format!("memories[{at}]")));
         }
-    }
-    Ok(())
+        refusal.is_none()
+    })
+    .map_err(|()| malformed("memories"))?;
+    refusal.map_or(Ok(()), Err)
 }
 
-/// The fields of one protobuf message level: `Some((number, bytes))` for a length-delimited
-/// field, `None` for any other; the walk ends at the end or at malformed bytes (which the
-/// decoder will refuse).
-struct Fields<'a>(&'a [u8]);
+fn malformed(field: &str) -> Error {
+    Error::invalid(field, "is not a well-formed protobuf message")
+}
 
-impl<'a> Iterator for Fields<'a> {
-    type Item = Option<(u64, &'a [u8])>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let key = varint(&mut self.0)?;
+/// Walk one protobuf message level, calling `visit(number, bytes)` for each length-delimited
+/// field until it returns false. `Err` for bytes that are not a sequence of well-formed
+/// fields of wire types 0, 1, 2 and 5.
+fn walk(
+    mut bytes: &[u8],
+    visit: &mut dyn FnMut(u64, &[u8]) -> bool,
+) -> std::result::Result<(), ()> {
+    while !bytes.is_empty() {
+        let key = varint(&mut bytes).ok_or(())?;
         let skip = match key & 7 {
             0 => {
-                varint(&mut self.0)?;
+                varint(&mut bytes).ok_or(())?;
                 0
             }
             1 => 8,
             2 => {
-                let len = usize::try_from(varint(&mut self.0)?).ok()?;
-                let value = self.0.get(..len)?;
-                self.0 = &self.0[len..];
-                return Some(Some((key >> 3, value)));
+                let len = usize::try_from(varint(&mut bytes).ok_or(())?).map_err(|_| ())?;
+                let value = bytes.get(..len).ok_or(())?;
+                bytes = &bytes[len..];
+                if !visit(key >> 3, value) {
+                    return Ok(());
+                }
+                0
             }
             5 => 4,
-            _ => return None,
+            _ => return Err(()),
         };
-        self.0 = self.0.get(skip..)?;
-        Some(None)
+        bytes = bytes.get(skip..).ok_or(())?;
     }
+    Ok(())
 }
 
 fn varint(bytes: &mut &[u8]) -> Option<u64> {
@@ -168,29 +184,44 @@ fn varint(bytes: &mut &[u8]) -> Option<u64> {
     None
 }
 
-/// The message of a unary request's body (one gRPC frame), inflated within `limit` if the
-/// frame is compressed. `Ok(None)`: not a single frame or an encoding this does not know;
-/// the server's own decoder will answer for it.
-fn message(frame: &[u8], encoding: Option<&str>, limit: usize) -> Result<Option<Vec<u8>>> {
-    let Some((&flag, rest)) = frame.split_first() else {
-        return Ok(None);
+/// The message of a unary request's body, which must be exactly one gRPC frame, inflated
+/// within `limit` if the frame is compressed. Anything else is refused here: the server's
+/// decoder would otherwise read past what was checked (a second frame is decoded too).
+fn message<'a>(
+    frame: &'a [u8],
+    encoding: Option<&str>,
+    limit: usize,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let not_one = || {
+        Error::invalid(
+            "request",
+            "a unary request must be exactly one gRPC message",
+        )
     };
-    let Some((len, payload)) = rest.split_first_chunk::<4>() else {
-        return Ok(None);
-    };
-    if u32::from_be_bytes(*len) as usize != payload.len() || payload.len() > limit {
-        return Ok(None);
+    let (&flag, rest) = frame.split_first().ok_or_else(not_one)?;
+    let (len, payload) = rest.split_first_chunk::<4>().ok_or_else(not_one)?;
+    if u32::from_be_bytes(*len) as usize != payload.len() || flag > 1 {
+        return Err(not_one());
     }
     if flag == 0 {
-        return Ok(Some(payload.to_vec()));
+        return Ok(std::borrow::Cow::Borrowed(payload));
     }
+    let unreadable = || Error::invalid("request", "the compressed request cannot be inflated");
     let reader: Box<dyn std::io::Read + '_> = match encoding {
         Some("gzip") => Box::new(flate2::read::GzDecoder::new(payload)),
-        Some("zstd") => match zstd::stream::read::Decoder::new(payload) {
-            Ok(decoder) => Box::new(decoder),
-            Err(_) => return Ok(None),
-        },
-        _ => return Ok(None),
+        Some("zstd") => {
+            let mut decoder =
+                zstd::stream::read::Decoder::new(payload).map_err(|_| unreadable())?;
+            // Windows up to 8 MiB (zstd's level 19 default); larger ones need that much memory.
+            decoder.window_log_max(23).map_err(|_| unreadable())?;
+            Box::new(decoder)
+        }
+        _ => {
+            return Err(Error::invalid(
+                "request",
+                "a compressed request needs grpc-encoding gzip or zstd",
+            ));
+        }
     };
     let mut inflated = Vec::new();
     match reader.take(limit as u64 + 1).read_to_end(&mut inflated) {
@@ -198,8 +229,8 @@ fn message(frame: &[u8], encoding: Option<&str>, limit: usize) -> Result<Option<
             reason: format!("the request inflates past its limit of {limit} bytes"),
             retry_after: None,
         }),
-        Ok(_) => Ok(Some(inflated)),
-        Err(_) => Ok(None),
+        Ok(_) => Ok(std::borrow::Cow::Owned(inflated)),
+        Err(_) => Err(unreadable()),
     }
 }
 
@@ -321,8 +352,7 @@ where
                 .headers
                 .get("grpc-encoding")
                 .and_then(|v| v.to_str().ok());
-            let checked = message(&frame, encoding, limit)
-                .and_then(|message| message.map_or(Ok(()), |m| check(&m, &limits)));
+            let checked = message(&frame, encoding, limit).and_then(|m| check(&m[..], &limits));
             if let Err(refused) = checked {
                 return Ok(Status::from(refused).into_http());
             }
@@ -392,8 +422,48 @@ mod tests {
             refused.to_string().contains("memories[0].tags"),
             "{refused}"
         );
-        // Malformed bytes end the walk; the decoder refuses them.
-        assert!(remember_counts(&[0x12, 0xff], &limits).is_ok());
+        // Bytes the walk cannot follow are refused, not passed to a decoder that might skip
+        // past them: a truncated field, and a group (field 15) ahead of a million memories.
+        assert!(remember_counts(&[0x12, 0xff], &limits).is_err());
+        let grouped = [&[0x7b, 0x7c][..], &[0x12, 0x00].repeat(1_000_000)].concat();
+        assert!(remember_counts(&grouped, &limits).is_err());
+        let grouped_inside = field(2, &[0x7b, 0x7c, 0x2a, 0x00]);
+        assert!(remember_counts(&grouped_inside, &limits).is_err());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Whatever the walk accepts decodes within the limits: it never counts less than the
+        /// decoder finds.
+        #[test]
+        fn the_walk_never_undercounts_what_prost_decodes(
+            parts in proptest::collection::vec((0u8..8, 0usize..4), 0..40)
+        ) {
+            use engram_proto::prost::Message as _;
+            let limits = Limits { max_batch: 3, ..Limits::default() };
+            let memory = |tags: usize| [field(1, b"t"), field(5, b"a").repeat(tags)].concat();
+            let bytes: Vec<u8> = parts
+                .iter()
+                .flat_map(|&(kind, n)| match kind {
+                    0 | 1 => field(2, &memory(n * 30)),
+                    2 => vec![0x12, 0x00],
+                    3 => vec![0x7b, 0x7c],
+                    4 => vec![0x18, 0x01],
+                    5 => field(2, &[0x7b, 0x7c, 0x2a, 0x00].repeat(n + 1)),
+                    6 => vec![0x12],
+                    _ => vec![0xff; n],
+                })
+                .collect();
+            if remember_counts(&bytes, &limits).is_ok()
+                && let Ok(decoded) = engram_proto::v1::RememberRequest::decode(&bytes[..])
+            {
+                proptest::prop_assert!(decoded.memories.len() <= limits.max_batch);
+                proptest::prop_assert!(
+                    decoded.memories.iter().all(|m| m.tags.len() <= fixed::MAX_TAGS)
+                );
+            }
+        }
     }
 
     #[test]
@@ -406,10 +476,18 @@ mod tests {
         let frame = |flag: u8, payload: &[u8]| {
             [&[flag][..], &(payload.len() as u32).to_be_bytes(), payload].concat()
         };
-        let inflated = message(&frame(1, &compressed), Some("gzip"), 1 << 20).unwrap();
-        assert_eq!(inflated, Some(raw.clone()));
+        let compressed_frame = frame(1, &compressed);
+        let inflated = message(&compressed_frame, Some("gzip"), 1 << 20).unwrap();
+        assert_eq!(&*inflated, &raw[..]);
         assert!(message(&frame(1, &compressed), Some("gzip"), 1000).is_err());
-        assert_eq!(message(&frame(0, &raw), None, 1 << 20).unwrap(), Some(raw));
-        assert_eq!(message(b"\x00\x00", None, 100).unwrap(), None);
+        let plain = frame(0, &raw);
+        assert_eq!(&*message(&plain, None, 1 << 20).unwrap(), &raw[..]);
+        // Only exactly one frame: not a truncated one, nor one followed by more.
+        assert!(message(b"\x00\x00", None, 100).is_err());
+        let two = [frame(0, &raw), frame(0, &raw)].concat();
+        assert!(message(&two, None, 1 << 20).is_err());
+        assert!(message(&[frame(0, &raw), vec![0]].concat(), None, 1 << 20).is_err());
+        // Compressed without a known encoding.
+        assert!(message(&frame(1, &compressed), None, 1 << 20).is_err());
     }
 }

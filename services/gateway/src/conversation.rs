@@ -161,16 +161,23 @@ struct Turn {
     message: String,
     redacted: Vec<String>,
     started: Instant,
+    /// When the Converse must be over (ENGRAM_CONVERSE_MAX_DURATION after it arrived).
+    ends: tokio::time::Instant,
     timings: pb::ConverseTimings,
     events: mpsc::Sender<Result<pb::ConverseEvent, Status>>,
 }
 
 impl Turn {
-    /// Send an event; false if the client is gone.
+    /// Send an event; false if the client is gone, or stopped reading until the Converse's
+    /// time ran out.
     async fn send(&self, e: pb::converse_event::Event) -> bool {
-        self.events.send(event(e)).await.is_ok()
+        let sent = tokio::time::timeout_at(self.ends, self.events.send(event(e))).await;
+        matches!(sent, Ok(Ok(())))
     }
 }
+
+/// How long past its end a Converse's task may take to send its last event and finish.
+const WIND_DOWN: Duration = Duration::from_secs(5);
 
 /// The gRPC service: each Converse runs as its own task, feeding the response stream.
 pub struct ChatEndpoint(pub Arc<Chat>);
@@ -197,17 +204,21 @@ impl ChatService for ChatEndpoint {
             ..Default::default()
         };
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let ends = tokio::time::Instant::now() + chat.max_duration;
         let turn = Turn {
             tenant,
             command,
             message,
             redacted: found.iter().map(|k| k.as_str().to_string()).collect(),
             started,
+            ends,
             timings,
             events,
         };
         tokio::spawn(async move {
-            chat.run(turn).await;
+            // Every wait inside is bounded by `ends`; this bounds the rest (recall, opening the
+            // model's stream) too.
+            let _ = tokio::time::timeout_at(ends + WIND_DOWN, chat.run(turn)).await;
             drop(slot);
         });
         Ok(Response::new(Box::pin(
@@ -352,7 +363,7 @@ impl Chat {
             .max_tokens
             .unwrap_or(validate::MAX_ANSWER_TOKENS) as usize;
         let mut answered = 0;
-        let ends = tokio::time::Instant::from_std(turn.started + self.max_duration);
+        let ends = turn.ends;
         loop {
             let chunk = tokio::select! {
                 chunk = stream.next() => chunk,
@@ -372,11 +383,18 @@ impl Chat {
             match chunk {
                 None => break,
                 Some(Ok(ChatChunk::Delta(delta))) => {
+                    // Nothing past the cap is sent: the answer stops before the delta that
+                    // would cross it.
+                    let cost = tokens.count(&delta);
+                    if answered + cost > cap {
+                        finish = "length".into();
+                        break;
+                    }
+                    answered += cost;
                     if text.is_empty() {
                         turn.timings.first_token_us = micros(turn.started);
                     }
                     text.push_str(&delta);
-                    answered += tokens.count(&delta);
                     let sent = turn
                         .send(pb::converse_event::Event::Delta(pb::DeltaEvent {
                             text: delta,
@@ -384,11 +402,6 @@ impl Chat {
                         .await;
                     if !sent {
                         return Answer::Abandoned;
-                    }
-                    if answered >= cap {
-                        // Dropping the stream cancels the rest upstream.
-                        finish = "length".into();
-                        break;
                     }
                 }
                 Some(Ok(ChatChunk::Finish(reason))) => finish = reason,

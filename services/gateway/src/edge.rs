@@ -42,6 +42,8 @@ pub struct EdgeConfig {
     /// The rate of the anonymous caller when authentication is off (keys carry their own).
     pub anonymous_rate: Rate,
     pub max_in_flight: usize,
+    /// Longest a streaming call (Converse) keeps its place in flight.
+    pub stream_hold: Duration,
     /// Deadline of a call whose client sent none (or a later one), by method.
     pub deadlines: Deadlines,
 }
@@ -289,6 +291,7 @@ where
                 left.min(state.config.deadlines.of(&method))
             });
         let expires = Instant::now() + budget;
+        let streams = method == "Converse";
         request.extensions_mut().insert(caller);
         let work = self.inner.call(request);
         Box::pin(async move {
@@ -296,9 +299,13 @@ where
             let outcome =
                 tokio::time::timeout_at(expires, deadline::scope(Some(expires), work)).await;
             match outcome {
-                // The call stays in flight until its body is sent: a stream (Converse) counts
-                // for its whole life.
-                Ok(Ok(response)) => Ok(response.map(|body| Body::new(held.around(body)))),
+                // A stream (Converse) stays in flight until its body ends, or at most
+                // `stream_hold` if its client stops reading; a unary call until its answer.
+                Ok(Ok(response)) if streams => {
+                    let hold = state.config.stream_hold;
+                    Ok(response.map(|body| Body::new(held.around(body, hold))))
+                }
+                Ok(Ok(response)) => Ok(response),
                 Ok(Err(never)) => match never {},
                 Err(_) => Ok(state.reject(
                     "deadline",
@@ -327,8 +334,17 @@ impl Held {
         }
     }
 
-    fn around(self, body: Body) -> HeldBody {
-        HeldBody { body, _held: self }
+    /// `body`, holding this place until it ends or is dropped, or for `at_most`.
+    fn around(self, body: Body, at_most: Duration) -> HeldBody {
+        let held = Arc::new(Mutex::new(Some(self)));
+        let expiry = Arc::downgrade(&held);
+        tokio::spawn(async move {
+            tokio::time::sleep(at_most).await;
+            if let Some(held) = expiry.upgrade() {
+                held.lock().take();
+            }
+        });
+        HeldBody { body, _held: held }
     }
 }
 
@@ -341,7 +357,7 @@ impl Drop for Held {
 /// A response body that keeps its call in flight until it ends or is dropped.
 struct HeldBody {
     body: Body,
-    _held: Held,
+    _held: Arc<Mutex<Option<Held>>>,
 }
 
 impl http_body::Body for HeldBody {

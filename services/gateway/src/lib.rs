@@ -47,6 +47,10 @@ pub const SERVICE_NAME: &str = "gateway";
 /// have their own, smaller bounds (see [`bounds`]).
 pub const MAX_PUBLIC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
+/// How long past `ENGRAM_CONVERSE_MAX_DURATION` a stream whose client stopped reading keeps its
+/// place in flight.
+const STREAM_HOLD_GRACE: Duration = Duration::from_secs(10);
+
 /// Largest response: what the server builds from stored memories (a Get of 1,000, a List
 /// page) rather than what a caller sends, so it keeps the earlier, larger bound.
 pub const MAX_PUBLIC_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
@@ -252,6 +256,18 @@ impl EdgeArgs {
         if self.max_in_flight == 0 {
             return Err(Error::invalid("ENGRAM_MAX_IN_FLIGHT", "must be at least 1"));
         }
+        if self.converse_max_streams == 0 {
+            return Err(Error::invalid(
+                "ENGRAM_CONVERSE_MAX_STREAMS",
+                "must be at least 1",
+            ));
+        }
+        if self.converse_max_duration.is_zero() {
+            return Err(Error::invalid(
+                "ENGRAM_CONVERSE_MAX_DURATION",
+                "must be more than 0",
+            ));
+        }
         if self.api_keys_file.is_some() && self.api_keys.is_some() {
             return Err(Error::invalid(
                 "ENGRAM_API_KEYS",
@@ -302,6 +318,9 @@ impl EdgeArgs {
             },
             max_in_flight: self.max_in_flight,
             deadlines: self.deadlines()?,
+            // A stream's place in flight is given back at its end or, if its client stops
+            // reading, a grace period after the stream's own limit.
+            stream_hold: self.converse_max_duration + STREAM_HOLD_GRACE,
         })
     }
 }

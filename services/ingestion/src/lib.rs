@@ -765,7 +765,10 @@ impl Ingestion for Pipeline {
                 .enumerate()
                 .try_for_each(|(i, memory)| self.guard(privacy, &format!("memories[{i}]"), memory))
         };
-        let bytes: usize = memories.iter().map(|m| m.text.len()).sum();
+        let bytes: usize = memories
+            .iter()
+            .map(|m| m.text.len() + m.metadata.values().map(String::len).sum::<usize>())
+            .sum();
         if privacy != PrivacyMode::Off && bytes > SCAN_IN_PLACE_BYTES {
             // Scanning a large batch takes milliseconds to seconds of CPU: let the runtime
             // move this worker's other tasks elsewhere meanwhile.

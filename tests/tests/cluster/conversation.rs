@@ -835,7 +835,7 @@ async fn an_answer_ends_at_its_token_cap_whatever_the_model_does() {
     .await;
     let answered = deltas(&events);
     let words = answered.split_whitespace().count();
-    assert!((20..=25).contains(&words), "{words} words: {answered:?}");
+    assert!((15..=20).contains(&words), "{words} words: {answered:?}");
     match events.last() {
         Some(pb::converse_event::Event::Done(done)) => assert_eq!(done.finish_reason, "length"),
         other => panic!("expected done last, got {other:?}"),
