@@ -65,9 +65,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `engram up` with no `--data-dir` (so `./data` in `cwd`), every service on a free port and
-/// its Redis on `redis_port`; returns once the banner says it serves.
-async fn engram_up(cwd: &std::path::Path, redis_port: u16) -> (std::process::Child, Banner) {
+/// `engram up` in `cwd` with no `--data-dir` (so `./data` there), every service on a free
+/// port, and neither ENGRAM_DATA_DIR nor ENGRAM_REDIS_URL from this environment.
+fn up_command(cwd: &std::path::Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_engram"));
     command.current_dir(cwd).arg("up");
     for service in ["gateway", "retrieval", "ingestion", "embedding"] {
@@ -77,10 +77,34 @@ async fn engram_up(cwd: &std::path::Path, redis_port: u16) -> (std::process::Chi
             .arg(format!("--{service}-admin-listen"))
             .arg(LOOPBACK_ANY_PORT);
     }
-    let mut child = command
-        .args(["--redis-port", &redis_port.to_string(), "--log", "warn"])
+    command
         .env_remove("ENGRAM_DATA_DIR")
-        .env_remove("ENGRAM_REDIS_URL")
+        .env_remove("ENGRAM_REDIS_URL");
+    command
+}
+
+/// Ask `child` to stop, as an operator or Kubernetes would (SIGTERM).
+fn sigterm(child: &std::process::Child) {
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+}
+
+/// Wait for `child` to exit and expect exit code 0.
+async fn exits_zero(mut child: std::process::Child) {
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "engram up exited with {status}");
+}
+
+/// [`up_command`] with its Redis on `redis_port`; returns once the banner says it serves.
+async fn engram_up(cwd: &std::path::Path, redis_port: u16) -> (std::process::Child, Banner) {
+    let mut child = up_command(cwd)
+        .args(["--redis-port", &redis_port.to_string(), "--log", "warn"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -130,7 +154,7 @@ async fn started(admin: SocketAddr, method: &str) -> u64 {
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let cwd = tempfile::tempdir().unwrap();
     let redis_port = free_port();
-    let (mut child, banner) = engram_up(cwd.path(), redis_port).await;
+    let (child, banner) = engram_up(cwd.path(), redis_port).await;
     // The relative default was resolved once, against the working directory.
     let data = std::fs::canonicalize(cwd.path()).unwrap().join("data");
     assert_eq!(banner.data.as_deref(), data.to_str());
@@ -168,11 +192,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     while started(banner.gateway_admin, "Remember").await < REQUESTS {
         tokio::task::yield_now().await;
     }
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    sigterm(&child);
 
     for request in in_flight {
         let response = request
@@ -187,11 +207,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
                 .all(|r| r.status() == pb::WriteStatus::Created)
         );
     }
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "engram up exited with {status}");
+    exits_zero(child).await;
 
     // The drained process left a consistent store behind.
     assert!(
@@ -255,7 +271,7 @@ async fn after_sigkill_it_starts_again_on_the_same_directory_with_every_acknowle
     child.kill().unwrap();
     let _ = child.wait();
 
-    let (mut child, banner) = engram_up(cwd.path(), redis_port).await;
+    let (child, banner) = engram_up(cwd.path(), redis_port).await;
     let mut client = MemoryServiceClient::connect(format!("http://{}", banner.gateway))
         .await
         .unwrap();
@@ -273,16 +289,8 @@ async fn after_sigkill_it_starts_again_on_the_same_directory_with_every_acknowle
         assert_eq!(found, *ids, "acknowledged writes missing after the restart");
     }
     drop(client);
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "engram up exited with {status}");
+    sigterm(&child);
+    exits_zero(child).await;
     assert!(
         port_is_free(redis_port).await,
         "engram up left its Redis running"
@@ -293,7 +301,7 @@ async fn after_sigkill_it_starts_again_on_the_same_directory_with_every_acknowle
 async fn a_second_engram_up_on_the_same_directory_is_refused_and_the_first_serves_on() {
     let cwd = tempfile::tempdir().unwrap();
     let redis_port = free_port();
-    let (mut first, banner) = engram_up(cwd.path(), redis_port).await;
+    let (first, banner) = engram_up(cwd.path(), redis_port).await;
     let mut client = MemoryServiceClient::connect(format!("http://{}", banner.gateway))
         .await
         .unwrap();
@@ -315,19 +323,8 @@ async fn a_second_engram_up_on_the_same_directory_is_refused_and_the_first_serve
         .into_inner();
 
     // Same directory, its own ports: refused before it touches the Redis or the index.
-    let mut second = Command::new(env!("CARGO_BIN_EXE_engram"));
-    second.current_dir(cwd.path()).arg("up");
-    for service in ["gateway", "retrieval", "ingestion", "embedding"] {
-        second
-            .arg(format!("--{service}-listen"))
-            .arg(LOOPBACK_ANY_PORT)
-            .arg(format!("--{service}-admin-listen"))
-            .arg(LOOPBACK_ANY_PORT);
-    }
-    let refused = second
+    let refused = up_command(cwd.path())
         .args(["--redis-port", &redis_port.to_string()])
-        .env_remove("ENGRAM_DATA_DIR")
-        .env_remove("ENGRAM_REDIS_URL")
         .output()
         .unwrap();
     assert!(!refused.status.success());
@@ -345,16 +342,8 @@ async fn a_second_engram_up_on_the_same_directory_is_refused_and_the_first_serve
         .memories;
     assert_eq!(found.len(), 1);
     drop(client);
-    let kill = Command::new("kill")
-        .args(["-TERM", &first.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::task::spawn_blocking(move || first.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "engram up exited with {status}");
+    sigterm(&first);
+    exits_zero(first).await;
 }
 
 #[test]
@@ -372,18 +361,8 @@ fn a_password_in_the_redis_url_is_never_printed() {
     assert!(!help.contains("hunter2"), "{help}");
 
     // A URL the Redis client refuses: the error names the setting and shows the URL redacted.
-    let mut command = Command::new(env!("CARGO_BIN_EXE_engram"));
-    command.current_dir(cwd.path()).arg("up");
-    for service in ["gateway", "retrieval", "ingestion", "embedding"] {
-        command
-            .arg(format!("--{service}-listen"))
-            .arg(LOOPBACK_ANY_PORT)
-            .arg(format!("--{service}-admin-listen"))
-            .arg(LOOPBACK_ANY_PORT);
-    }
-    let failed = command
+    let failed = up_command(cwd.path())
         .env("ENGRAM_REDIS_URL", secret_url)
-        .env_remove("ENGRAM_DATA_DIR")
         .output()
         .unwrap();
     assert!(!failed.status.success());
