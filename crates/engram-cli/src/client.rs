@@ -120,7 +120,7 @@ pub struct RecallArgs {
     /// Down-weight older memories: one this old scores half (e.g. 7d).
     #[arg(long, value_parser = engram_domain::parse_duration)]
     half_life: Option<Duration>,
-    /// Drop hits scoring below this.
+    /// Drop hits whose relevance (0..1, shown by --explain) is below this.
     #[arg(long)]
     min_score: Option<f32>,
     /// Say why each hit ranks where it does.
@@ -242,6 +242,15 @@ pub struct LocomoArgs {
     /// How many memories each question retrieves (1..=100).
     #[arg(long, short = 'k', default_value_t = 10)]
     k: u32,
+    /// Also write every question's HYBRID candidates with their per-strategy ranks and scores
+    /// (JSON lines) to this file, to study fusion offline.
+    #[arg(long, value_name = "FILE")]
+    candidates: Option<std::path::PathBuf>,
+    /// Also cross-validate: choose the fusion's dense share, the relevance models and the
+    /// context floor on all but one fold of the conversations and score the held-out fold,
+    /// for each fold (5 with the five shared conversations: one held out at a time).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(2..=100))]
+    folds: Option<u32>,
 }
 
 /// Ingest the conversations (idempotently), ask their questions in every mode, report.
@@ -258,7 +267,29 @@ pub async fn eval_locomo(args: LocomoArgs) -> Result<(), Failure> {
             started.elapsed().as_secs_f64()
         );
     }
-    let report = engram_cli::eval::evaluate(&mut client, &conversations, args.k).await?;
+    let candidates = if args.candidates.is_some() || args.folds.is_some() {
+        engram_cli::eval::candidates(&mut client, &conversations).await?
+    } else {
+        Vec::new()
+    };
+    if let Some(path) = &args.candidates {
+        let mut text = String::new();
+        for question in &candidates {
+            text += &serde_json::to_string(question)
+                .map_err(|e| Status::internal(format!("encoding candidates: {e}")))?;
+            text.push('\n');
+        }
+        std::fs::write(path, text)
+            .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+    }
+    let mut report = engram_cli::eval::evaluate(&mut client, &conversations, args.k).await?;
+    if let Some(folds) = args.folds {
+        report.cross_validation = Some(engram_cli::crossval::run(
+            &candidates,
+            args.k,
+            folds as usize,
+        ));
+    }
     if args.connection.json {
         let json = serde_json::to_string_pretty(&report)
             .map_err(|e| Status::internal(format!("encoding the report: {e}")))?;

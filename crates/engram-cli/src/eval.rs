@@ -11,7 +11,10 @@
 //! evidence turns: recall@k (any evidence turn in the top k), all-recall@k (every one of
 //! them), MRR (of the first evidence turn, 0 beyond k), and the client-side Recall latency
 //! (every question is embedded once beforehand, so each mode is timed with the query
-//! embedding cached).
+//! embedding cached). `--json` adds every scored question with the rank of each of its evidence
+//! turns in each mode. [`candidates`] asks every question (category 5 too) once more per mode
+//! with an explanation, for `--candidates FILE` and the cross-validation of `--folds`
+//! ([`crate::crossval`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -285,6 +288,21 @@ pub struct Report {
     pub turns: usize,
     pub questions: usize,
     pub modes: Vec<ModeReport>,
+    /// Every scored question, with the rank of each evidence turn in each mode.
+    pub results: Vec<QuestionResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cross_validation: Option<crate::crossval::CrossValidation>,
+}
+
+/// One scored question: the 1-based rank of each of its evidence turns in each mode's top k
+/// (`null` beyond it).
+#[derive(Debug, Clone, Serialize)]
+pub struct QuestionResult {
+    pub conversation: String,
+    pub question: String,
+    pub category: u32,
+    pub evidence: Vec<String>,
+    pub ranks: BTreeMap<&'static str, Vec<Option<usize>>>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -302,6 +320,7 @@ pub async fn evaluate(
     k: u32,
 ) -> Result<Report, Status> {
     let mut modes = Vec::new();
+    let mut results: Vec<QuestionResult> = Vec::new();
     // Embed every question once first, so that each mode's latency has the same (cached)
     // query embedding cost rather than the first mode paying for all of them.
     for conversation in conversations {
@@ -324,8 +343,9 @@ pub async fn evaluate(
     // Category 5 and the few questions without evidence turns cannot be scored.
     let scored =
         |q: &&Question| !q.evidence.is_empty() && CATEGORIES.iter().any(|(c, _)| *c == q.category);
-    for (mode, mode_name) in MODES {
+    for (mode_index, (mode, mode_name)) in MODES.into_iter().enumerate() {
         let mut overall = Tally::default();
+        let mut question_index = 0;
         let mut by_category: BTreeMap<u32, Tally> = BTreeMap::new();
         let mut latencies = Vec::new();
         for conversation in conversations {
@@ -363,6 +383,19 @@ pub async fn evaluate(
                     .map(|e| found.iter().position(|f| f == e).map(|i| i + 1))
                     .collect();
                 overall.add(&ranks);
+                if mode_index == 0 {
+                    results.push(QuestionResult {
+                        conversation: conversation.name.clone(),
+                        question: question.question.clone(),
+                        category: question.category,
+                        evidence: question.evidence.clone(),
+                        ranks: BTreeMap::new(),
+                    });
+                }
+                results[question_index]
+                    .ranks
+                    .insert(mode_name, ranks.clone());
+                question_index += 1;
                 by_category
                     .entry(question.category)
                     .or_default()
@@ -395,7 +428,110 @@ pub async fn evaluate(
         turns: conversations.iter().map(|c| c.turns.len()).sum(),
         questions: modes.first().map_or(0, |m| m.overall.questions),
         modes,
+        results,
+        cross_validation: None,
     })
+}
+
+/// One candidate of a question, as HYBRID explains it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    pub dia_id: String,
+    pub dense_rank: u32,
+    pub dense_score: f32,
+    pub keyword_rank: u32,
+    pub keyword_score: f32,
+    pub temporal_rank: u32,
+    pub temporal_score: f32,
+    pub entity_rank: u32,
+    pub entity_score: f32,
+    pub score: f32,
+}
+
+/// A question and every candidate HYBRID found for it, for studying fusion offline.
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidates {
+    pub conversation: String,
+    pub question: String,
+    pub category: u32,
+    pub evidence: Vec<String>,
+    pub candidates: Vec<Candidate>,
+}
+
+/// Every question of `conversations` (category 5 too) asked in each mode with an explanation
+/// and the largest `top_k`: the dense and keyword rankings whole (SEMANTIC, KEYWORD) and the
+/// temporal and entity ranks of HYBRID's hits, merged by turn.
+pub async fn candidates(
+    client: &mut crate::Client,
+    conversations: &[Conversation],
+) -> Result<Vec<Candidates>, Status> {
+    let mut out = Vec::new();
+    for conversation in conversations {
+        for question in &conversation.questions {
+            let mut merged: BTreeMap<String, Candidate> = BTreeMap::new();
+            for (mode, _) in MODES {
+                let response = client
+                    .recall(pb::RecallRequest {
+                        scope: Some(pb::Scope {
+                            user_id: user(conversation),
+                            ..Default::default()
+                        }),
+                        query: question.question.clone(),
+                        top_k: 100,
+                        mode: mode.into(),
+                        bypass_cache: true,
+                        explain: true,
+                        request_time: Some(engram_domain::convert::timestamp(conversation.end)),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                for hit in response.hits {
+                    let e = hit.explanation.unwrap_or_default();
+                    let dia_id = hit
+                        .memory
+                        .as_ref()
+                        .and_then(|m| m.metadata.get("dia_id"))
+                        .cloned()
+                        .unwrap_or_default();
+                    let c = merged.entry(dia_id.clone()).or_insert(Candidate {
+                        dia_id,
+                        dense_rank: 0,
+                        dense_score: 0.0,
+                        keyword_rank: 0,
+                        keyword_score: 0.0,
+                        temporal_rank: 0,
+                        temporal_score: 0.0,
+                        entity_rank: 0,
+                        entity_score: 0.0,
+                        score: 0.0,
+                    });
+                    match mode {
+                        pb::SearchMode::Semantic => {
+                            (c.dense_rank, c.dense_score) = (e.dense_rank, e.dense_score)
+                        }
+                        pb::SearchMode::Keyword => {
+                            (c.keyword_rank, c.keyword_score) = (e.keyword_rank, e.keyword_score)
+                        }
+                        _ => {
+                            (c.temporal_rank, c.temporal_score) =
+                                (e.temporal_rank, e.temporal_score);
+                            (c.entity_rank, c.entity_score) = (e.entity_rank, e.entity_score);
+                            c.score = hit.score;
+                        }
+                    }
+                }
+            }
+            out.push(Candidates {
+                conversation: conversation.name.clone(),
+                question: question.question.clone(),
+                category: question.category,
+                evidence: question.evidence.clone(),
+                candidates: merged.into_values().collect(),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// The report as a table.
@@ -434,6 +570,10 @@ pub fn table(report: &Report) -> String {
             "{:<9} {:>7.2} {:>7.2} {:>7.2}\n",
             mode.mode, mode.latency.p50_ms, mode.latency.p95_ms, mode.latency.p99_ms
         );
+    }
+    if let Some(cv) = &report.cross_validation {
+        out += "\n";
+        out += &crate::crossval::table(cv);
     }
     out
 }

@@ -9,6 +9,7 @@ use engram_proto::tonic::transport::Channel;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
 
 pub mod cluster;
+pub mod crossval;
 pub mod eval;
 pub mod loadtest;
 pub mod redis;

@@ -125,7 +125,7 @@ pub fn recall(response: &pb::RecallResponse, json_output: bool) {
             .hits
             .iter()
             .map(|h| {
-                let mut hit = json!({"score": h.score, "memory": h.memory.as_ref().map(view)});
+                let mut hit = json!({"score": h.score, "relevance": h.relevance, "memory": h.memory.as_ref().map(view)});
                 if let Some(e) = &h.explanation {
                     hit["explanation"] = json!({
                         "dense_rank": e.dense_rank, "dense_score": e.dense_score,
@@ -173,9 +173,10 @@ pub fn recall(response: &pb::RecallResponse, json_output: bool) {
             .map(|(name, rank, score)| format!("{name} #{rank} ({score:.3})"))
             .collect();
             println!(
-                "      {} · fused {:.3} · recency ×{:.3} · importance ×{:.3}",
+                "      {} · fused {:.3} · relevance {:.3} · recency ×{:.3} · importance ×{:.3}",
                 ranks.join(" · "),
                 e.fused_score,
+                hit.relevance,
                 e.recency_factor,
                 e.importance_factor
             );

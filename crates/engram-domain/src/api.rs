@@ -181,7 +181,11 @@ pub struct Explanation {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hit {
     pub memory: Memory,
+    /// Orders the hits: the fused (HYBRID) or the strategy's own score, × recency × importance.
     pub score: f32,
+    /// How likely the memory is to be what the query is after, in [0, 1], comparable across
+    /// queries and modes (`min_score` applies to it).
+    pub relevance: f32,
     pub explanation: Option<Explanation>,
 }
 

@@ -185,6 +185,7 @@ pub fn hit(h: &crate::api::Hit) -> pb::Hit {
     pb::Hit {
         memory: Some(memory(&h.memory)),
         score: h.score,
+        relevance: h.relevance,
         explanation: h.explanation.map(|e| pb::Explanation {
             dense_rank: e.dense_rank,
             dense_score: e.dense_score,
@@ -226,6 +227,7 @@ pub fn recall_result_from_pb(r: pb::RecallResponse, tenant: &TenantId) -> Result
                 Ok(Hit {
                     memory: memory_from_pb(h.memory.unwrap_or_default(), tenant)?,
                     score: h.score,
+                    relevance: h.relevance,
                     explanation: h.explanation.map(|e| Explanation {
                         dense_rank: e.dense_rank,
                         dense_score: e.dense_score,

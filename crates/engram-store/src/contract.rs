@@ -10,8 +10,8 @@ use engram_domain::api::{IndexOp, IndexWrites, IndexedMemory};
 use engram_domain::model::{Filter, Kind, Memory, MemoryId, NewMemory, Scope, TenantId, Timestamp};
 
 use crate::{
-    EdgeStore, EdgeStoreConfig, Keywords, Prefetch, RemoteStore, RemoteStoreConfig, Selection,
-    StoreQuery, VectorStore,
+    EdgeStore, EdgeStoreConfig, Keywords, RemoteStore, RemoteStoreConfig, Selection, StoreQuery,
+    VectorStore,
 };
 
 pub const DIM: usize = 8;
@@ -118,7 +118,6 @@ contract_tests!(
     filters_select_by_kind_tags_and_time,
     keyword_search_ranks_rare_shared_terms_first,
     duplicates_are_found_within_the_exact_scope,
-    fused_search_ranks_as_weighted_rrf_of_its_lists,
 );
 
 pub async fn search_is_confined_to_tenant_and_user(store: &dyn VectorStore) {
@@ -382,104 +381,6 @@ pub async fn duplicates_are_found_within_the_exact_scope(store: &dyn VectorStore
     assert!(
         store
             .find_duplicates(&t, &other_scope, vec![m.content_hash.clone()], vec![])
-            .await
-            .unwrap()
-            .is_empty()
-    );
-}
-
-/// The engine's fusion (one request with prefetches) gives the order and scores of weighted
-/// reciprocal rank fusion computed from the separate lists, `Σ 1 / (rank / weight + k - 1)`.
-pub async fn fused_search_ranks_as_weighted_rrf_of_its_lists(store: &dyn VectorStore) {
-    let t = tenant("t");
-    let texts = [
-        "hiking the ridge trail at dawn",
-        "the ridge was windy",
-        "a quiet morning with coffee",
-        "dawn patrol surf session",
-        "trail running shoes on sale",
-        "reading on the porch",
-    ];
-    let memories: Vec<Memory> = texts.iter().map(|x| memory(&t, "u", x)).collect();
-    let ops = memories
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            // Distinct similarities to the query vector below.
-            let mut dense = vec![0.0; DIM];
-            dense[0] = 1.0;
-            dense[1] = i as f32 * 0.4;
-            IndexOp::Upsert(Box::new(IndexedMemory {
-                memory: m.clone(),
-                dense,
-                sparse: Keywords::new().document(&m.text),
-            }))
-        })
-        .collect();
-    store.apply(&t, IndexWrites { ops }).await.unwrap();
-    let dense = StoreQuery::Dense(unit(0));
-    let keywords = StoreQuery::Keywords(Keywords::new().query("ridge trail dawn"));
-    let (w_dense, w_keyword, k) = (1.0f32, 0.5f32, 61u32);
-    let lists = [
-        (
-            store
-                .search(&selection(&t, "u"), dense.clone(), 10)
-                .await
-                .unwrap(),
-            w_dense,
-        ),
-        (
-            store
-                .search(&selection(&t, "u"), keywords.clone(), 10)
-                .await
-                .unwrap(),
-            w_keyword,
-        ),
-    ];
-    let mut expected: Vec<(MemoryId, f32)> = Vec::new();
-    for (list, weight) in &lists {
-        for (i, hit) in list.iter().enumerate() {
-            let score = 1.0 / ((i + 1) as f32 / weight + k as f32 - 1.0);
-            match expected.iter_mut().find(|(id, _)| *id == hit.memory.id) {
-                Some(entry) => entry.1 += score,
-                None => expected.push((hit.memory.id, score)),
-            }
-        }
-    }
-    expected.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let prefetch = |query, weight| Prefetch {
-        selection: selection(&t, "u"),
-        query,
-        weight,
-        limit: 10,
-    };
-    let fused = store
-        .search_fused(
-            vec![prefetch(dense, w_dense), prefetch(keywords, w_keyword)],
-            k,
-            10,
-        )
-        .await
-        .unwrap();
-    assert_eq!(fused.len(), expected.len());
-    for (hit, (id, score)) in fused.iter().zip(&expected) {
-        assert!((hit.score - score).abs() < 1e-6, "{} vs {score}", hit.score);
-        // Equal scores may come in either order.
-        let tied = expected
-            .iter()
-            .any(|(other, s)| other == &hit.memory.id && (s - score).abs() < 1e-6);
-        assert!(hit.memory.id == *id || tied, "{fused:?} vs {expected:?}");
-    }
-    // Other users' memories never come back through a prefetch.
-    let stranger = Prefetch {
-        selection: selection(&t, "v"),
-        query: StoreQuery::Dense(unit(0)),
-        weight: 1.0,
-        limit: 10,
-    };
-    assert!(
-        store
-            .search_fused(vec![stranger], k, 10)
             .await
             .unwrap()
             .is_empty()

@@ -36,11 +36,9 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{StoreError, StoreResult};
 use crate::{
-    DENSE, KEYWORDS, Prefetch, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore,
-    check_dimension, check_point, filter, payload,
+    DENSE, KEYWORDS, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, check_dimension,
+    check_point, filter, payload,
 };
-use qdrant_edge::external::ordered_float::OrderedFloat;
-use qdrant_edge::{Fusion, Prefetch as EdgePrefetch};
 
 #[derive(Debug, Clone)]
 pub struct EdgeStoreConfig {
@@ -585,51 +583,6 @@ impl VectorStore for EdgeStore {
         let tenant = tenant.clone();
         self.blocking("apply", move |inner| inner.apply(&tenant, writes.ops))
             .await
-    }
-
-    async fn search_fused(
-        &self,
-        prefetches: Vec<Prefetch>,
-        k: u32,
-        limit: usize,
-    ) -> StoreResult<Vec<ScoredMemory>> {
-        let mut sources = Vec::new();
-        let mut weights = Vec::new();
-        for prefetch in prefetches {
-            let Some((vector, using)) = self.vector(prefetch.query)? else {
-                continue;
-            };
-            weights.push(OrderedFloat(prefetch.weight));
-            sources.push(EdgePrefetch {
-                prefetches: vec![],
-                query: Some(ScoringQuery::Vector(QueryEnum::Nearest(NamedQuery {
-                    query: vector,
-                    using: Some(using.to_string()),
-                }))),
-                limit: prefetch.limit,
-                params: None,
-                filter: Some(filter::selection(&prefetch.selection).to_edge()),
-                score_threshold: None,
-            });
-        }
-        if sources.is_empty() {
-            return Ok(Vec::new());
-        }
-        let query = QueryRequest {
-            prefetches: sources,
-            query: Some(ScoringQuery::Fusion(Fusion::Rrf {
-                k: k as usize,
-                weights: Some(weights),
-            })),
-            filter: None,
-            score_threshold: None,
-            limit,
-            offset: 0,
-            params: None,
-            with_vector: WithVector::Bool(false),
-            with_payload: WithPayloadInterface::Bool(true),
-        };
-        self.run_query(query).await
     }
 
     async fn search(

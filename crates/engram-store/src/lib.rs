@@ -78,16 +78,6 @@ pub struct Selection {
     pub filter: Filter,
 }
 
-/// One ranked list of a fused search: memories of `selection` ranked by `query`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Prefetch {
-    pub selection: Selection,
-    pub query: StoreQuery,
-    pub weight: f32,
-    /// How many of the best the list keeps.
-    pub limit: usize,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoredMemory {
     pub memory: Memory,
@@ -116,28 +106,6 @@ pub trait VectorStore: Send + Sync + 'static {
         query: StoreQuery,
         limit: usize,
     ) -> StoreResult<Vec<ScoredMemory>>;
-
-    /// Whether [`Self::search_fused`] fuses in the engine (one request for a whole HYBRID
-    /// search); callers fuse the lists themselves otherwise.
-    fn fuses(&self) -> bool {
-        false
-    }
-
-    /// The `limit` best memories by weighted reciprocal rank fusion of the `prefetches`, done in
-    /// the engine: score `Σ 1 / (rank / weight + k - 1)` (Qdrant's formula). Only for a store
-    /// whose [`Self::fuses`] is true.
-    async fn search_fused(
-        &self,
-        prefetches: Vec<Prefetch>,
-        k: u32,
-        limit: usize,
-    ) -> StoreResult<Vec<ScoredMemory>> {
-        let _ = (prefetches, k, limit);
-        Err(StoreError::Engine {
-            operation: "search_fused",
-            message: "this store does not fuse in the engine".into(),
-        })
-    }
 
     /// Memories of `tenant` with these ids (in no particular order; missing ones are absent).
     async fn get(&self, tenant: &TenantId, ids: &[MemoryId]) -> StoreResult<Vec<Memory>>;

@@ -8,8 +8,8 @@
 //! vector of another dimension is refused at start-up with the same message as the embedded
 //! store. Upserts go in batches and every write waits for the server to apply it (`wait`), so a
 //! write is searchable when `apply` returns. Filters come from [`crate::filter`], the same
-//! conditions the embedded store uses. A HYBRID search without `explain` is one request: each
-//! strategy a prefetch, fused on the server by weighted RRF ([`VectorStore::search_fused`]).
+//! conditions the embedded store uses. Each strategy of a HYBRID search is its own request (in
+//! parallel); retrieval fuses their scores, the same way for every backend.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -21,17 +21,16 @@ use qdrant_client::qdrant::{
     self, Condition, CountPointsBuilder, CreateCollectionBuilder,
     CreateFieldIndexCollectionBuilder, DeletePointsBuilder, Distance, FieldType,
     IntegerIndexParamsBuilder, KeywordIndexParamsBuilder, Modifier, NamedVectors, PointStruct,
-    PrefetchQueryBuilder, QueryPointsBuilder, Rrf, ScrollPointsBuilder, SparseVectorParamsBuilder,
-    SparseVectorsConfigBuilder, UpsertPointsBuilder, Vector, VectorInput, VectorParamsBuilder,
-    VectorsConfigBuilder,
+    QueryPointsBuilder, ScrollPointsBuilder, SparseVectorParamsBuilder, SparseVectorsConfigBuilder,
+    UpsertPointsBuilder, Vector, VectorInput, VectorParamsBuilder, VectorsConfigBuilder,
 };
 use qdrant_client::{Payload, Qdrant};
 
 use crate::error::{StoreError, StoreResult};
 use crate::filter::{Cond, Conditions};
 use crate::{
-    DENSE, KEYWORDS, Prefetch, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore,
-    check_dimension, check_point, filter, payload,
+    DENSE, KEYWORDS, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, check_dimension,
+    check_point, filter, payload,
 };
 
 /// Points per upsert request.
@@ -399,50 +398,6 @@ impl VectorStore for RemoteStore {
         }
         outcome.upserted += self.upsert(&mut pending).await?;
         Ok(outcome)
-    }
-
-    fn fuses(&self) -> bool {
-        true
-    }
-
-    async fn search_fused(
-        &self,
-        prefetches: Vec<Prefetch>,
-        k: u32,
-        limit: usize,
-    ) -> StoreResult<Vec<ScoredMemory>> {
-        let mut request = QueryPointsBuilder::new(&self.collection);
-        let mut weights = Vec::new();
-        for prefetch in prefetches {
-            let Some((input, using)) = self.input(prefetch.query)? else {
-                continue;
-            };
-            weights.push(prefetch.weight);
-            request = request.add_prefetch(
-                PrefetchQueryBuilder::default()
-                    .query(qdrant::Query::new_nearest(input))
-                    .using(using)
-                    .filter(to_filter(&filter::selection(&prefetch.selection)))
-                    .limit(prefetch.limit as u64),
-            );
-        }
-        if weights.is_empty() {
-            return Ok(Vec::new());
-        }
-        let response = self
-            .client
-            .query(
-                request
-                    .query(qdrant::Query::new_rrf(Rrf {
-                        k: Some(k),
-                        weights,
-                    }))
-                    .limit(limit as u64)
-                    .with_payload(true),
-            )
-            .await
-            .map_err(remote("fused search"))?;
-        scored(response.result)
     }
 
     async fn search(

@@ -148,6 +148,15 @@ pub struct EdgeArgs {
     /// fallback (DEADLINE_EXCEEDED).
     #[arg(long = "converse-max-duration", env = "ENGRAM_CONVERSE_MAX_DURATION", default_value = "5m", value_parser = parse_duration)]
     pub converse_max_duration: Duration,
+    /// Memories less relevant than this (Hit.relevance, 0..1) are left out of BuildContext and
+    /// Converse contexts, so a question about something never said gets no memories; 0 keeps
+    /// every recalled memory.
+    #[arg(
+        long = "context-min-relevance",
+        env = "ENGRAM_CONTEXT_MIN_RELEVANCE",
+        default_value_t = context::MIN_RELEVANCE
+    )]
+    pub context_min_relevance: f32,
 }
 
 impl Default for EdgeArgs {
@@ -166,6 +175,7 @@ impl Default for EdgeArgs {
             max_message_bytes: MAX_PUBLIC_MESSAGE_BYTES,
             converse_max_streams: 4,
             converse_max_duration: Duration::from_secs(300),
+            context_min_relevance: context::MIN_RELEVANCE,
         }
     }
 }
@@ -260,6 +270,12 @@ impl EdgeArgs {
             return Err(Error::invalid(
                 "ENGRAM_CONVERSE_MAX_STREAMS",
                 "must be at least 1",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.context_min_relevance) {
+            return Err(Error::invalid(
+                "ENGRAM_CONTEXT_MIN_RELEVANCE",
+                "must be between 0 and 1",
             ));
         }
         if self.converse_max_duration.is_zero() {
@@ -404,6 +420,7 @@ pub async fn serve(
         index: Arc::clone(&index),
         history: History::new(redis, config.common.history_ttl),
         tokens,
+        min_relevance: config.edge.context_min_relevance,
     });
     let chat = Arc::new(Chat {
         context: Arc::clone(&context),

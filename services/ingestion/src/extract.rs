@@ -201,10 +201,14 @@ impl Pipeline {
             kinds: vec![Kind::Fact],
             ..Filter::default()
         };
-        query.min_score = Some(DUPLICATE_SIMILARITY);
+        // The cosine itself (min_score would cut by relevance).
+        query.explain = true;
         query.bypass_cache = true;
         let found = self.index.search(tenant, query).await?;
-        Ok(!found.hits.is_empty())
+        Ok(found.hits.iter().any(|hit| {
+            hit.explanation
+                .is_some_and(|e| e.dense_score >= DUPLICATE_SIMILARITY)
+        }))
     }
 }
 

@@ -85,7 +85,7 @@ impl ResultCache {
         let normalized: Vec<&str> = query.query.split_whitespace().collect();
         // Debug output of these plain values is deterministic (ordered maps, no addresses).
         let material = format!(
-            "{tenant:?}|{:?}|{normalized:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{generations:?}",
+            "v2|{tenant:?}|{:?}|{normalized:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{generations:?}",
             query.scope,
             query.top_k,
             query.mode,

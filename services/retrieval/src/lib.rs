@@ -8,6 +8,7 @@
 //! scopes they touch unreachable.
 
 mod cache;
+pub mod fusion;
 mod search;
 
 use std::path::PathBuf;
@@ -29,7 +30,8 @@ use engram_runtime::server::{Listeners, ServiceRuntime};
 use engram_store::{EdgeStore, EdgeStoreConfig, Keywords, Selection, VectorStore};
 
 pub use cache::{ResultCache, ResultCacheConfig};
-pub use search::{FusionWeights, SearchMetrics};
+pub use fusion::FusionWeights;
+pub use search::SearchMetrics;
 
 pub const SERVICE_NAME: &str = "retrieval";
 
@@ -85,9 +87,9 @@ pub struct RetrievalArgs {
         default_value_t = 1
     )]
     pub qdrant_replication: u32,
-    /// How HYBRID fusion weighs each strategy (weighted reciprocal rank fusion), as
-    /// `dense=1,keyword=1,temporal=1,entity=1` (the default); a weight of 0 turns a strategy
-    /// off.
+    /// How HYBRID fusion weighs each strategy's normalised scores, as
+    /// `dense=0.45,keyword=0.55,temporal=0.45,entity=0` (the default; strategies left out keep
+    /// theirs); a weight of 0 turns a strategy off.
     #[arg(
         long = "fusion-weights",
         env = "ENGRAM_FUSION_WEIGHTS",

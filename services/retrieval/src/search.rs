@@ -12,13 +12,13 @@
 //!   memories: a name on every other message singles nothing out), by BM25.
 //!
 //! SEMANTIC runs dense alone and KEYWORD keyword alone; their base score is the strategy's own
-//! (cosine, BM25). HYBRID runs every strategy that applies and fuses them by weighted
-//! reciprocal rank fusion, `Σ 1 / (rank / weight + 60)` (Qdrant's formula, so a backend that
-//! fuses on the server ranks the same), scaled so that first place in every
-//! strategy that ran scores 1. The final score is `base × recency × importance`, where recency
-//! is `0.5^(age / half_life)` when the request gives a half-life (age from the request time)
-//! and importance is `0.75 + importance / 2` (1 for the default 0.5); then `min_score` and
-//! `top_k` apply.
+//! (cosine, BM25). HYBRID runs every strategy that applies and fuses their normalised scores
+//! by a weighted mean ([`crate::fusion`]), so first place in every strategy that ran scores 1.
+//! The final score is `base × recency × importance`, where recency is
+//! `0.5^(age / half_life)` when the request gives a half-life (age from the request time) and
+//! importance is `0.75 + importance / 2` (1 for the default 0.5). Every hit also carries a
+//! relevance in [0, 1] from its raw cosine and BM25 ([`crate::fusion::model`]), comparable
+//! across queries and modes; `min_score` applies to it, then `top_k`.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use engram_domain::api::{Explanation, Hit, Purpose, RecallQuery, RecallResult, Timings};
 use engram_domain::model::{Filter, MemoryId, SearchMode, TenantId, Timestamp};
 use engram_domain::{Error, Result};
-use engram_store::{Prefetch, ScoredMemory, Selection, StoreQuery};
+use engram_store::{ScoredMemory, Selection, StoreQuery};
 use engram_telemetry::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -36,90 +36,12 @@ use tracing::Instrument as _;
 use engram_text::temporal;
 
 use crate::Retrieval;
+use crate::fusion::{self, Evidence, FusionWeights};
 
 /// Candidates fetched from each strategy per requested hit, so fusion and rescoring can
 /// promote what one strategy ranks low.
 const OVERSAMPLE: u32 = 3;
 const MIN_CANDIDATES: u32 = 30;
-/// The rank constant of reciprocal rank fusion (the usual 60).
-const RRF_K: f32 = 60.0;
-
-/// One place's contribution: `1 / (rank / weight + K)`, which is Qdrant's weighted RRF with
-/// its `k` set to `K + 1` (0 for a weight of 0).
-fn rrf(rank: u32, weight: f32) -> f32 {
-    if weight <= 0.0 {
-        0.0
-    } else {
-        1.0 / (rank as f32 / weight + RRF_K)
-    }
-}
-
-/// How much each strategy counts in HYBRID fusion. Equal weights measured best on LoCoMo
-/// (BENCHMARKS.md); a weight of 0 turns a strategy off.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FusionWeights {
-    pub dense: f32,
-    pub keyword: f32,
-    pub temporal: f32,
-    pub entity: f32,
-}
-
-impl FusionWeights {
-    /// The weight of one strategy's list (a list the store already fused counts once).
-    fn of(&self, strategy: Strategy) -> f32 {
-        match strategy {
-            Strategy::Dense => self.dense,
-            Strategy::Keyword => self.keyword,
-            Strategy::Temporal => self.temporal,
-            Strategy::Entity => self.entity,
-            Strategy::Fused => 1.0,
-        }
-    }
-}
-
-impl std::str::FromStr for FusionWeights {
-    type Err = String;
-
-    /// `dense=1,keyword=1,temporal=1,entity=1`; strategies left out keep their default.
-    fn from_str(text: &str) -> std::result::Result<Self, String> {
-        let mut weights = Self::default();
-        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{part:?} is not strategy=weight"))?;
-            let value: f32 = value
-                .trim()
-                .parse()
-                .ok()
-                .filter(|v: &f32| v.is_finite() && *v >= 0.0)
-                .ok_or_else(|| format!("the weight of {name} must be a number >= 0"))?;
-            match name.trim() {
-                "dense" => weights.dense = value,
-                "keyword" => weights.keyword = value,
-                "temporal" => weights.temporal = value,
-                "entity" => weights.entity = value,
-                other => {
-                    return Err(format!(
-                        "unknown strategy {other:?} (dense, keyword, temporal, entity)"
-                    ));
-                }
-            }
-        }
-        Ok(weights)
-    }
-}
-
-impl Default for FusionWeights {
-    fn default() -> Self {
-        Self {
-            dense: 1.0,
-            keyword: 1.0,
-            temporal: 1.0,
-            entity: 1.0,
-        }
-    }
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StageLabels {
     stage: &'static str,
@@ -172,9 +94,18 @@ enum Strategy {
     Keyword,
     Temporal,
     Entity,
-    /// All of them, fused by the store ([`engram_store::VectorStore::search_fused`]): scores are already
-    /// the scaled fused score.
-    Fused,
+}
+
+impl Strategy {
+    /// The strategy's weight in HYBRID fusion.
+    fn weight(self, weights: &FusionWeights) -> f32 {
+        match self {
+            Strategy::Dense => weights.dense,
+            Strategy::Keyword => weights.keyword,
+            Strategy::Temporal => weights.temporal,
+            Strategy::Entity => weights.entity,
+        }
+    }
 }
 
 /// One strategy's ranking.
@@ -336,18 +267,6 @@ pub(crate) async fn run(
             ));
         }
     }
-    if hybrid && !query.explain && retrieval.store.fuses() {
-        return fused_in_store(
-            retrieval,
-            query,
-            &selection,
-            (dense_extra, keyword_extra),
-            candidates,
-            now,
-        )
-        .await;
-    }
-
     let dense_side = async {
         if !uses_dense {
             return Ok(DenseSide::default());
@@ -387,7 +306,7 @@ pub(crate) async fn run(
     let fusion_started = Instant::now();
     let mut rankings = dense.rankings;
     rankings.extend(keyword);
-    let hits = fuse(query, rankings, &retrieval.weights, now);
+    let hits = fuse(query, rankings, &retrieval.weights, candidates, now);
     Ok(RecallResult {
         hits,
         cache_hit: false,
@@ -401,148 +320,100 @@ pub(crate) async fn run(
     })
 }
 
-/// HYBRID in one request to a store that fuses in its engine (a Qdrant server): each strategy
-/// a prefetch, weighted RRF on the server with the same formula [`fuse`] uses, so the order and
-/// scores match the embedded engine's. Used when no explanation is asked for, since the server
-/// returns only the fused ranking.
-async fn fused_in_store(
-    retrieval: &Retrieval,
-    query: &RecallQuery,
-    selection: &Selection,
-    (dense_extra, keyword_extra): (Extra, Extra),
-    candidates: usize,
-    now: Timestamp,
-) -> Result<RecallResult> {
-    let (vector, embed) = embed_query(retrieval, &query.query).await?;
-    let weights = &retrieval.weights;
-    let terms = retrieval.keywords.query(&query.query);
-    let prefetch = |selection: Selection, query: StoreQuery, weight: f32| Prefetch {
-        selection,
-        query,
-        weight,
-        limit: candidates,
-    };
-    let mut prefetches = vec![
-        prefetch(
-            selection.clone(),
-            StoreQuery::Dense(vector.clone()),
-            weights.dense,
-        ),
-        prefetch(
-            selection.clone(),
-            StoreQuery::Keywords(terms.clone()),
-            weights.keyword,
-        ),
-    ];
-    for (strategy, selection) in dense_extra {
-        prefetches.push(prefetch(
-            selection,
-            StoreQuery::Dense(vector.clone()),
-            weights.of(strategy),
-        ));
-    }
-    for (strategy, selection) in keyword_extra {
-        prefetches.push(prefetch(
-            selection,
-            StoreQuery::Keywords(terms.clone()),
-            weights.of(strategy),
-        ));
-    }
-    prefetches.retain(|p| p.weight > 0.0);
-    let best: f32 = prefetches
-        .iter()
-        .map(|p| rrf(1, p.weight))
-        .sum::<f32>()
-        .max(f32::MIN_POSITIVE);
-    let started = Instant::now();
-    let mut hits = retrieval
-        .store
-        .search_fused(prefetches, RRF_K as u32 + 1, candidates)
-        .instrument(tracing::info_span!("store.search_fused"))
-        .await?;
-    let search = started.elapsed();
-    for hit in &mut hits {
-        hit.score /= best;
-    }
-    let fusion_started = Instant::now();
-    let hits = fuse(
-        query,
-        vec![Ranking {
-            strategy: Strategy::Fused,
-            hits,
-        }],
-        weights,
-        now,
-    );
-    Ok(RecallResult {
-        hits,
-        cache_hit: false,
-        timings: Timings {
-            embed,
-            dense: search,
-            fusion: fusion_started.elapsed(),
-            ..Timings::default()
-        },
-    })
-}
-
-/// Fuse the rankings (weighted RRF in HYBRID, the one strategy's score otherwise), apply
-/// recency and importance, `min_score` and `top_k`.
+/// Fuse the rankings (normalised scores in HYBRID, the one strategy's score otherwise), apply
+/// recency and importance, estimate relevance, apply `min_score` (to the relevance) and
+/// `top_k`. `candidates` is how many each strategy was asked for.
 fn fuse(
     query: &RecallQuery,
     rankings: Vec<Ranking>,
     weights: &FusionWeights,
+    candidates: usize,
     now: Timestamp,
 ) -> Vec<Hit> {
     let hybrid = query.mode == SearchMode::Hybrid;
-    // Best possible fused score: first place in every strategy that ran.
-    let best: f32 = rankings
+    let rankings: Vec<Ranking> = rankings
+        .into_iter()
+        .filter(|r| !hybrid || r.strategy.weight(weights) > 0.0)
+        .collect();
+    let lists: Vec<(Strategy, Vec<(MemoryId, f32)>)> = rankings
         .iter()
-        .filter(|r| r.strategy != Strategy::Fused)
-        .map(|r| rrf(1, weights.of(r.strategy)))
-        .sum::<f32>()
-        .max(f32::MIN_POSITIVE);
+        .map(|r| {
+            let hits = r.hits.iter().map(|h| (h.memory.id, h.score)).collect();
+            (r.strategy, hits)
+        })
+        .collect();
+    let fused = if hybrid {
+        fusion::fuse(
+            &lists
+                .iter()
+                .map(|(strategy, hits)| fusion::List {
+                    weight: strategy.weight(weights),
+                    hits,
+                })
+                .collect::<Vec<_>>(),
+        )
+    } else {
+        HashMap::new()
+    };
+    // What a list that missed a memory says about its raw score.
+    let missing = |strategy: Strategy| {
+        lists
+            .iter()
+            .find(|(s, _)| *s == strategy)
+            .map_or(0.0, |(_, hits)| {
+                let scores: Vec<f32> = hits.iter().map(|(_, s)| *s).collect();
+                fusion::missing_score(&scores, candidates)
+            })
+    };
+    let (missing_cosine, missing_bm25) = (missing(Strategy::Dense), missing(Strategy::Keyword));
+    let model = fusion::model(query.mode);
 
     struct Candidate {
         memory: engram_domain::model::Memory,
         explanation: Explanation,
         base: f32,
     }
-    let mut candidates: HashMap<MemoryId, Candidate> = HashMap::new();
+    let mut pool: HashMap<MemoryId, Candidate> = HashMap::new();
     for ranking in rankings {
         let strategy = ranking.strategy;
-        if hybrid && weights.of(strategy) == 0.0 {
-            continue;
-        }
         for (index, scored) in ranking.hits.into_iter().enumerate() {
             let rank = index as u32 + 1;
-            let contribution = match strategy {
-                Strategy::Fused => scored.score,
-                _ if hybrid => rrf(rank, weights.of(strategy)) / best,
-                _ => scored.score,
-            };
-            let candidate = candidates
-                .entry(scored.memory.id)
-                .or_insert_with(|| Candidate {
-                    memory: scored.memory,
-                    explanation: Explanation::default(),
-                    base: 0.0,
-                });
-            candidate.base += contribution;
+            let id = scored.memory.id;
+            let candidate = pool.entry(id).or_insert_with(|| Candidate {
+                memory: scored.memory,
+                explanation: Explanation::default(),
+                base: if hybrid {
+                    fused.get(&id).copied().unwrap_or(0.0)
+                } else {
+                    scored.score
+                },
+            });
             let e = &mut candidate.explanation;
             match strategy {
                 Strategy::Dense => (e.dense_rank, e.dense_score) = (rank, scored.score),
                 Strategy::Keyword => (e.keyword_rank, e.keyword_score) = (rank, scored.score),
                 Strategy::Temporal => (e.temporal_rank, e.temporal_score) = (rank, scored.score),
                 Strategy::Entity => (e.entity_rank, e.entity_score) = (rank, scored.score),
-                Strategy::Fused => {}
             }
         }
     }
 
-    let mut hits: Vec<Hit> = candidates
+    let mut hits: Vec<Hit> = pool
         .into_values()
         .map(|c| {
+            let e = &c.explanation;
+            // The temporal list ranks by the same cosine, the entity list by the same BM25.
+            let cosine = match (e.dense_rank, e.temporal_rank) {
+                (0, 0) => missing_cosine,
+                (0, _) => e.temporal_score,
+                _ => e.dense_score,
+            };
+            let bm25 = match (e.keyword_rank, e.entity_rank) {
+                (0, 0) => missing_bm25,
+                (0, _) => e.entity_score,
+                _ => e.keyword_score,
+            };
+            let relevance = model.relevance(Evidence { cosine, bm25 });
             let recency_factor = query.recency_half_life.map_or(1.0, |half_life| {
                 let age = c.memory.event_time.elapsed_until(now);
                 0.5f64.powf(age.as_secs_f64() / half_life.as_secs_f64()) as f32
@@ -550,6 +421,7 @@ fn fuse(
             let importance_factor = 0.75 + c.memory.importance / 2.0;
             Hit {
                 score: c.base * recency_factor * importance_factor,
+                relevance,
                 explanation: query.explain.then_some(Explanation {
                     fused_score: c.base,
                     recency_factor,
@@ -559,7 +431,7 @@ fn fuse(
                 memory: c.memory,
             }
         })
-        .filter(|hit| query.min_score.is_none_or(|min| hit.score >= min))
+        .filter(|hit| query.min_score.is_none_or(|min| hit.relevance >= min))
         .collect();
     hits.sort_by(|a, b| {
         b.score
@@ -599,6 +471,19 @@ mod tests {
         }
     }
 
+    fn scored(strategy: Strategy, hits: &[(&Memory, f32)]) -> Ranking {
+        Ranking {
+            strategy,
+            hits: hits
+                .iter()
+                .map(|(m, score)| ScoredMemory {
+                    memory: (*m).clone(),
+                    score: *score,
+                })
+                .collect(),
+        }
+    }
+
     #[test]
     fn fusion_rewards_agreement_and_explains_every_rank() {
         let (a, b, c) = (memory("a"), memory("b"), memory("c"));
@@ -612,6 +497,7 @@ mod tests {
                 ranking(Strategy::Temporal, &[&b]),
             ],
             &FusionWeights::default(),
+            30,
             Timestamp::from_micros(2_000_000),
         );
         let order: Vec<&str> = hits.iter().map(|h| h.memory.text.as_str()).collect();
@@ -622,56 +508,71 @@ mod tests {
             (2, 1, 1)
         );
         assert_eq!(top.entity_rank, 0);
-        assert!(top.fused_score < 1.0 && top.fused_score > 0.9, "{top:?}");
+        assert!(top.fused_score < 1.0 && top.fused_score > 0.7, "{top:?}");
         // Scores are consistent with the order.
         assert!(hits.windows(2).all(|w| w[0].score >= w[1].score));
         for hit in &hits {
             let e = hit.explanation.unwrap();
             let product = e.fused_score * e.recency_factor * e.importance_factor;
             assert!((product - hit.score).abs() < 1e-6);
+            assert!((0.0..=1.0).contains(&hit.relevance));
         }
     }
 
     #[test]
-    fn first_place_everywhere_scores_one_and_min_score_cuts() {
-        let a = memory("a");
-        let b = memory("b");
+    fn first_place_everywhere_scores_one_and_min_score_cuts_by_relevance() {
+        let (a, b) = (memory("a"), memory("b"));
         let mut query = RecallQuery::new(Scope::user("u"), "q", 10);
+        // b is second in dense and absent from keyword, but its cosine is near zero: the
+        // fused score still ranks it, its relevance says it is unrelated.
         let rankings = || {
             vec![
-                ranking(Strategy::Dense, &[&a, &b]),
-                ranking(Strategy::Keyword, &[&a]),
+                scored(Strategy::Dense, &[(&a, 0.6), (&b, 0.05)]),
+                scored(Strategy::Keyword, &[(&a, 9.0)]),
             ]
         };
         let hits = fuse(
             &query,
             rankings(),
             &FusionWeights::default(),
+            30,
             Timestamp::now(),
         );
         assert!((hits[0].score - 1.0).abs() < 1e-6);
-        query.min_score = Some(0.9);
+        assert!(hits[0].relevance > 0.5, "{:?}", hits[0]);
+        assert!(hits[1].relevance < 0.2, "{:?}", hits[1]);
+        query.min_score = Some(0.5);
         let hits = fuse(
             &query,
             rankings(),
             &FusionWeights::default(),
+            30,
             Timestamp::now(),
         );
         assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].memory.text, "a");
     }
 
     #[test]
-    fn weights_parse_and_bad_ones_are_named() {
-        let w: FusionWeights = "keyword=2, entity=0".parse().unwrap();
-        assert_eq!((w.dense, w.keyword, w.entity), (1.0, 2.0, 0.0));
-        assert!("dense".parse::<FusionWeights>().is_err());
-        assert!(
-            "lexical=1"
-                .parse::<FusionWeights>()
-                .unwrap_err()
-                .contains("lexical")
+    fn a_strategy_with_no_weight_is_left_out() {
+        let (a, b) = (memory("a"), memory("b"));
+        let query = RecallQuery::new(Scope::user("u"), "q", 10);
+        let weights = FusionWeights {
+            keyword: 0.0,
+            ..FusionWeights::default()
+        };
+        let hits = fuse(
+            &query,
+            vec![
+                scored(Strategy::Dense, &[(&a, 0.6)]),
+                scored(Strategy::Keyword, &[(&b, 9.0)]),
+            ],
+            &weights,
+            30,
+            Timestamp::now(),
         );
-        assert!("dense=-1".parse::<FusionWeights>().is_err());
+        assert_eq!(hits.len(), 1);
+        assert_eq!(hits[0].memory.text, "a");
     }
 
     #[test]

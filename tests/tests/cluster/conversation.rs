@@ -919,3 +919,54 @@ async fn streams_are_capped_per_tenant_counted_in_flight_for_their_life_and_end_
     ));
     sandbox.stop().await;
 }
+
+#[tokio::test]
+async fn a_relevance_floor_leaves_unrelated_memories_out_of_the_context() {
+    let sandbox = Sandbox::start_with(
+        None,
+        Options {
+            edge: engram_gateway::EdgeArgs {
+                context_min_relevance: 0.2,
+                ..engram_gateway::EdgeArgs::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let mut client = sandbox.client().await;
+    remember_sync(
+        &mut client,
+        "fay",
+        "",
+        vec![
+            fact("Fay works night shifts as a nurse at the city hospital"),
+            fact("Fay adopted a cat named Miso"),
+        ],
+    )
+    .await;
+    // Without the floor both memories would be offered; with it only the matching one is.
+    let built = build_context(&mut client, "fay", "", "night shifts nurse hospital", 1000).await;
+    let texts: Vec<&str> = built
+        .memories
+        .iter()
+        .filter_map(|h| h.memory.as_ref().map(|m| m.text.as_str()))
+        .collect();
+    assert_eq!(
+        texts,
+        ["Fay works night shifts as a nurse at the city hospital"],
+        "{built:?}"
+    );
+    assert!(built.memories.iter().all(|h| h.relevance >= 0.2));
+    // A question nothing answers gets no memories section at all.
+    let built = build_context(
+        &mut client,
+        "fay",
+        "",
+        "which planet has the largest moon",
+        1000,
+    )
+    .await;
+    assert!(built.memories.is_empty(), "{built:?}");
+    assert!(!built.context.contains("Relevant memories"), "{built:?}");
+    sandbox.stop().await;
+}

@@ -552,6 +552,7 @@ async fn locomo_eval_ingests_once_and_scores_the_evidence_turns() {
     });
     std::fs::write(dir.path().join("tiny.json"), conversation.to_string()).unwrap();
     let conversations = engram_cli::eval::read_dir(dir.path()).unwrap();
+    assert_eq!(conversations.len(), 1);
     assert_eq!(conversations[0].turns.len(), 4);
     let created = engram_cli::eval::ingest(&mut client, &conversations[0])
         .await
@@ -574,5 +575,131 @@ async fn locomo_eval_ingests_once_and_scores_the_evidence_turns() {
     assert_eq!(hybrid.overall.recall_any, 1.0, "{report:?}");
     assert!(hybrid.overall.mrr > 0.5);
     assert!(engram_cli::eval::table(&report).contains("overall"));
+    // Per question: the rank of each evidence turn in every mode.
+    assert_eq!(report.results.len(), 3);
+    for result in &report.results {
+        assert_eq!(result.ranks.len(), 3, "{result:?}");
+        assert!(
+            result
+                .ranks
+                .values()
+                .all(|r| r.len() == result.evidence.len())
+        );
+    }
+
+    // Cross-validation over two copies of the conversation (two users): each fold chooses on
+    // one and scores the other, category 5 included in the relevance figures.
+    std::fs::write(dir.path().join("twin.json"), conversation.to_string()).unwrap();
+    let conversations = engram_cli::eval::read_dir(dir.path()).unwrap();
+    engram_cli::eval::ingest(&mut client, &conversations[1])
+        .await
+        .unwrap();
+    let candidates = engram_cli::eval::candidates(&mut client, &conversations)
+        .await
+        .unwrap();
+    assert_eq!(candidates.len(), 8, "every question, category 5 too");
+    let dog = &candidates[0];
+    assert!(
+        dog.candidates
+            .iter()
+            .any(|c| c.dia_id == "D1:1" && c.dense_rank > 0 && c.keyword_rank > 0),
+        "{dog:?}"
+    );
+    let cv = engram_cli::crossval::run(&candidates, 2, 2);
+    assert_eq!(cv.folds.len(), 2);
+    assert_eq!(cv.held_out.questions, 6);
+    assert_eq!(cv.in_sample.questions, 6);
+    for fold in &cv.folds {
+        assert_eq!(fold.held_out.len(), 1);
+        let hybrid = fold.held_out_figures.recall["hybrid"];
+        assert!(hybrid.iter().all(|v| (0.0..=1.0).contains(v)), "{fold:?}");
+        assert!((0.05..=0.95).contains(&fold.choices.dense_share));
+    }
+    assert_eq!(cv.held_out.recall["hybrid"][0], 1.0, "{cv:?}");
+    assert!(engram_cli::crossval::table(&cv).contains("held-out"));
+    sandbox.stop().await;
+}
+
+#[tokio::test]
+async fn relevance_is_comparable_across_queries_and_min_score_cuts_by_it() {
+    let sandbox = Sandbox::start().await;
+    let mut client = sandbox.client().await;
+    let nurse = "I work night shifts as a nurse";
+    remember(
+        &mut client,
+        "u",
+        vec![text("I adopted a cat named Miso"), text(nurse)],
+    )
+    .await;
+    for mode in [
+        pb::SearchMode::Hybrid,
+        pb::SearchMode::Semantic,
+        pb::SearchMode::Keyword,
+    ] {
+        let found = recall(
+            &mut client,
+            request("u", "where do I work as a nurse", mode),
+        )
+        .await;
+        assert_eq!(texts(&found)[0], nurse, "{mode:?}: {found:?}");
+        assert!(
+            found
+                .hits
+                .iter()
+                .all(|h| (0.0..=1.0).contains(&h.relevance)),
+            "{found:?}"
+        );
+        // The unrelated memory (if any strategy returned it) is far less relevant.
+        if let Some(other) = found.hits.get(1) {
+            assert!(other.relevance < found.hits[0].relevance / 2.0, "{found:?}");
+        }
+    }
+    // HYBRID's fused score is per query; the relevance is not: the answer to a matching
+    // question is more relevant than the best hit of a question nothing answers.
+    let matching = recall(
+        &mut client,
+        request("u", "night shifts nurse", pb::SearchMode::Hybrid),
+    )
+    .await;
+    let nothing = recall(
+        &mut client,
+        request(
+            "u",
+            "which planet has the largest moon",
+            pb::SearchMode::Hybrid,
+        ),
+    )
+    .await;
+    assert!(
+        nothing
+            .hits
+            .iter()
+            .all(|h| h.relevance < matching.hits[0].relevance),
+        "{matching:?} vs {nothing:?}"
+    );
+    // min_score applies to the relevance.
+    let floor = matching.hits[0].relevance * 0.9;
+    let cut = recall(
+        &mut client,
+        pb::RecallRequest {
+            min_score: Some(floor),
+            ..request("u", "night shifts nurse", pb::SearchMode::Hybrid)
+        },
+    )
+    .await;
+    assert_eq!(texts(&cut), [nurse], "{cut:?}");
+    let none = recall(
+        &mut client,
+        pb::RecallRequest {
+            min_score: Some(floor),
+            ..request(
+                "u",
+                "which planet has the largest moon",
+                pb::SearchMode::Hybrid,
+            )
+        },
+    )
+    .await;
+    assert!(none.hits.is_empty(), "{none:?}");
     sandbox.stop().await;
 }
