@@ -240,7 +240,7 @@ pub struct LocomoArgs {
     #[arg(long)]
     data: std::path::PathBuf,
     /// How many memories each question retrieves (1..=100).
-    #[arg(long, short = 'k', default_value_t = 10)]
+    #[arg(long, short = 'k', default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
     k: u32,
     /// Also write every question's HYBRID candidates with their per-strategy ranks and scores
     /// (JSON lines) to this file, to study fusion offline.

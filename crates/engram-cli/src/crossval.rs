@@ -417,17 +417,15 @@ fn pool(folds: &[Fold], pooled: &[(&Question<'_>, usize)], k: u32) -> Figures {
         }
         figures.auc.insert(name, auc(&positives, &negatives));
     }
-    let total = folds.len().max(1) as f64;
+    // Shares weighted by each fold's questions, like the recall figures.
     figures.evidence_kept = folds
         .iter()
-        .map(|f| f.held_out_figures.evidence_kept)
-        .sum::<f64>()
-        / total;
+        .map(|f| f.held_out_figures.evidence_kept * weight(f))
+        .sum();
     figures.adversarial_empty = folds
         .iter()
-        .map(|f| f.held_out_figures.adversarial_empty)
-        .sum::<f64>()
-        / total;
+        .map(|f| f.held_out_figures.adversarial_empty * weight(f))
+        .sum();
     figures
 }
 

@@ -233,8 +233,11 @@ pub fn recall(request: pb::RecallRequest, limits: &Limits) -> Result<RecallQuery
             ),
         ));
     }
-    if request.min_score.is_some_and(|s| !s.is_finite()) {
-        return Err(Error::invalid("min_score", "must be a finite number"));
+    if request.min_score.is_some_and(|s| !(0.0..=1.0).contains(&s)) {
+        return Err(Error::invalid(
+            "min_score",
+            "must be a relevance between 0 and 1",
+        ));
     }
     let recency_half_life = request
         .recency_half_life

@@ -18,8 +18,8 @@
 //!
 //! 1. recalled memories that are also recent turns are shown once, as turns;
 //! 2. turns take at most half the budget, newest first (older turns are dropped first);
-//! 3. memories take the rest, in relevance order, stopping at the first that does not fit — so
-//!    what is kept is always the most relevant ones;
+//! 3. memories take the rest, in ranking order (best score first), stopping at the first that
+//!    does not fit — so what is kept is always the best ranked;
 //! 4. the assembled text is counted whole with the model family's tokenizer and, should
 //!    tokens merge differently across lines, the least relevant memory (then the oldest turn)
 //!    is dropped until it fits. `token_count` is that exact count, never above the budget.

@@ -195,7 +195,8 @@ impl Pipeline {
         scope: &Scope,
         fact: &str,
     ) -> Result<bool> {
-        let mut query = RecallQuery::new(scope.clone(), fact, 1);
+        // A few, since importance reorders them: the closest by cosine may not come first.
+        let mut query = RecallQuery::new(scope.clone(), fact, 5);
         query.mode = SearchMode::Semantic;
         query.filter = Filter {
             kinds: vec![Kind::Fact],

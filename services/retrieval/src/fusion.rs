@@ -44,8 +44,8 @@ pub fn normalise(scores: &[f32]) -> Vec<f32> {
         .map(|&s| {
             if span > 0.0 {
                 ((s - floor) / span).clamp(0.0, 1.0)
-            } else if full {
-                // Ties all the way down: all first.
+            } else if full && s >= first {
+                // Tied with the first down to DEPTH: first.
                 1.0
             } else {
                 // Nothing above what a memory the strategy did not find scores.
@@ -148,8 +148,9 @@ impl std::str::FromStr for FusionWeights {
                 }
             }
         }
-        if weights.dense + weights.keyword + weights.temporal + weights.entity <= 0.0 {
-            return Err("at least one weight must be above 0".into());
+        if weights.dense + weights.keyword <= 0.0 {
+            // Temporal and entity only run beside them, on queries that name a time or entity.
+            return Err("dense or keyword must have a weight above 0".into());
         }
         Ok(weights)
     }
@@ -327,6 +328,9 @@ mod tests {
         // Ties everywhere: all first.
         assert_eq!(normalise(&[2.0, 2.0]), vec![1.0, 1.0]);
         assert_eq!(normalise(&[2.0; DEPTH]), vec![1.0; DEPTH]);
+        let mut tied = vec![2.0; DEPTH];
+        tied.push(1.0);
+        assert_eq!(normalise(&tied)[DEPTH], 0.0, "below the tie is not first");
     }
 
     #[test]
@@ -389,7 +393,7 @@ mod tests {
         );
         assert!("dense=-1".parse::<FusionWeights>().is_err());
         assert!(
-            "dense=0,keyword=0,temporal=0"
+            "dense=0,keyword=0,temporal=1"
                 .parse::<FusionWeights>()
                 .is_err()
         );

@@ -331,10 +331,15 @@ fn fuse(
     now: Timestamp,
 ) -> Vec<Hit> {
     let hybrid = query.mode == SearchMode::Hybrid;
-    let rankings: Vec<Ranking> = rankings
-        .into_iter()
-        .filter(|r| !hybrid || r.strategy.weight(weights) > 0.0)
-        .collect();
+    // A score that is not a number says nothing (the engine should never give one).
+    let mut rankings = rankings;
+    for ranking in &mut rankings {
+        ranking.hits.retain(|h| h.score.is_finite());
+    }
+    // Strategies without a weight still ran: their scores are evidence for relevance, but
+    // they bring no candidates and count nothing in fusion. Weighted ones go first.
+    let counts = |r: &Ranking| !hybrid || r.strategy.weight(weights) > 0.0;
+    rankings.sort_by_key(|r| !counts(r));
     let lists: Vec<(Strategy, Vec<(MemoryId, f32)>)> = rankings
         .iter()
         .map(|r| {
@@ -376,9 +381,13 @@ fn fuse(
     let mut pool: HashMap<MemoryId, Candidate> = HashMap::new();
     for ranking in rankings {
         let strategy = ranking.strategy;
+        let brings_candidates = counts(&ranking);
         for (index, scored) in ranking.hits.into_iter().enumerate() {
             let rank = index as u32 + 1;
             let id = scored.memory.id;
+            if !brings_candidates && !pool.contains_key(&id) {
+                continue;
+            }
             let candidate = pool.entry(id).or_insert_with(|| Candidate {
                 memory: scored.memory,
                 explanation: Explanation::default(),
@@ -433,9 +442,12 @@ fn fuse(
         })
         .filter(|hit| query.min_score.is_none_or(|min| hit.relevance >= min))
         .collect();
+    // Equal scores (a long tail at 0 when top_k asks for more than the lists normalise) are
+    // ordered by relevance, then id.
     hits.sort_by(|a, b| {
         b.score
             .total_cmp(&a.score)
+            .then(b.relevance.total_cmp(&a.relevance))
             .then(a.memory.id.cmp(&b.memory.id))
     });
     hits.truncate(query.top_k as usize);
