@@ -787,6 +787,31 @@ mod tests {
     }
 
     #[test]
+    fn recall_min_score_is_a_relevance() {
+        let limits = Limits::default();
+        let request = |min_score| pb::RecallRequest {
+            scope: Some(pb::Scope {
+                user_id: "u".into(),
+                ..Default::default()
+            }),
+            query: "q".into(),
+            top_k: 10,
+            min_score: Some(min_score),
+            ..Default::default()
+        };
+        for bad in [-0.1, 1.5, f32::NAN, f32::INFINITY] {
+            let refused = recall(request(bad), &limits).unwrap_err();
+            assert_eq!(field_of(refused), "min_score", "{bad}");
+        }
+        for good in [0.0, 0.3, 1.0] {
+            assert_eq!(
+                recall(request(good), &limits).unwrap().min_score,
+                Some(good)
+            );
+        }
+    }
+
+    #[test]
     fn a_converse_answer_is_bounded() {
         let limits = Limits::default();
         let ask = |max_tokens: u32| {
