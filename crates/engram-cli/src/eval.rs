@@ -313,6 +313,36 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[index].as_secs_f64() * 1000.0
 }
 
+/// `question` as the eval asks it: in its conversation's user, at the conversation's end,
+/// past the result cache.
+fn asked(
+    conversation: &Conversation,
+    question: &Question,
+    top_k: u32,
+    mode: pb::SearchMode,
+) -> pb::RecallRequest {
+    pb::RecallRequest {
+        scope: Some(pb::Scope {
+            user_id: user(conversation),
+            ..Default::default()
+        }),
+        query: question.question.clone(),
+        top_k,
+        mode: mode.into(),
+        bypass_cache: true,
+        request_time: Some(engram_domain::convert::timestamp(conversation.end)),
+        ..Default::default()
+    }
+}
+
+/// The LoCoMo turn a hit is (its `dia_id` metadata).
+fn dia_id(hit: &pb::Hit) -> &str {
+    hit.memory
+        .as_ref()
+        .and_then(|m| m.metadata.get("dia_id"))
+        .map_or("", String::as_str)
+}
+
 /// Ask every scored question of `conversations` (already ingested) in every mode.
 pub async fn evaluate(
     client: &mut crate::Client,
@@ -352,31 +382,11 @@ pub async fn evaluate(
             for question in conversation.questions.iter().filter(scored) {
                 let started = Instant::now();
                 let response = client
-                    .recall(pb::RecallRequest {
-                        scope: Some(pb::Scope {
-                            user_id: user(conversation),
-                            ..Default::default()
-                        }),
-                        query: question.question.clone(),
-                        top_k: k,
-                        mode: mode.into(),
-                        bypass_cache: true,
-                        request_time: Some(engram_domain::convert::timestamp(conversation.end)),
-                        ..Default::default()
-                    })
+                    .recall(asked(conversation, question, k, mode))
                     .await?
                     .into_inner();
                 latencies.push(started.elapsed());
-                let found: Vec<&str> = response
-                    .hits
-                    .iter()
-                    .map(|h| {
-                        h.memory
-                            .as_ref()
-                            .and_then(|m| m.metadata.get("dia_id"))
-                            .map_or("", String::as_str)
-                    })
-                    .collect();
+                let found: Vec<&str> = response.hits.iter().map(dia_id).collect();
                 let ranks: Vec<Option<usize>> = question
                     .evidence
                     .iter()
@@ -472,30 +482,16 @@ pub async fn candidates(
             for (mode, _) in MODES {
                 let response = client
                     .recall(pb::RecallRequest {
-                        scope: Some(pb::Scope {
-                            user_id: user(conversation),
-                            ..Default::default()
-                        }),
-                        query: question.question.clone(),
-                        top_k: 100,
-                        mode: mode.into(),
-                        bypass_cache: true,
                         explain: true,
-                        request_time: Some(engram_domain::convert::timestamp(conversation.end)),
-                        ..Default::default()
+                        ..asked(conversation, question, 100, mode)
                     })
                     .await?
                     .into_inner();
                 for hit in response.hits {
+                    let id = dia_id(&hit).to_string();
                     let e = hit.explanation.unwrap_or_default();
-                    let dia_id = hit
-                        .memory
-                        .as_ref()
-                        .and_then(|m| m.metadata.get("dia_id"))
-                        .cloned()
-                        .unwrap_or_default();
-                    let c = merged.entry(dia_id.clone()).or_insert(Candidate {
-                        dia_id,
+                    let c = merged.entry(id.clone()).or_insert(Candidate {
+                        dia_id: id,
                         dense_rank: 0,
                         dense_score: 0.0,
                         keyword_rank: 0,
