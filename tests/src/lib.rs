@@ -17,7 +17,6 @@ use engram_models::EmbeddingProvider;
 use engram_proto::tonic::transport::Channel;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
 use engram_runtime::config::CommonArgs;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::OnceCell;
 
 pub use engram_proto::v1 as pb;
@@ -302,31 +301,11 @@ impl Sandbox {
     }
 }
 
-/// `GET path` over plain HTTP/1.0: status and body.
+/// `GET path` from an admin server: status and body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    engram_telemetry::admin::fetch(addr, path, Duration::from_secs(10))
         .await
-        .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .unwrap_or_else(|e| panic!("writing to {addr}: {e}"));
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .unwrap_or_else(|e| panic!("reading from {addr}: {e}"));
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default();
-    (status, body)
+        .unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
 }
 
 /// The value of the Prometheus sample whose line starts with `series` (name and labels).

@@ -13,6 +13,7 @@ pub mod crossval;
 pub mod eval;
 pub mod loadtest;
 pub mod redis;
+pub mod stats;
 
 /// A client of the public API that sends the caller's API key (if it has one).
 pub type Client = MemoryServiceClient<InterceptedService<Channel, engram_runtime::rpc::ApiKey>>;

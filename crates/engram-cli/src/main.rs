@@ -2,6 +2,7 @@
 //! a running gateway.
 
 mod client;
+mod mcp;
 mod output;
 mod up;
 
@@ -55,6 +56,13 @@ enum Command {
     /// Measure recall quality against a running gateway.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// How the cluster is doing now: per public RPC the rate, errors and p50/p95/p99 over an
+    /// interval, cache hit rates, the write log's backlog, circuit breakers and each service's
+    /// memory, read from the four admin ports (no Prometheus needed).
+    Stats(engram_cli::stats::StatsArgs),
+    /// Serve engram's memory to agents as Model Context Protocol tools (remember, recall,
+    /// build_context, list, forget) over stdio, or streamable HTTP with --listen.
+    Mcp(mcp::McpArgs),
 }
 
 #[derive(Subcommand)]
@@ -178,6 +186,8 @@ fn main() -> ExitCode {
             Command::Eval(EvalCommand::Locomo(args)) => {
                 client::run(client::eval_locomo(args)).await
             }
+            Command::Stats(args) => engram_cli::stats::run(args).await,
+            Command::Mcp(args) => mcp::run(args).await,
         }
     })
 }

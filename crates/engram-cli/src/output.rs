@@ -94,14 +94,19 @@ fn one_line(text: &str, width: usize) -> String {
     }
 }
 
+/// A Remember response as `--json` prints it (and the MCP server answers).
+pub fn remember_json(response: &pb::RememberResponse) -> serde_json::Value {
+    let results: Vec<_> = response
+        .results
+        .iter()
+        .map(|r| json!({"id": r.id, "status": status_name(r.status), "reason": r.reason}))
+        .collect();
+    json!({"results": results, "write_token": response.write_token})
+}
+
 pub fn remember(response: &pb::RememberResponse, texts: &[String], json_output: bool) {
     if json_output {
-        let results: Vec<_> = response
-            .results
-            .iter()
-            .map(|r| json!({"id": r.id, "status": status_name(r.status), "reason": r.reason}))
-            .collect();
-        print_json(&json!({"results": results, "write_token": response.write_token}));
+        print_json(&remember_json(response));
         return;
     }
     for (result, text) in response.results.iter().zip(texts) {
@@ -119,9 +124,9 @@ pub fn remember(response: &pb::RememberResponse, texts: &[String], json_output: 
     }
 }
 
-pub fn recall(response: &pb::RecallResponse, json_output: bool) {
-    if json_output {
-        let hits: Vec<_> = response
+/// A Recall response as `--json` prints it (and the MCP server answers).
+pub fn recall_json(response: &pb::RecallResponse) -> serde_json::Value {
+    let hits: Vec<_> = response
             .hits
             .iter()
             .map(|h| {
@@ -139,14 +144,19 @@ pub fn recall(response: &pb::RecallResponse, json_output: bool) {
                 hit
             })
             .collect();
-        let timings = response.timings.unwrap_or_default();
-        print_json(&json!({
-            "hits": hits,
-            "cache_hit": response.cache_hit,
-            "timings_us": {"cache": timings.cache_us, "embed": timings.embed_us,
-                           "dense": timings.dense_us, "keyword": timings.keyword_us,
-                           "fusion": timings.fusion_us, "total": timings.total_us},
-        }));
+    let timings = response.timings.unwrap_or_default();
+    json!({
+        "hits": hits,
+        "cache_hit": response.cache_hit,
+        "timings_us": {"cache": timings.cache_us, "embed": timings.embed_us,
+                       "dense": timings.dense_us, "keyword": timings.keyword_us,
+                       "fusion": timings.fusion_us, "total": timings.total_us},
+    })
+}
+
+pub fn recall(response: &pb::RecallResponse, json_output: bool) {
+    if json_output {
+        print_json(&recall_json(response));
         return;
     }
     if response.hits.is_empty() {
@@ -209,23 +219,28 @@ fn print_memories(memories: &[pb::Memory]) {
     }
 }
 
+/// A BuildContext response as `--json` prints it (and the MCP server answers).
+pub fn context_json(response: &pb::BuildContextResponse) -> serde_json::Value {
+    let memories: Vec<_> = response
+        .memories
+        .iter()
+        .filter_map(|h| h.memory.as_ref())
+        .map(view)
+        .collect();
+    let turns: Vec<_> = response.turns.iter().map(view).collect();
+    json!({
+        "context": response.context,
+        "memories": memories,
+        "turns": turns,
+        "token_count": response.token_count,
+        "tokenizer": response.tokenizer,
+        "dropped": response.dropped,
+    })
+}
+
 pub fn context(response: &pb::BuildContextResponse, json_output: bool) {
     if json_output {
-        let memories: Vec<_> = response
-            .memories
-            .iter()
-            .filter_map(|h| h.memory.as_ref())
-            .map(view)
-            .collect();
-        let turns: Vec<_> = response.turns.iter().map(view).collect();
-        print_json(&json!({
-            "context": response.context,
-            "memories": memories,
-            "turns": turns,
-            "token_count": response.token_count,
-            "tokenizer": response.tokenizer,
-            "dropped": response.dropped,
-        }));
+        print_json(&context_json(response));
         return;
     }
     print!("{}", response.context);
@@ -333,10 +348,15 @@ pub fn get(response: &pb::GetResponse, json_output: bool) {
     }
 }
 
+/// A List page as `--json` prints it (and the MCP server answers).
+pub fn list_json(response: &pb::ListResponse) -> serde_json::Value {
+    let memories: Vec<_> = response.memories.iter().map(view).collect();
+    json!({"memories": memories, "next_page_token": response.next_page_token})
+}
+
 pub fn list(response: &pb::ListResponse, json_output: bool) {
     if json_output {
-        let memories: Vec<_> = response.memories.iter().map(view).collect();
-        print_json(&json!({"memories": memories, "next_page_token": response.next_page_token}));
+        print_json(&list_json(response));
         return;
     }
     print_memories(&response.memories);
@@ -345,9 +365,14 @@ pub fn list(response: &pb::ListResponse, json_output: bool) {
     }
 }
 
+/// A Forget response as `--json` prints it (and the MCP server answers).
+pub fn forget_json(response: &pb::ForgetResponse) -> serde_json::Value {
+    json!({"forgotten": response.forgotten, "write_token": response.write_token})
+}
+
 pub fn forget(response: &pb::ForgetResponse, json_output: bool) {
     if json_output {
-        print_json(&json!({"forgotten": response.forgotten, "write_token": response.write_token}));
+        print_json(&forget_json(response));
         return;
     }
     println!("forgot {} memories", response.forgotten);

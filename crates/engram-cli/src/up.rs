@@ -32,6 +32,8 @@ pub struct UpArgs {
     ingestion_listen: engram_ingestion::Listen,
     #[command(flatten)]
     embedding_listen: engram_embedding::Listen,
+    #[command(flatten)]
+    mcp: crate::mcp::McpListen,
     /// Port of the local Redis that `engram up` starts when ENGRAM_REDIS_URL is not set.
     #[arg(long = "redis-port", env = "ENGRAM_REDIS_PORT", default_value_t = 6380)]
     redis_port: u16,
@@ -88,6 +90,12 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
         ingestion: args.ingestion_listen.bind().await?,
         embedding: args.embedding_listen.bind().await?,
     };
+    let mcp = match args.mcp.mcp_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Error::invalid("ENGRAM_MCP_LISTEN", format!("cannot listen on {addr}: {e}"))
+        })?),
+        None => None,
+    };
     let config = ClusterConfig {
         retrieval: args.retrieval.clone(),
         embedding,
@@ -99,11 +107,34 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
     };
     let model_dir = config.embedding.model_dir().cloned();
     let mut cluster = LocalCluster::start(config, listeners)?;
+    let mcp_stop = tokio_util::sync::CancellationToken::new();
+    let mcp = match mcp {
+        Some(listener) => {
+            let addr = listener.local_addr().ok();
+            let tools = crate::mcp::McpArgs::for_gateway(cluster.addrs.gateway);
+            let stop = mcp_stop.clone();
+            let task = tokio::spawn(async move {
+                crate::mcp::serve_http(&tools, listener, async move { stop.cancelled().await })
+                    .await
+            });
+            Some((addr, task))
+        }
+        None => None,
+    };
     let paths = Paths {
         data: data_dir.clone(),
         model: model_dir,
+        mcp: mcp.as_ref().and_then(|(addr, _)| *addr),
     };
     let outcome = serve_until_stopped(&mut cluster, &common, &paths, started, auth_off).await;
+    mcp_stop.cancel();
+    if let Some((_, task)) = mcp {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("engram: {e}"),
+            Err(e) => eprintln!("engram: the MCP server failed: {e}"),
+        }
+    }
     let stopped = cluster.shutdown().await;
     if let Some(redis) = &mut redis {
         redis.stop().await;
@@ -147,6 +178,8 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
 struct Paths {
     data: PathBuf,
     model: Option<PathBuf>,
+    /// The MCP server's address, when it runs.
+    mcp: Option<std::net::SocketAddr>,
 }
 
 /// Serve until Ctrl-C/SIGTERM (`Ok`) or until a service fails (`Err`).
@@ -227,6 +260,9 @@ fn print_banner(
         a.embedding,
         admin(a.embedding_admin)
     );
+    if let Some(mcp) = paths.mcp {
+        eprintln!("  {:<10} http://{mcp}/mcp (MCP, streamable HTTP)", "mcp");
+    }
     eprintln!("  data   {}", paths.data.display());
     if let Some(model) = &paths.model {
         eprintln!("  model  {}", model.display());

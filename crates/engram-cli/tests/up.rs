@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use engram_proto::v1 as pb;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LOOPBACK_ANY_PORT: &str = "127.0.0.1:0";
 
@@ -123,17 +122,10 @@ async fn port_is_free(port: u16) -> bool {
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr)
+    engram_telemetry::admin::fetch(addr, path, Duration::from_secs(10))
         .await
-        .expect("admin port");
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    response
+        .expect("admin port")
+        .1
 }
 
 /// `grpc_server_started_total` of one method, from the gateway's metrics.

@@ -57,3 +57,55 @@ async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
         state.metrics.encode(),
     )
 }
+
+/// The most of a response [`fetch`] reads: a `/metrics` page of every series engram registers
+/// is tens of kilobytes.
+pub const MAX_RESPONSE_BYTES: u64 = 16 << 20;
+
+/// `GET path` from an admin server (or any plain HTTP server) at `addr`, as HTTP/1.0 so the
+/// body ends with the connection: its status and body. For `engram stats` and the tests; a
+/// response over [`MAX_RESPONSE_BYTES`] or slower than `timeout` is an error.
+pub async fn fetch(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: std::time::Duration,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Error, ErrorKind};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        (&mut stream)
+            .take(MAX_RESPONSE_BYTES + 1)
+            .read_to_end(&mut response)
+            .await?;
+        if response.len() as u64 > MAX_RESPONSE_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidData,
+                format!("http://{addr}{path}: response over {MAX_RESPONSE_BYTES} bytes"),
+            ));
+        }
+        let response = String::from_utf8_lossy(&response);
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidData,
+                    format!("http://{addr}{path}: not an HTTP response"),
+                )
+            })?;
+        Ok((status, body.to_string()))
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+        Error::new(
+            ErrorKind::TimedOut,
+            format!("http://{addr}{path}: no answer within {timeout:?}"),
+        )
+    })?
+}

@@ -15,7 +15,7 @@ pub mod trace;
 pub use health::Health;
 pub use logging::{LogConfig, LogFormat, init_logging};
 pub use metrics::{
-    GrpcClient, GrpcClientLayer, GrpcMetricsLayer, Metrics, code_name, latency_buckets,
+    GrpcClient, GrpcClientLayer, GrpcMetricsLayer, Metrics, code_name, latency_buckets, status_name,
 };
 pub use prometheus_client;
 pub use trace::{TraceConfig, TraceLayer, Tracing};

@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
 
@@ -23,10 +24,40 @@ pub fn latency_buckets() -> impl Iterator<Item = f64> {
 }
 
 /// One service's metrics registry. Cheap to clone; components register their series at
-/// construction and `/metrics` encodes them.
-#[derive(Clone, Default)]
+/// construction and `/metrics` encodes them, with the process's resident memory
+/// (`process_resident_memory_bytes`, read when encoded).
+#[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
+    resident: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let resident = Gauge::default();
+        let mut registry = Registry::default();
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory of the process (all services in it, under `engram up`)",
+            resident.clone(),
+        );
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            resident,
+        }
+    }
+}
+
+/// The process's resident set in bytes (Linux: `VmRSS` of /proc/self/status), 0 where unknown.
+fn resident_bytes() -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+            let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
 }
 
 impl std::fmt::Debug for Metrics {
@@ -46,6 +77,7 @@ impl Metrics {
 
     /// The registry in the Prometheus text exposition format.
     pub fn encode(&self) -> String {
+        self.resident.set(resident_bytes());
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry.lock());
@@ -235,6 +267,22 @@ impl MethodLabels {
 /// names: `OK`, `Canceled`, `ResourceExhausted`, ...).
 pub fn code_name(code: usize) -> &'static str {
     CODE_NAMES.get(code).copied().unwrap_or("Unknown")
+}
+
+/// The name of a status code as gRPC's specification writes it (`INVALID_ARGUMENT`,
+/// `UNAVAILABLE`, ...): for people and for clients that match on it.
+pub fn status_name(code: tonic::Code) -> String {
+    let code = usize::try_from(i32::from(code)).unwrap_or(2);
+    code_name(code)
+        .chars()
+        .fold(String::new(), |mut name, c| {
+            if c.is_uppercase() && !name.is_empty() {
+                name.push('_');
+            }
+            name.push(c.to_ascii_uppercase());
+            name
+        })
+        .replace("CANCELED", "CANCELLED")
 }
 
 /// gRPC status code names, indexed by code.

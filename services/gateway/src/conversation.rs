@@ -141,16 +141,7 @@ fn micros(since: Instant) -> u64 {
 
 /// The gRPC name of an error's status code, e.g. `UNAVAILABLE`.
 fn code_name(error: &Error) -> String {
-    let code = error.code() as i32;
-    engram_telemetry::code_name(code as usize)
-        .chars()
-        .fold(String::new(), |mut name, c| {
-            if c.is_uppercase() && !name.is_empty() {
-                name.push('_');
-            }
-            name.push(c.to_ascii_uppercase());
-            name
-        })
+    engram_telemetry::status_name(error.code())
 }
 
 /// One Converse in progress.
