@@ -7,7 +7,7 @@
 //! `Ok` answers with a deterministic unit vector per input ([`FakeProvider::vector_for`]), so a
 //! test can check that each caller got the vector of its own text.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,8 +63,8 @@ struct State {
     script: VecDeque<Behavior>,
     default: Behavior,
     latency: Duration,
-    /// Texts whose requests always fail with 500.
-    poison: HashSet<String>,
+    /// Texts whose requests always fail, with this status.
+    poison: HashMap<String, u16>,
     /// The inputs of every request received, in order.
     requests: Vec<Vec<String>>,
     /// Requests received and not yet answered.
@@ -99,7 +99,7 @@ impl FakeProvider {
             script: VecDeque::new(),
             default: Behavior::Ok,
             latency: Duration::ZERO,
-            poison: HashSet::new(),
+            poison: HashMap::new(),
             requests: Vec::new(),
             in_flight: 0,
             chat_script: VecDeque::new(),
@@ -143,7 +143,13 @@ impl FakeProvider {
 
     /// Every request containing this text fails with 500.
     pub fn poison(&self, text: &str) {
-        self.state.lock().poison.insert(text.to_string());
+        self.poison_with(text, 500);
+    }
+
+    /// Every request containing this text fails with `status` (e.g. 400, as a provider refuses
+    /// a text over its token limit).
+    pub fn poison_with(&self, text: &str, status: u16) {
+        self.state.lock().poison.insert(text.to_string(), status);
     }
 
     pub fn request_count(&self) -> usize {
@@ -249,11 +255,11 @@ async fn serve_connection(mut stream: TcpStream, state: Arc<Mutex<State>>) {
         let (behavior, latency, dimension) = {
             let mut state = state.lock();
             state.requests.push(inputs.clone());
-            let poisoned = inputs.iter().any(|i| state.poison.contains(i));
+            let poisoned = inputs.iter().find_map(|i| state.poison.get(i).copied());
             let scripted = state.script.pop_front();
-            let behavior = if poisoned {
+            let behavior = if let Some(status) = poisoned {
                 Behavior::Status {
-                    status: 500,
+                    status,
                     retry_after: None,
                 }
             } else {

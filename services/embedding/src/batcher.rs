@@ -6,6 +6,12 @@
 //! caller gets its own vectors back. While `max_batches_in_flight` batches are running, new
 //! requests wait on the queue, so batches grow with load. A full queue is refused at once with
 //! RESOURCE_EXHAUSTED and a retry hint rather than a longer and longer wait.
+//!
+//! A failure is charged to the text that caused it: when a shared call fails in a way the input
+//! can cause (the provider refused it, or answered it wrongly), each request of the batch is
+//! embedded alone, and a failing request's texts one by one, before any request fails; a
+//! request then fails with the error of its first failing text, named by its index. An outage
+//! (timeouts, 5xx, an open breaker) fails the whole batch at once: splitting cannot help it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -204,34 +210,130 @@ async fn run_batch(
         }
         placements.push(places);
     }
-    let count = unique.len();
-    metrics.batch_texts.observe(count as f64);
-    let result = provider.embed(unique, purpose).await.map_err(Error::from);
-    metrics
-        .provider_latency
-        .observe(started.elapsed().as_secs_f64());
-    match result {
-        Ok(vectors) if vectors.len() == count => {
-            metrics.embedded.inc_by(count as u64);
+    let single = unique.len() == 1;
+    match call(provider.as_ref(), unique, purpose, &metrics).await {
+        Ok(vectors) => {
             for (job, places) in jobs.into_iter().zip(placements) {
                 let mine = places.iter().map(|&i| vectors[i].clone()).collect();
                 let _ = job.reply.send(Ok(mine));
             }
         }
-        Ok(vectors) => {
-            let error = Error::internal(format!(
-                "embedding provider {} returned {} vectors for {count} texts",
-                provider.model_id(),
-                vectors.len()
-            ));
+        Err(error) if single || !caused_by_input(&error) => {
             for job in jobs {
                 let _ = job.reply.send(Err(error.clone()));
             }
         }
-        Err(error) => {
+        Err(_) => {
+            // Someone's text broke the shared call: find whose, so only they fail. A request
+            // that was the whole batch goes straight to its texts one by one.
+            let together = jobs.len() > 1;
             for job in jobs {
-                let _ = job.reply.send(Err(error.clone()));
+                let answer =
+                    alone(provider.as_ref(), &job.texts, together, purpose, &metrics).await;
+                let _ = job.reply.send(answer);
             }
         }
+    }
+}
+
+/// One provider call for `texts` (distinct), checking it answered one vector per text.
+async fn call(
+    provider: &dyn EmbeddingProvider,
+    texts: Vec<String>,
+    purpose: Purpose,
+    metrics: &BatchMetrics,
+) -> Result<Vec<Vec<f32>>> {
+    let started = Instant::now();
+    let count = texts.len();
+    metrics.batch_texts.observe(count as f64);
+    let result = provider.embed(texts, purpose).await.map_err(Error::from);
+    metrics
+        .provider_latency
+        .observe(started.elapsed().as_secs_f64());
+    let vectors = result?;
+    if vectors.len() != count {
+        return Err(Error::internal(format!(
+            "embedding provider {} returned {} vectors for {count} texts",
+            provider.model_id(),
+            vectors.len()
+        )));
+    }
+    metrics.embedded.inc_by(count as u64);
+    Ok(vectors)
+}
+
+/// Whether a failed call may have failed because of one of its texts (the provider refused the
+/// request, or answered it wrongly), so that the texts alone may fare better. Outages,
+/// timeouts and open breakers are not: they fail everyone alike.
+fn caused_by_input(error: &Error) -> bool {
+    matches!(
+        error,
+        Error::InvalidArgument { .. } | Error::FailedPrecondition(_) | Error::Internal(_)
+    )
+}
+
+/// Embed one request's texts on their own (`together`: first in one call); if that fails
+/// because of a text, each text alone, failing with the first text that fails (named
+/// `texts[i]`).
+async fn alone(
+    provider: &dyn EmbeddingProvider,
+    texts: &[String],
+    together: bool,
+    purpose: Purpose,
+    metrics: &BatchMetrics,
+) -> Result<Vec<Vec<f32>>> {
+    if texts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut unique: Vec<String> = Vec::new();
+    let mut places = Vec::with_capacity(texts.len());
+    {
+        let mut position: HashMap<&str, usize> = HashMap::new();
+        for text in texts {
+            places.push(*position.entry(text.as_str()).or_insert_with(|| {
+                unique.push(text.clone());
+                unique.len() - 1
+            }));
+        }
+    }
+    let first = if together || unique.len() == 1 {
+        call(provider, unique.clone(), purpose, metrics).await
+    } else {
+        Err(Error::internal("split at once"))
+    };
+    let vectors = match first {
+        Ok(vectors) => vectors,
+        Err(error) if unique.len() == 1 || !caused_by_input(&error) => {
+            return Err(charged(error, texts, &unique[0]));
+        }
+        Err(_) => {
+            let mut vectors = Vec::with_capacity(unique.len());
+            for text in &unique {
+                let mut one = call(provider, vec![text.clone()], purpose, metrics)
+                    .await
+                    .map_err(|error| charged(error, texts, text))?;
+                vectors.append(&mut one);
+            }
+            vectors
+        }
+    };
+    Ok(places.iter().map(|&i| vectors[i].clone()).collect())
+}
+
+/// `error`, naming the request's first text equal to `text` when the request has several.
+fn charged(error: Error, texts: &[String], text: &str) -> Error {
+    if texts.len() < 2 {
+        return error;
+    }
+    let index = texts.iter().position(|t| t == text).unwrap_or(0);
+    let at = |reason: String| format!("texts[{index}]: {reason}");
+    match error {
+        Error::FailedPrecondition(reason) => Error::FailedPrecondition(at(reason)),
+        Error::Internal(reason) => Error::Internal(at(reason)),
+        Error::InvalidArgument { field, reason } if field.is_empty() => Error::InvalidArgument {
+            field: format!("texts[{index}]"),
+            reason,
+        },
+        other => other,
     }
 }

@@ -209,6 +209,57 @@ async fn concurrent_calls_share_provider_batches_and_each_gets_its_own_vector() 
 }
 
 #[tokio::test]
+async fn a_text_the_provider_refuses_fails_only_its_own_request() {
+    // Four requests, five texts, one batch: it closes when the fifth text arrives.
+    let batch = engram_embedding::batcher::BatchConfig {
+        max_texts: 5,
+        max_wait: Duration::from_secs(30),
+        queue_capacity: 64,
+        max_batches_in_flight: 1,
+    };
+    let h = Arc::new(harness(fast_policy(), batch, false).await);
+    let poison = "a text over the provider's token limit";
+    h.fake.poison_with(poison, 400);
+    let requests: Vec<Vec<String>> = vec![
+        vec!["fine zero".into()],
+        vec!["fine one".into()],
+        vec!["fine two".into(), poison.into()],
+        vec!["fine three".into()],
+    ];
+    let calls: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|texts| {
+            let h = h.clone();
+            tokio::spawn(async move { h.service.embed(texts, Purpose::Document).await })
+        })
+        .collect();
+    for (texts, call) in requests.iter().zip(calls) {
+        let answer = call.await.unwrap();
+        if texts.iter().any(|t| t == poison) {
+            let error = answer.unwrap_err();
+            assert_eq!(error.code(), Code::FailedPrecondition, "{error}");
+            assert!(error.to_string().starts_with("texts[1]: "), "{error}");
+        } else {
+            let expected: Vec<_> = texts
+                .iter()
+                .map(|t| FakeProvider::vector_for(t, DIM))
+                .collect();
+            assert_eq!(answer.unwrap().vectors, expected, "{texts:?}");
+        }
+    }
+    let sent = h.fake.requests();
+    assert_eq!(
+        sent[0].len(),
+        5,
+        "the four requests shared the first call: {sent:?}"
+    );
+    // Then each request alone, and the failing one text by text.
+    assert!(sent.contains(&vec!["fine two".to_string()]), "{sent:?}");
+    assert!(sent.contains(&vec![poison.to_string()]), "{sent:?}");
+}
+
+#[tokio::test]
 async fn a_full_queue_is_refused_with_a_retry_hint() {
     let h = Arc::new(harness(fast_policy(), batching(1, 1, 1), false).await);
     h.fake.set_latency(Duration::from_millis(300));
