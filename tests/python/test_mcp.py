@@ -121,8 +121,21 @@ def test_stdio_tools_schemas_and_a_session(cluster):
             assert message.startswith("INVALID_ARGUMENT (top_k)"), message
             message = await refused(session, "recall", query="anything", user="mallory")
             assert message.startswith("PERMISSION_DENIED (user)"), message
+            # Fields are named as the tools' arguments are.
             message = await refused(session, "remember", text="")
-            assert message.startswith("INVALID_ARGUMENT (memories[0].text)"), message
+            assert message.startswith("INVALID_ARGUMENT (text): "), message
+            message = await refused(session, "recall", query="x", min_relevance=2.0)
+            assert message.startswith("INVALID_ARGUMENT (min_relevance): "), message
+
+            # Another user's memory cannot be forgotten by id through a server bound to alice.
+            async with over_stdio(cluster, "--user", "bob") as bob:
+                await bob.initialize()
+                written = await call(bob, "remember", text="bob's own note")
+                [result] = written.structured_content["results"]
+            message = await refused(session, "forget", ids=[result["id"]])
+            assert message.startswith("PERMISSION_DENIED (ids)"), message
+            message = await refused(session, "forget", ids=[result["id"]], user="bob")
+            assert message.startswith("PERMISSION_DENIED (user)"), message
 
     asyncio.run(run())
 
@@ -174,5 +187,35 @@ def test_http_passes_the_bearer_token_on_as_the_engram_key(cluster):
             await session.initialize()
             message = await refused(session, "remember", text="no", user=alice)
             assert message.startswith("PERMISSION_DENIED"), message
+
+    asyncio.run(run())
+
+
+def test_http_refuses_browsers_foreign_hosts_and_oversized_bodies(cluster):
+    async def run() -> None:
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        headers = {
+            "Authorization": f"Bearer {WRITE_KEY}",
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+        }
+        async with httpx2.AsyncClient(timeout=30) as http:
+            # A web page's request (DNS rebinding, or a page on localhost).
+            page = await http.post(
+                cluster.mcp_url, json=ping, headers={**headers, "Origin": "http://evil.example"}
+            )
+            assert page.status_code == 403, page.text
+            foreign = await http.post(
+                cluster.mcp_url, json=ping, headers={**headers, "Host": "evil.example"}
+            )
+            assert foreign.status_code in (400, 403), foreign.text
+            big = await http.post(
+                cluster.mcp_url,
+                content=b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "x": "'
+                + b"a" * (2 << 20)
+                + b'"}',
+                headers=headers,
+            )
+            assert big.status_code == 413, big.status_code
 
     asyncio.run(run())

@@ -9,7 +9,6 @@ import threading
 import uuid
 
 import grpc
-import pytest
 from conftest import ENGRAM, WRITE_KEY, free_ports
 
 from engram_client import Client, EngramError
@@ -30,12 +29,17 @@ def test_stats_reports_the_calls_made_during_its_interval(cluster):
     with Client(cluster.gateway, api_key=WRITE_KEY) as client:
         client.remember(alice, ["I adopted a cat named Miso"], wait=True)
         stop = threading.Event()
+        unexpected: list[str] = []
 
         def load() -> None:
             while not stop.is_set():
                 client.recall(alice, "what pet do I have")
-                with pytest.raises(EngramError):
+                try:
                     client.recall(alice, "what pet do I have", top_k=0)
+                    unexpected.append("top_k=0 was accepted")
+                except EngramError as e:
+                    if e.code != grpc.StatusCode.INVALID_ARGUMENT:
+                        unexpected.append(str(e))
 
         worker = threading.Thread(target=load)
         worker.start()
@@ -44,6 +48,7 @@ def test_stats_reports_the_calls_made_during_its_interval(cluster):
         finally:
             stop.set()
             worker.join()
+    assert not unexpected, unexpected
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     recall = next(r for r in report["rpcs"] if r["method"] == "Recall")
@@ -58,7 +63,7 @@ def test_stats_reports_the_calls_made_during_its_interval(cluster):
     result = next(c for c in report["caches"] if c["cache"] == "recall")
     # The same query again and again: answered from the cache.
     assert result["hit_rate"] is not None and result["hit_rate"] > 0.5
-    assert report["write_log"]["backlog"] >= 0
+    assert report["write_log"] is not None
     for service in report["services"]:
         assert service["error"] is None, service
         assert service["rss_bytes"] > 10 * 1024 * 1024, service

@@ -32,12 +32,16 @@ use crate::output;
 /// Largest MCP request body over HTTP: a `remember` of the largest memory (32 KiB of text)
 /// with its metadata fits many times over.
 const MAX_HTTP_BODY_BYTES: usize = 1 << 20;
-/// Largest gateway response the server decodes: a page of 100 memories of 32 KiB and their
-/// metadata.
-const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// Largest gateway response the server decodes (the gateway's own response bound): a page of
+/// 100 memories with their full metadata fits.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// Most ids one `forget` names (each is looked up first, to check whose it is).
+const MAX_FORGET_IDS: usize = 100;
+/// How long `engram up` waits for MCP calls in flight when it stops.
+pub const DRAIN: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct McpArgs {
     /// Address of the gateway the tools call.
     #[arg(long, env = "ENGRAM_ADDR", default_value = "http://127.0.0.1:50051")]
@@ -54,6 +58,27 @@ pub struct McpArgs {
     /// Serve streamable HTTP at this address (path /mcp) instead of stdio.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Over HTTP beyond loopback: the `Host` names (or `host:port`) requests may carry, comma
+    /// separated (DNS-rebinding protection). Loopback names are always allowed.
+    #[arg(
+        long = "allowed-hosts",
+        env = "ENGRAM_MCP_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    allowed_hosts: Vec<String>,
+}
+
+impl std::fmt::Debug for McpArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpArgs")
+            .field("addr", &self.addr)
+            .field("user", &self.user)
+            .field("agent", &self.agent)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("listen", &self.listen)
+            .field("allowed_hosts", &self.allowed_hosts)
+            .finish()
+    }
 }
 
 /// Where a call's API key comes from.
@@ -103,11 +128,35 @@ impl From<Status> for Refusal {
         let field = status
             .get_details_bad_request()
             .and_then(|bad| bad.field_violations.first().map(|v| v.field.clone()));
-        let message = match status.code() {
-            Code::Unavailable => format!("{} (is the cluster running?)", status.message()),
-            _ => status.message().to_string(),
-        };
-        Self::new(&code, field.as_deref(), &message)
+        let mut message = status.message().to_string();
+        if let Some(field) = &field {
+            // The gateway's message starts with its field's path; the refusal names the
+            // tool's argument instead.
+            if let Some(rest) = message.strip_prefix(&format!("{field}: ")) {
+                message = rest.to_string();
+            }
+        }
+        if status.code() == Code::Unavailable {
+            message.push_str(" (is the cluster running?)");
+        }
+        let argument = field.as_deref().map(argument_of);
+        Self::new(&code, argument.as_deref(), &message)
+    }
+}
+
+/// The tool argument a gateway field path stands for (`memories[0].text` is `text`,
+/// `scope.session_id` is `session`, `min_score` is `min_relevance`, ...).
+fn argument_of(field: &str) -> String {
+    let field = field.strip_prefix("memories[0].").unwrap_or(field);
+    let field = field.strip_prefix("filter.").unwrap_or(field);
+    let field = field.strip_prefix("ids.").unwrap_or(field);
+    match field {
+        "scope.user_id" => "user".into(),
+        "scope.session_id" => "session".into(),
+        "scope.agent_id" => "agent".into(),
+        "min_score" => "min_relevance".into(),
+        "memories" => "text".into(),
+        other => other.to_string(),
     }
 }
 
@@ -293,10 +342,13 @@ impl Memory {
                 match header {
                     None => ApiKey::default(),
                     Some(value) => {
+                        // The scheme is case-insensitive (RFC 9110).
                         let token = value
                             .to_str()
                             .ok()
-                            .and_then(|v| v.strip_prefix("Bearer "))
+                            .and_then(|v| v.split_once(' '))
+                            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                            .map(|(_, token)| token.trim())
                             .ok_or_else(|| {
                                 Refusal::new(
                                     "UNAUTHENTICATED",
@@ -530,28 +582,33 @@ impl Memory {
     ) -> Result<CallToolResult, Refusal> {
         let target = match (args.ids.is_empty(), args.all_in_scope) {
             (false, false) => {
+                if args.ids.len() > MAX_FORGET_IDS {
+                    return Err(Refusal::invalid(
+                        "ids",
+                        &format!("at most {MAX_FORGET_IDS} ids at a time"),
+                    ));
+                }
                 // The ids must be the user's: the gateway checks the tenant, this server the
-                // user it works for.
-                if let Some(bound) = &self.user {
-                    let found = self
-                        .client(context)?
-                        .get(pb::GetRequest {
-                            ids: args.ids.clone(),
-                            ..Default::default()
-                        })
-                        .await?
-                        .into_inner();
-                    if let Some(other) = found
-                        .memories
-                        .iter()
-                        .find(|m| m.scope.as_ref().is_none_or(|s| s.user_id != **bound))
-                    {
-                        return Err(Refusal::new(
-                            "PERMISSION_DENIED",
-                            Some("ids"),
-                            &format!("{} is not a memory of user {bound:?}", other.id),
-                        ));
-                    }
+                // user the call works for.
+                let user = self.scope(args.user, None)?.user_id;
+                let found = self
+                    .client(context)?
+                    .get(pb::GetRequest {
+                        ids: args.ids.clone(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                if let Some(other) = found
+                    .memories
+                    .iter()
+                    .find(|m| m.scope.as_ref().is_none_or(|s| s.user_id != user))
+                {
+                    return Err(Refusal::new(
+                        "PERMISSION_DENIED",
+                        Some("ids"),
+                        &format!("{} is not a memory of user {user:?}", other.id),
+                    ));
                 }
                 pb::forget_request::Target::Ids(pb::MemoryIds { ids: args.ids })
             }
@@ -643,20 +700,21 @@ pub async fn serve_http(
     };
     let server = Memory::new(args, Credentials::Bearer)?;
     let stop = tokio_util::sync::CancellationToken::new();
-    let local = listener
+    let addr = listener
         .local_addr()
-        .map(|a| a.ip().is_loopback())
-        .unwrap_or(true);
+        .map_err(|e| format!("MCP over HTTP: {e}"))?;
+    // Browsers are not MCP clients: a request with an Origin header is refused, and the Host
+    // must be one this server is known by (DNS rebinding).
     let mut config = StreamableHttpServerConfig::default()
         .with_legacy_session_mode(false)
-        .with_cancellation_token(stop.child_token());
+        .with_cancellation_token(stop.child_token())
+        .enforce_origin_validation();
     config.json_response = true;
     config.max_request_body_bytes = MAX_HTTP_BODY_BYTES;
-    if !local {
-        // Bound beyond loopback (a pod): the Host check against DNS rebinding protects
-        // browsers on a workstation, and callers here come through a Service name.
-        config = config.disable_allowed_hosts();
-    }
+    config = match allowed_hosts(addr, &args.allowed_hosts)? {
+        Some(hosts) => config.with_allowed_hosts(hosts),
+        None => config.disable_allowed_hosts(),
+    };
     // Stateless: no session outlives its request, so no caller can make the server hold one.
     let service = StreamableHttpService::new(
         move || Ok(server.clone()),
@@ -673,6 +731,32 @@ pub async fn serve_http(
         .map_err(|e| format!("MCP over HTTP: {e}"))
 }
 
+/// The `Host` values the HTTP server accepts on `addr` (None: any, from `*`). Loopback names
+/// always; beyond loopback the names must be given, since any address the server is reached by
+/// could be a rebinding attacker's.
+fn allowed_hosts(addr: SocketAddr, configured: &[String]) -> Result<Option<Vec<String>>, String> {
+    let configured: Vec<String> = configured
+        .iter()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if configured.iter().any(|h| h == "*") {
+        return Ok(None);
+    }
+    if !addr.ip().is_loopback() && configured.is_empty() {
+        return Err(format!(
+            "MCP over HTTP on {addr}, beyond loopback, needs ENGRAM_MCP_ALLOWED_HOSTS: the host \
+             names clients reach it by (or * for any)"
+        ));
+    }
+    let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "::1"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    hosts.extend(configured);
+    Ok(Some(hosts))
+}
+
 /// The `engram up` side: `--mcp-listen` / `ENGRAM_MCP_LISTEN`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct McpListen {
@@ -680,17 +764,73 @@ pub struct McpListen {
     /// gateway with each caller's bearer token. Off unless set.
     #[arg(long = "mcp-listen", env = "ENGRAM_MCP_LISTEN")]
     pub mcp_listen: Option<SocketAddr>,
+    /// The user the MCP tools work for (unset: each call names its user).
+    #[arg(long = "mcp-user", env = "ENGRAM_MCP_USER")]
+    pub mcp_user: Option<String>,
+    /// The agent the MCP tools' writes are stored under.
+    #[arg(long = "mcp-agent", env = "ENGRAM_MCP_AGENT", default_value = "")]
+    pub mcp_agent: String,
+    /// Beyond loopback: the `Host` names MCP requests may carry, comma separated (`*`: any).
+    #[arg(
+        long = "mcp-allowed-hosts",
+        env = "ENGRAM_MCP_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub mcp_allowed_hosts: Vec<String>,
 }
 
-impl McpArgs {
+impl McpListen {
     /// The HTTP server `engram up` starts, calling the gateway at `gateway`.
-    pub fn for_gateway(gateway: SocketAddr) -> Self {
-        Self {
+    pub fn tools(&self, gateway: SocketAddr) -> McpArgs {
+        McpArgs {
             addr: format!("http://{gateway}"),
-            user: None,
-            agent: String::new(),
+            user: self.mcp_user.clone(),
+            agent: self.mcp_agent.clone(),
             api_key: None,
-            listen: None,
+            listen: self.mcp_listen,
+            allowed_hosts: self.mcp_allowed_hosts.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_fields_are_named_as_the_tools_arguments() {
+        assert_eq!(argument_of("memories[0].text"), "text");
+        assert_eq!(argument_of("memories[0].tags[3]"), "tags[3]");
+        assert_eq!(argument_of("scope.session_id"), "session");
+        assert_eq!(argument_of("scope.user_id"), "user");
+        assert_eq!(argument_of("min_score"), "min_relevance");
+        assert_eq!(argument_of("ids.ids[2]"), "ids[2]");
+        assert_eq!(argument_of("filter.tags_any[0]"), "tags_any[0]");
+        assert_eq!(argument_of("top_k"), "top_k");
+    }
+
+    #[test]
+    fn beyond_loopback_the_host_names_must_be_given() {
+        let local: SocketAddr = "127.0.0.1:8765".parse().expect("addr");
+        let any: SocketAddr = "0.0.0.0:8765".parse().expect("addr");
+        assert!(allowed_hosts(local, &[]).is_ok_and(|h| h.is_some()));
+        let refused = allowed_hosts(any, &[]).unwrap_err();
+        assert!(refused.contains("ENGRAM_MCP_ALLOWED_HOSTS"), "{refused}");
+        let named = allowed_hosts(any, &["engram-mcp.memory.svc".into()]).expect("named");
+        assert!(named.is_some_and(|h| h.contains(&"engram-mcp.memory.svc".to_string())));
+        assert_eq!(allowed_hosts(any, &["*".into()]), Ok(None));
+    }
+
+    #[test]
+    fn the_api_key_never_shows_in_debug() {
+        let args = McpListen {
+            mcp_listen: None,
+            mcp_user: None,
+            mcp_agent: String::new(),
+            mcp_allowed_hosts: Vec::new(),
+        };
+        let mut tools = args.tools("127.0.0.1:50051".parse().expect("addr"));
+        tools.api_key = Some("sk-very-secret".into());
+        assert!(!format!("{tools:?}").contains("sk-very-secret"));
     }
 }

@@ -133,6 +133,9 @@ pub struct Stats {
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct RpcStats {
     pub method: String,
+    /// A streaming RPC: its latency is until the response headers, and its status (hence the
+    /// error rate) is of how the stream ended.
+    pub streaming: bool,
     /// Calls completed per second over the interval.
     pub rate: f64,
     /// Share of those that did not end OK (0..1; None when there were none).
@@ -212,7 +215,8 @@ pub fn compute(before: &Scrape, after: &Scrape) -> Stats {
             .and_then(|page| page.as_ref().err().cloned());
         services.push(ServiceStats {
             service: service.to_string(),
-            rss_bytes: sum(&new, "process_resident_memory_bytes", |_| true),
+            // 0: the platform does not say.
+            rss_bytes: sum(&new, "process_resident_memory_bytes", |_| true).filter(|b| *b > 0.0),
             error,
         });
     }
@@ -235,7 +239,7 @@ fn sum(samples: &[Sample], name: &str, keep: impl Fn(&Sample) -> bool) -> Option
     found
 }
 
-/// `after - before` of a counter (a restart in between counts from zero).
+/// `after - before` of one counter series (a restart in between counts from zero).
 fn increase(before: Option<f64>, after: Option<f64>) -> f64 {
     let (before, after) = (before.unwrap_or(0.0), after.unwrap_or(0.0));
     if after >= before {
@@ -245,17 +249,42 @@ fn increase(before: Option<f64>, after: Option<f64>) -> f64 {
     }
 }
 
-/// The cumulative bucket counts of histogram `name` (samples passing `keep`, summed per
-/// bound) increased over the interval, by upper bound.
+/// The increase over the interval of the counter series named `name` whose labels pass
+/// `keep`: each series on its own (one that restarted counts from zero), then summed, as
+/// Prometheus' `sum(increase(...))` does.
+fn total_increase(
+    before: &[Sample],
+    after: &[Sample],
+    name: &str,
+    keep: impl Fn(&Sample) -> bool,
+) -> f64 {
+    after
+        .iter()
+        .filter(|s| s.name == name && keep(s))
+        .map(|now| {
+            let then = before
+                .iter()
+                .find(|s| s.name == name && s.labels == now.labels)
+                .map(|s| s.value);
+            increase(then, Some(now.value))
+        })
+        .sum()
+}
+
+/// The cumulative bucket counts of histogram `name` (the series passing `keep`) increased over
+/// the interval, by upper bound: each series on its own (one whose count fell restarted and
+/// counts from zero), then summed per bound, and kept non-decreasing.
 fn bucket_increase(
     before: &[Sample],
     after: &[Sample],
     name: &str,
     keep: &dyn Fn(&Sample) -> bool,
 ) -> Vec<(f64, f64)> {
-    let buckets = |samples: &[Sample]| {
-        let mut by_bound: Vec<(f64, f64)> = Vec::new();
-        let bucket = format!("{name}_bucket");
+    type Series = Vec<(String, String)>;
+    let bucket = format!("{name}_bucket");
+    // Each series (its labels but `le`): its (bound, cumulative count)s.
+    let series = |samples: &[Sample]| {
+        let mut by_series: Vec<(Series, Vec<(f64, f64)>)> = Vec::new();
         for s in samples.iter().filter(|s| s.name == bucket && keep(s)) {
             let Some(bound) = s.label("le").and_then(|le| match le {
                 "+Inf" => Some(f64::INFINITY),
@@ -263,22 +292,47 @@ fn bucket_increase(
             }) else {
                 continue;
             };
-            match by_bound.iter_mut().find(|(b, _)| *b == bound) {
-                Some((_, count)) => *count += s.value,
-                None => by_bound.push((bound, s.value)),
+            let labels: Series = s
+                .labels
+                .iter()
+                .filter(|(n, _)| n != "le")
+                .cloned()
+                .collect();
+            match by_series.iter_mut().find(|(l, _)| *l == labels) {
+                Some((_, buckets)) => buckets.push((bound, s.value)),
+                None => by_series.push((labels, vec![(bound, s.value)])),
             }
         }
-        by_bound.sort_by(|a, b| a.0.total_cmp(&b.0));
-        by_bound
+        for (_, buckets) in &mut by_series {
+            buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        by_series
     };
-    let old = buckets(before);
-    buckets(after)
-        .into_iter()
-        .map(|(bound, count)| {
-            let was = old.iter().find(|(b, _)| *b == bound).map(|(_, c)| *c);
-            (bound, increase(was, Some(count)))
-        })
-        .collect()
+    let old = series(before);
+    let mut total: Vec<(f64, f64)> = Vec::new();
+    for (labels, now) in series(after) {
+        let then = old.iter().find(|(l, _)| *l == labels).map(|(_, b)| b);
+        let count = |buckets: &[(f64, f64)]| buckets.last().map_or(0.0, |(_, c)| *c);
+        let restarted = then.is_some_and(|then| count(then) > count(&now));
+        for (bound, value) in now {
+            let was = then
+                .filter(|_| !restarted)
+                .and_then(|then| then.iter().find(|(b, _)| *b == bound))
+                .map_or(0.0, |(_, c)| *c);
+            let grew = (value - was).max(0.0);
+            match total.iter_mut().find(|(b, _)| *b == bound) {
+                Some((_, sum)) => *sum += grew,
+                None => total.push((bound, grew)),
+            }
+        }
+    }
+    total.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut highest = 0.0_f64;
+    for (_, count) in &mut total {
+        highest = highest.max(*count);
+        *count = highest;
+    }
+    total
 }
 
 /// The `q` quantile of cumulative `buckets`, interpolated linearly inside its bucket as
@@ -326,15 +380,13 @@ fn rpc_stats(before: &[Sample], after: &[Sample], seconds: f64) -> Vec<RpcStats>
                     && s.label("grpc_method") == Some(method.as_str())
             };
             let handled = "grpc_server_handled_total";
-            let calls = increase(sum(before, handled, this), sum(after, handled, this));
+            let calls = total_increase(before, after, handled, this);
             let failed_code = |s: &Sample| this(s) && s.label("grpc_code") != Some("OK");
-            let failed = increase(
-                sum(before, handled, failed_code),
-                sum(after, handled, failed_code),
-            );
+            let failed = total_increase(before, after, handled, failed_code);
             let buckets = bucket_increase(before, after, "grpc_server_handling_seconds", &this);
             let total = sum(after, handled, this).unwrap_or(0.0) as u64;
             RpcStats {
+                streaming: service == "engram.v1.ChatService",
                 method: method.clone(),
                 rate: calls / seconds,
                 error_rate: (calls > 0.0).then(|| (failed / calls).min(1.0)),
@@ -369,11 +421,9 @@ fn cache_stats(
             let of = |s: &Sample| s.label("cache") == Some(cache.as_str());
             let hits = |s: &Sample| of(s) && s.label("result") == Some("hit");
             let local = |s: &Sample| of(s) && s.label("level") == Some("local");
-            let (hits_then, hits_now) = (sum(before, REQUESTS, hits), sum(after, REQUESTS, hits));
-            let (lookups_then, lookups_now) =
-                (sum(before, REQUESTS, local), sum(after, REQUESTS, local));
-            let lookups = increase(lookups_then, lookups_now);
-            let hit = increase(hits_then, hits_now);
+            let (hits_now, lookups_now) = (sum(after, REQUESTS, hits), sum(after, REQUESTS, local));
+            let lookups = total_increase(before, after, REQUESTS, local);
+            let hit = total_increase(before, after, REQUESTS, hits);
             let share = |hit: f64, lookups: f64| (lookups > 0.0).then(|| (hit / lookups).min(1.0));
             CacheStats {
                 service: service.to_string(),
@@ -529,7 +579,11 @@ pub fn render(stats: &Stats, admin: &[(&str, SocketAddr)]) -> String {
         let _ = writeln!(
             out,
             "{:<28} {:>9.1} {:>7} {:>9} {:>9} {:>9} {:>9}",
-            rpc.method,
+            if rpc.streaming {
+                format!("{} (stream)", rpc.method)
+            } else {
+                rpc.method.clone()
+            },
             rpc.rate,
             percent(rpc.error_rate),
             millis(rpc.p50),
@@ -620,6 +674,23 @@ mod tests {
         assert_eq!(samples[1].value, 1500.0);
         assert_eq!(samples[2].label("le"), Some("+Inf"));
         assert_eq!(samples[3].name, "plain");
+    }
+
+    #[test]
+    fn a_restarted_series_counts_from_zero_on_its_own() {
+        let page = |ok: u32, bad: u32| {
+            parse(&format!(
+                "c_total{{code=\"OK\"}} {ok}\nc_total{{code=\"Internal\"}} {bad}\n\
+                 h_bucket{{m=\"a\",le=\"1\"}} {ok}\nh_bucket{{m=\"a\",le=\"+Inf\"}} {ok}\n"
+            ))
+        };
+        // OK fell (restarted: 5 since); Internal grew by 10.
+        let (before, after) = (page(1000, 10), page(5, 20));
+        assert_eq!(total_increase(&before, &after, "c_total", |_| true), 15.0);
+        let failed = |s: &Sample| s.label("code") != Some("OK");
+        assert_eq!(total_increase(&before, &after, "c_total", failed), 10.0);
+        let buckets = bucket_increase(&before, &after, "h", &|_| true);
+        assert_eq!(buckets, vec![(1.0, 5.0), (f64::INFINITY, 5.0)]);
     }
 
     #[test]

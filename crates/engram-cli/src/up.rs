@@ -91,6 +91,16 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
         embedding: args.embedding_listen.bind().await?,
     };
     let mcp = match args.mcp.mcp_listen {
+        Some(addr) if auth_off && !addr.ip().is_loopback() => {
+            return Err(Error::invalid(
+                "ENGRAM_MCP_LISTEN",
+                format!(
+                    "{addr} is beyond loopback while authentication is off: anyone who reaches \
+                     it could read and forget every memory; configure API keys \
+                     (ENGRAM_API_KEYS_FILE) or listen on 127.0.0.1"
+                ),
+            ));
+        }
         Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
             Error::invalid("ENGRAM_MCP_LISTEN", format!("cannot listen on {addr}: {e}"))
         })?),
@@ -111,7 +121,7 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
     let mcp = match mcp {
         Some(listener) => {
             let addr = listener.local_addr().ok();
-            let tools = crate::mcp::McpArgs::for_gateway(cluster.addrs.gateway);
+            let tools = args.mcp.tools(cluster.addrs.gateway);
             let stop = mcp_stop.clone();
             let task = tokio::spawn(async move {
                 crate::mcp::serve_http(&tools, listener, async move { stop.cancelled().await })
@@ -128,11 +138,13 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
     };
     let outcome = serve_until_stopped(&mut cluster, &common, &paths, started, auth_off).await;
     mcp_stop.cancel();
-    if let Some((_, task)) = mcp {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("engram: {e}"),
-            Err(e) => eprintln!("engram: the MCP server failed: {e}"),
+    if let Some((_, mut task)) = mcp {
+        // Calls in flight get a moment to finish; a stuck connection does not hold the exit.
+        match tokio::time::timeout(crate::mcp::DRAIN, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => eprintln!("engram: {e}"),
+            Ok(Err(e)) => eprintln!("engram: the MCP server failed: {e}"),
+            Err(_) => task.abort(),
         }
     }
     let stopped = cluster.shutdown().await;

@@ -272,6 +272,9 @@ pub fn code_name(code: usize) -> &'static str {
 /// The name of a status code as gRPC's specification writes it (`INVALID_ARGUMENT`,
 /// `UNAVAILABLE`, ...): for people and for clients that match on it.
 pub fn status_name(code: tonic::Code) -> String {
+    if code == tonic::Code::Ok {
+        return "OK".into();
+    }
     let code = usize::try_from(i32::from(code)).unwrap_or(2);
     code_name(code)
         .chars()

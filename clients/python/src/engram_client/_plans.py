@@ -40,8 +40,9 @@ class Plan:
     method: str
     request: Any
     convert: Callable[[Any], Any]
-    # Reads, and writes that are safe to repeat: Remember carries an idempotency key for every
-    # memory, Update sets the same fields to the same values, Forget removes what is gone.
+    # Reads, and Remember, whose every memory carries an idempotency key. Update and Forget are
+    # not retried: a repeat after a lost answer could undo a later Update, or remove memories
+    # written since the first Forget of a scope.
     retry: bool = True
 
 
@@ -204,7 +205,7 @@ def update(
         update_mask=field_mask_pb2.FieldMask(paths=paths),
         mode=_write_mode(wait),
     )
-    return Plan("Update", request, UpdateResult.from_proto)
+    return Plan("Update", request, UpdateResult.from_proto, retry=False)
 
 
 def forget(
@@ -223,7 +224,7 @@ def forget(
         request = pb.ForgetRequest(ids=pb.MemoryIds(ids=_strings(ids, "ids")))
     else:
         request = pb.ForgetRequest(scope=scope(user, agent, session))  # type: ignore[arg-type]
-    return Plan("Forget", request, ForgetResult.from_proto)
+    return Plan("Forget", request, ForgetResult.from_proto, retry=False)
 
 
 def build_context(

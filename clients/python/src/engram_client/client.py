@@ -23,6 +23,7 @@ from .types import ConverseEvent, Memory, Page, converse_event
 # Worth another attempt: the server (or the way to it) was briefly unavailable, or it asked the
 # client to slow down and said for how long.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE}
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 _THROTTLED = {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
@@ -31,12 +32,13 @@ class RetryPolicy:
     """How a call that failed transiently is retried, within its timeout.
 
     UNAVAILABLE is retried with exponential backoff and full jitter; RESOURCE_EXHAUSTED only
-    when the server said how long to wait (a rate limit), after that long. Converse is never
-    retried (it streams, and remembers the turn).
+    when the server said how long to wait (a rate limit), after that long. Reads and Remember
+    are retried (a retried Remember whose first attempt was stored answers DUPLICATE with the
+    stored id); Update, Forget and Converse never are.
     """
 
-    attempts: int = 3
-    initial_backoff: float = 0.05
+    attempts: int = 4
+    initial_backoff: float = 0.1
     max_backoff: float = 2.0
 
     def delay(self, attempt: int, error: EngramError) -> float | None:
@@ -74,7 +76,12 @@ class _Methods:
         self._timeout = timeout
         self._retry = retry
         self._credentials = credentials
-        self._options = list(options)
+        # The gateway answers up to 64 MiB (a List page of large memories); gRPC's default
+        # receive limit is 4 MiB.
+        self._options = [
+            ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+            *options,
+        ]
 
     def __repr__(self) -> str:  # never the key
         return f"{type(self).__name__}({self._target!r})"
@@ -94,7 +101,8 @@ class _Methods:
 
         ``wait=True`` acknowledges only once the memories are searchable (a SYNC write); by
         default the write is acknowledged once durable. Inputs without an idempotency key get
-        one, so a retried call never stores a memory twice.
+        one, so a retried call never stores a memory twice (the retry answers DUPLICATE with
+        the stored id).
         """
         plan = _plans.remember(user, memories, agent=agent, session=session, wait=wait,
                                extract=extract, privacy=privacy)
@@ -126,14 +134,15 @@ class _Methods:
 
     def update(self, id, *, text=None, kind=None, role=None, metadata=None, tags=None,
                event_time=None, importance=None, wait=False, timeout=None):
-        """Change the given fields of one memory → ``UpdateResult``; a new text is re-embedded."""
+        """Change the given fields of one memory → ``UpdateResult``; a new text is re-embedded.
+        Not retried."""
         plan = _plans.update(id, text=text, kind=kind, role=role, metadata=metadata, tags=tags,
                              event_time=event_time, importance=importance, wait=wait)
         return self._run(plan, timeout)
 
     def forget(self, ids=None, *, user=None, agent="", session="", timeout=None):
         """Remove memories by id, or — with ``user=`` instead — every memory of that scope
-        (empty agent/session match any) → ``ForgetResult`` (``.forgotten``)."""
+        (empty agent/session match any) → ``ForgetResult`` (``.forgotten``). Not retried."""
         return self._run(_plans.forget(ids, user=user, agent=agent, session=session), timeout)
 
     def build_context(self, user, query, *, agent="", session="", token_budget=0,
@@ -168,7 +177,7 @@ class Client(_Methods):
         self._channel.close()
 
     def _run(self, plan: Plan, timeout: float | None):
-        deadline = time.monotonic() + (timeout or self._timeout)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         call = getattr(self._memory, plan.method)
         attempt = 0
         while True:
@@ -246,7 +255,7 @@ class AsyncClient(_Methods):
         await self._channel.close()
 
     async def _run(self, plan: Plan, timeout: float | None):
-        deadline = time.monotonic() + (timeout or self._timeout)
+        deadline = time.monotonic() + (self._timeout if timeout is None else timeout)
         call = getattr(self._memory, plan.method)
         attempt = 0
         while True:
