@@ -140,6 +140,7 @@ impl Options {
             base_url: fake.url(),
             model: "fake-embedding".into(),
             key: KeySource::None,
+            max_input_tokens: 8191,
             policy,
         };
         options.embedding.batch.max_batches_in_flight = policy.max_concurrency;

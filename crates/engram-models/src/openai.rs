@@ -78,6 +78,10 @@ pub struct OpenAiConfig {
     pub dimension: usize,
     /// Most inputs per HTTP request; larger batches are split.
     pub max_inputs_per_request: usize,
+    /// Longest input the provider takes, in cl100k_base tokens (OpenAI's embedding models:
+    /// 8191); longer texts are cut to it before they are sent, so one long text cannot make the
+    /// provider refuse a request. 0: sent whole.
+    pub max_input_tokens: usize,
     pub policy: Policy,
 }
 
@@ -104,6 +108,8 @@ pub struct OpenAiEmbedder {
     url: String,
     config: OpenAiConfig,
     outbound: Outbound,
+    /// Cuts inputs to `max_input_tokens` (None: no limit).
+    truncate: Option<crate::tokens::TokenCounter>,
 }
 
 impl std::fmt::Debug for OpenAiEmbedder {
@@ -147,11 +153,19 @@ impl OpenAiEmbedder {
             config.policy,
             metrics,
         );
+        let truncate = match config.max_input_tokens {
+            0 => None,
+            _ => Some(crate::tokens::TokenCounter::new(
+                crate::tokens::TokenizerKind::Cl100kBase,
+                &config.model,
+            )?),
+        };
         Ok(Self {
             client,
             url: format!("{base}/embeddings"),
             config,
             outbound,
+            truncate,
         })
     }
 
@@ -302,6 +316,18 @@ impl EmbeddingProvider for OpenAiEmbedder {
         _purpose: Purpose,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut vectors = Vec::with_capacity(texts.len());
+        let texts: Vec<String> = match &self.truncate {
+            Some(counter) => texts
+                .into_iter()
+                .map(
+                    |text| match counter.truncate(&text, self.config.max_input_tokens) {
+                        std::borrow::Cow::Borrowed(_) => text,
+                        std::borrow::Cow::Owned(cut) => cut,
+                    },
+                )
+                .collect(),
+            None => texts,
+        };
         for chunk in texts.chunks(self.config.max_inputs_per_request.max(1)) {
             let embedded = self.outbound.call(|| self.request(chunk)).await?;
             vectors.extend(embedded);

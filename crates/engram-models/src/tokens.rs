@@ -92,6 +92,30 @@ impl TokenCounter {
     pub fn count(&self, text: &str) -> usize {
         self.bpe.encode_ordinary(text).len()
     }
+
+    /// The longest prefix of `text` of at most `max_tokens` tokens that ends on a character
+    /// boundary (`text` itself when it fits).
+    pub fn truncate<'a>(&self, text: &'a str, max_tokens: usize) -> std::borrow::Cow<'a, str> {
+        // Every token is at least one byte: a text of at most `max_tokens` bytes fits.
+        if text.len() <= max_tokens {
+            return text.into();
+        }
+        let tokens = self.bpe.encode_ordinary(text);
+        if tokens.len() <= max_tokens {
+            return text.into();
+        }
+        let bytes = self
+            .bpe
+            .decode_bytes(&tokens[..max_tokens])
+            .unwrap_or_default();
+        // A token may end inside a character: keep the whole characters before it.
+        let valid = match std::str::from_utf8(&bytes) {
+            Ok(prefix) => prefix.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        let end = text.floor_char_boundary(valid.min(text.len()));
+        text[..end].to_string().into()
+    }
 }
 
 /// tiktoken-rs reports errors as `anyhow::Error`; keep them as strings.
@@ -110,6 +134,25 @@ mod anyhow_free {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncation_keeps_a_prefix_of_whole_characters_within_the_limit() {
+        let counter = TokenCounter::new(TokenizerKind::Cl100kBase, "").expect("cl100k");
+        let short = "fits easily";
+        assert!(matches!(
+            counter.truncate(short, 100),
+            std::borrow::Cow::Borrowed(_)
+        ));
+        for text in [
+            "word ".repeat(500),
+            "日本語のテキスト、絵文字 🐈🐈‍⬛ も含む。".repeat(40),
+        ] {
+            let cut = counter.truncate(&text, 50);
+            assert!(counter.count(&cut) <= 50, "{cut}");
+            assert!(counter.count(&cut) >= 40, "kept most of the budget: {cut}");
+            assert!(text.starts_with(cut.as_ref()));
+        }
+    }
 
     #[test]
     fn model_names_choose_their_vocabulary() {

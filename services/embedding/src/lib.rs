@@ -88,6 +88,14 @@ pub struct EmbeddingArgs {
     /// File holding the API key, e.g. a mounted Secret; takes precedence over the variable.
     #[arg(long = "embedding-api-key-file", env = "ENGRAM_EMBEDDING_API_KEY_FILE", value_parser = engram_domain::absolute_path)]
     pub api_key_file: Option<PathBuf>,
+    /// With `openai`: longest input the provider takes, in cl100k_base tokens; longer texts are
+    /// cut to it before they are sent (0: sent whole).
+    #[arg(
+        long = "embedding-max-input-tokens",
+        env = "ENGRAM_EMBEDDING_MAX_INPUT_TOKENS",
+        default_value_t = 8191
+    )]
+    pub max_input_tokens: usize,
     /// Texts per provider batch to aim for.
     #[arg(
         long = "embed-batch-max",
@@ -130,6 +138,8 @@ pub enum ProviderConfig {
         base_url: String,
         model: String,
         key: KeySource,
+        /// Longest input in cl100k_base tokens; longer ones are cut (0: no limit).
+        max_input_tokens: usize,
         policy: engram_resilience::Policy,
     },
 }
@@ -170,6 +180,7 @@ impl Config {
                     None if args.api_key_env.is_empty() => KeySource::None,
                     None => KeySource::Env(args.api_key_env),
                 },
+                max_input_tokens: args.max_input_tokens,
                 policy: args.policy.policy(),
             },
         };
@@ -262,6 +273,7 @@ async fn provider(
             base_url,
             model,
             key,
+            max_input_tokens,
             policy,
         } => {
             let api_key = match key {
@@ -278,6 +290,7 @@ async fn provider(
                     api_key,
                     dimension,
                     max_inputs_per_request: 256,
+                    max_input_tokens: *max_input_tokens,
                     policy: *policy,
                 },
                 &OutboundMetrics::new(metrics),

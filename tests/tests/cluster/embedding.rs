@@ -25,6 +25,28 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
+/// The OpenAI-compatible provider on `fake`, cutting inputs to `max_input_tokens`.
+fn openai(
+    fake: &FakeProvider,
+    max_input_tokens: usize,
+    policy: Policy,
+    metrics: &Metrics,
+) -> OpenAiEmbedder {
+    OpenAiEmbedder::new(
+        OpenAiConfig {
+            base_url: fake.url(),
+            model: "fake-embedding".into(),
+            api_key: None,
+            dimension: DIM,
+            max_inputs_per_request: 256,
+            max_input_tokens,
+            policy,
+        },
+        &OutboundMetrics::new(metrics),
+    )
+    .unwrap()
+}
+
 async fn harness(
     policy: Policy,
     batch: engram_embedding::batcher::BatchConfig,
@@ -33,20 +55,7 @@ async fn harness(
     let dir = tempfile::tempdir().unwrap();
     let fake = FakeProvider::start(DIM).await;
     let metrics = Metrics::new();
-    let provider: Arc<dyn EmbeddingProvider> = Arc::new(
-        OpenAiEmbedder::new(
-            OpenAiConfig {
-                base_url: fake.url(),
-                model: "fake-embedding".into(),
-                api_key: None,
-                dimension: DIM,
-                max_inputs_per_request: 256,
-                policy,
-            },
-            &OutboundMetrics::new(&metrics),
-        )
-        .unwrap(),
-    );
+    let provider: Arc<dyn EmbeddingProvider> = Arc::new(openai(&fake, 8191, policy, &metrics));
     let redis_process = if redis {
         Some(
             RedisProcess::start(&dir.path().join("redis"), None, Persistence::None)
@@ -257,6 +266,24 @@ async fn a_text_the_provider_refuses_fails_only_its_own_request() {
     // Then each request alone, and the failing one text by text.
     assert!(sent.contains(&vec!["fine two".to_string()]), "{sent:?}");
     assert!(sent.contains(&vec![poison.to_string()]), "{sent:?}");
+}
+
+#[tokio::test]
+async fn texts_over_the_providers_token_limit_are_cut_to_it_before_they_are_sent() {
+    let fake = FakeProvider::start(DIM).await;
+    let provider = openai(&fake, 64, fast_policy(), &Metrics::new());
+    let long = "a long passage of many words ".repeat(100);
+    let texts = vec!["short".to_string(), long.clone()];
+    let vectors = provider.embed(texts, Purpose::Document).await.unwrap();
+    assert_eq!(vectors.len(), 2);
+    let sent = fake.requests();
+    let inputs = &sent[0];
+    assert_eq!(inputs[0], "short");
+    assert!(long.starts_with(&inputs[1]) && inputs[1].len() < long.len());
+    let tokens = engram_models::TokenCounter::new(engram_models::TokenizerKind::Cl100kBase, "")
+        .unwrap()
+        .count(&inputs[1]);
+    assert!((50..=64).contains(&tokens), "{tokens} tokens sent");
 }
 
 #[tokio::test]
