@@ -316,17 +316,26 @@ impl EmbeddingProvider for OpenAiEmbedder {
         _purpose: Purpose,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let mut vectors = Vec::with_capacity(texts.len());
-        let texts: Vec<String> = match &self.truncate {
-            Some(counter) => texts
-                .into_iter()
-                .map(
-                    |text| match counter.truncate(&text, self.config.max_input_tokens) {
-                        std::borrow::Cow::Borrowed(_) => text,
-                        std::borrow::Cow::Owned(cut) => cut,
-                    },
-                )
-                .collect(),
-            None => texts,
+        let max = self.config.max_input_tokens;
+        let texts = match self.truncate {
+            // Tokenising tens of kilobytes is CPU work: off the async runtime.
+            Some(counter) if texts.iter().any(|t| t.len() > max) => {
+                tokio::task::spawn_blocking(move || {
+                    texts
+                        .into_iter()
+                        .map(|text| match counter.truncate(&text, max) {
+                            std::borrow::Cow::Borrowed(_) => text,
+                            std::borrow::Cow::Owned(cut) => cut,
+                        })
+                        .collect::<Vec<String>>()
+                })
+                .await
+                .map_err(|e| ModelError::Inference {
+                    model: self.config.model.clone(),
+                    reason: format!("cutting inputs to {max} tokens failed: {e}"),
+                })?
+            }
+            _ => texts,
         };
         for chunk in texts.chunks(self.config.max_inputs_per_request.max(1)) {
             let embedded = self.outbound.call(|| self.request(chunk)).await?;

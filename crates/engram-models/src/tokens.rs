@@ -104,10 +104,12 @@ impl TokenCounter {
         if tokens.len() <= max_tokens {
             return text.into();
         }
-        let bytes = self
-            .bpe
-            .decode_bytes(&tokens[..max_tokens])
-            .unwrap_or_default();
+        let Ok(bytes) = self.bpe.decode_bytes(&tokens[..max_tokens]) else {
+            // Cannot happen for tokens it encoded; a byte cut is still within the limit.
+            return text[..text.floor_char_boundary(max_tokens)]
+                .to_string()
+                .into();
+        };
         // A token may end inside a character: keep the whole characters before it.
         let valid = match std::str::from_utf8(&bytes) {
             Ok(prefix) => prefix.len(),

@@ -7,11 +7,13 @@
 //! requests wait on the queue, so batches grow with load. A full queue is refused at once with
 //! RESOURCE_EXHAUSTED and a retry hint rather than a longer and longer wait.
 //!
-//! A failure is charged to the text that caused it: when a shared call fails in a way the input
-//! can cause (the provider refused it, or answered it wrongly), each request of the batch is
-//! embedded alone, and a failing request's texts one by one, before any request fails; a
-//! request then fails with the error of its first failing text, named by its index. An outage
-//! (timeouts, 5xx, an open breaker) fails the whole batch at once: splitting cannot help it.
+//! A failure is charged to the text that caused it: when a shared call is refused in a way one
+//! input can cause (HTTP 400, 413 or 422, or the local model failing on a text), the batch's
+//! texts are bisected — each half embedded on its own, a failing half split again — to find the
+//! texts the provider refuses, within [`MAX_ISOLATION_CALLS`] calls per batch; only requests
+//! holding such a text (or one left unresolved when the budget ran out) fail, the others get
+//! their vectors. Outages, timeouts, an open breaker, and refusals no text causes (401, 403,
+//! 404: a key or model the provider does not know) fail the whole batch at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -210,7 +212,7 @@ async fn run_batch(
         }
         placements.push(places);
     }
-    let single = unique.len() == 1;
+    let all = unique.clone();
     match call(provider.as_ref(), unique, purpose, &metrics).await {
         Ok(vectors) => {
             for (job, places) in jobs.into_iter().zip(placements) {
@@ -218,22 +220,39 @@ async fn run_batch(
                 let _ = job.reply.send(Ok(mine));
             }
         }
-        Err(error) if single || !caused_by_input(&error) => {
+        Err(failed) if all.len() == 1 || !failed.input => {
             for job in jobs {
-                let _ = job.reply.send(Err(error.clone()));
+                let _ = job.reply.send(Err(failed.error.clone()));
             }
         }
-        Err(_) => {
-            // Someone's text broke the shared call: find whose, so only they fail. A request
-            // that was the whole batch goes straight to its texts one by one.
-            let together = jobs.len() > 1;
-            for job in jobs {
-                let answer =
-                    alone(provider.as_ref(), &job.texts, together, purpose, &metrics).await;
-                let _ = job.reply.send(answer);
+        Err(failed) if jobs.iter().all(|job| job.reply.is_closed()) => drop(failed),
+        Err(failed) => {
+            // Some text broke the shared call: find which, so that only its requests fail.
+            let mut search = Isolation {
+                provider: provider.as_ref(),
+                purpose,
+                metrics: &metrics,
+                calls_left: MAX_ISOLATION_CALLS,
+                found: vec![None; all.len()],
+                unresolved: failed.error,
+            };
+            let indices: Vec<usize> = (0..all.len()).collect();
+            search.split(&all, &indices).await;
+            for (job, places) in jobs.into_iter().zip(placements) {
+                let _ = job.reply.send(search.answer(&places));
             }
         }
     }
+}
+
+/// Most provider calls spent finding the texts that broke one batch's call: a request of many
+/// texts the provider refuses costs this much at most, whatever its size.
+pub const MAX_ISOLATION_CALLS: usize = 32;
+
+/// A failed provider call: the error, and whether one of its inputs may have caused it.
+struct Failed {
+    error: Error,
+    input: bool,
 }
 
 /// One provider call for `texts` (distinct), checking it answered one vector per text.
@@ -242,98 +261,109 @@ async fn call(
     texts: Vec<String>,
     purpose: Purpose,
     metrics: &BatchMetrics,
-) -> Result<Vec<Vec<f32>>> {
+) -> std::result::Result<Vec<Vec<f32>>, Failed> {
     let started = Instant::now();
     let count = texts.len();
     metrics.batch_texts.observe(count as f64);
-    let result = provider.embed(texts, purpose).await.map_err(Error::from);
+    let result = provider.embed(texts, purpose).await;
     metrics
         .provider_latency
         .observe(started.elapsed().as_secs_f64());
-    let vectors = result?;
+    let vectors = result.map_err(|e| Failed {
+        input: caused_by_input(&e),
+        error: Error::from(e),
+    })?;
     if vectors.len() != count {
-        return Err(Error::internal(format!(
-            "embedding provider {} returned {} vectors for {count} texts",
-            provider.model_id(),
-            vectors.len()
-        )));
+        return Err(Failed {
+            error: Error::internal(format!(
+                "embedding provider {} returned {} vectors for {count} texts",
+                provider.model_id(),
+                vectors.len()
+            )),
+            input: false,
+        });
     }
     metrics.embedded.inc_by(count as u64);
     Ok(vectors)
 }
 
-/// Whether a failed call may have failed because of one of its texts (the provider refused the
-/// request, or answered it wrongly), so that the texts alone may fare better. Outages,
-/// timeouts and open breakers are not: they fail everyone alike.
-fn caused_by_input(error: &Error) -> bool {
-    matches!(
-        error,
-        Error::InvalidArgument { .. } | Error::FailedPrecondition(_) | Error::Internal(_)
-    )
-}
-
-/// Embed one request's texts on their own (`together`: first in one call); if that fails
-/// because of a text, each text alone, failing with the first text that fails (named
-/// `texts[i]`).
-async fn alone(
-    provider: &dyn EmbeddingProvider,
-    texts: &[String],
-    together: bool,
-    purpose: Purpose,
-    metrics: &BatchMetrics,
-) -> Result<Vec<Vec<f32>>> {
-    if texts.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut unique: Vec<String> = Vec::new();
-    let mut places = Vec::with_capacity(texts.len());
-    {
-        let mut position: HashMap<&str, usize> = HashMap::new();
-        for text in texts {
-            places.push(*position.entry(text.as_str()).or_insert_with(|| {
-                unique.push(text.clone());
-                unique.len() - 1
-            }));
-        }
-    }
-    let first = if together || unique.len() == 1 {
-        call(provider, unique.clone(), purpose, metrics).await
-    } else {
-        Err(Error::internal("split at once"))
-    };
-    let vectors = match first {
-        Ok(vectors) => vectors,
-        Err(error) if unique.len() == 1 || !caused_by_input(&error) => {
-            return Err(charged(error, texts, &unique[0]));
-        }
-        Err(_) => {
-            let mut vectors = Vec::with_capacity(unique.len());
-            for text in &unique {
-                let mut one = call(provider, vec![text.clone()], purpose, metrics)
-                    .await
-                    .map_err(|error| charged(error, texts, text))?;
-                vectors.append(&mut one);
-            }
-            vectors
-        }
-    };
-    Ok(places.iter().map(|&i| vectors[i].clone()).collect())
-}
-
-/// `error`, naming the request's first text equal to `text` when the request has several.
-fn charged(error: Error, texts: &[String], text: &str) -> Error {
-    if texts.len() < 2 {
-        return error;
-    }
-    let index = texts.iter().position(|t| t == text).unwrap_or(0);
-    let at = |reason: String| format!("texts[{index}]: {reason}");
+/// Whether a failure may be one input's doing, so that the texts apart may fare better: the
+/// provider refused the request as malformed or too large (400, 413, 422), or the local model
+/// failed on it. Not outages, timeouts, open breakers, or refusals of the caller itself (401,
+/// 403, 404), which fail every text alike.
+fn caused_by_input(error: &engram_models::ModelError) -> bool {
+    use engram_resilience::{CallError, Failure};
     match error {
-        Error::FailedPrecondition(reason) => Error::FailedPrecondition(at(reason)),
-        Error::Internal(reason) => Error::Internal(at(reason)),
-        Error::InvalidArgument { field, reason } if field.is_empty() => Error::InvalidArgument {
-            field: format!("texts[{index}]"),
-            reason,
-        },
-        other => other,
+        engram_models::ModelError::Provider(CallError::Failed {
+            failure: Failure::Rejected { status, .. },
+            ..
+        }) => matches!(status, 400 | 413 | 422),
+        engram_models::ModelError::Inference { .. } => true,
+        _ => false,
+    }
+}
+
+/// The search for the texts that broke a batch's call, by bisection.
+struct Isolation<'a> {
+    provider: &'a dyn EmbeddingProvider,
+    purpose: Purpose,
+    metrics: &'a BatchMetrics,
+    calls_left: usize,
+    /// Per distinct text of the batch: its vector, its error, or None while unresolved.
+    found: Vec<Option<Result<Vec<f32>>>>,
+    /// The answer for texts the budget left unresolved.
+    unresolved: Error,
+}
+
+impl Isolation<'_> {
+    /// Resolve `indices` (of `texts`), known to fail together: embed each half on its own and
+    /// split a half that fails because of an input again.
+    async fn split(&mut self, texts: &[String], indices: &[usize]) {
+        let mut pending = vec![indices.to_vec()];
+        while let Some(part) = pending.pop() {
+            if part.len() == 1 {
+                continue; // a lone text that failed together: its error is set already
+            }
+            let (left, right) = part.split_at(part.len() / 2);
+            for half in [left, right] {
+                if self.calls_left == 0 {
+                    return;
+                }
+                self.calls_left -= 1;
+                let batch = half.iter().map(|&i| texts[i].clone()).collect();
+                match call(self.provider, batch, self.purpose, self.metrics).await {
+                    Ok(vectors) => {
+                        for (&i, vector) in half.iter().zip(vectors) {
+                            self.found[i] = Some(Ok(vector));
+                        }
+                    }
+                    Err(failed) if failed.input => {
+                        if half.len() == 1 {
+                            self.found[half[0]] = Some(Err(failed.error));
+                        } else {
+                            pending.push(half.to_vec());
+                        }
+                    }
+                    Err(failed) => {
+                        // An outage meanwhile: what is still unresolved fails with it.
+                        self.unresolved = failed.error;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A request's answer: its vectors if all its texts were embedded, else the error of its
+    /// first text that was not.
+    fn answer(&self, places: &[usize]) -> Result<Vec<Vec<f32>>> {
+        places
+            .iter()
+            .map(|&i| match &self.found[i] {
+                Some(Ok(vector)) => Ok(vector.clone()),
+                Some(Err(error)) => Err(error.clone()),
+                None => Err(self.unresolved.clone()),
+            })
+            .collect()
     }
 }
