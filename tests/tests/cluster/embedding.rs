@@ -105,6 +105,17 @@ fn batching(
     }
 }
 
+/// Batches that close only when `texts` texts have arrived: concurrent calls share one batch
+/// whatever the scheduling.
+fn one_batch_of(texts: usize) -> engram_embedding::batcher::BatchConfig {
+    engram_embedding::batcher::BatchConfig {
+        max_texts: texts,
+        max_wait: Duration::from_secs(30),
+        queue_capacity: 64,
+        max_batches_in_flight: 1,
+    }
+}
+
 fn sample(metrics: &Metrics, series: &str) -> f64 {
     metrics
         .encode()
@@ -220,13 +231,7 @@ async fn concurrent_calls_share_provider_batches_and_each_gets_its_own_vector() 
 #[tokio::test]
 async fn a_text_the_provider_refuses_fails_only_its_own_request() {
     // Four requests, five texts, one batch: it closes when the fifth text arrives.
-    let batch = engram_embedding::batcher::BatchConfig {
-        max_texts: 5,
-        max_wait: Duration::from_secs(30),
-        queue_capacity: 64,
-        max_batches_in_flight: 1,
-    };
-    let h = Arc::new(harness(fast_policy(), batch, false).await);
+    let h = Arc::new(harness(fast_policy(), one_batch_of(5), false).await);
     let poison = "a text over the provider's token limit";
     h.fake.poison_with(poison, 400);
     let requests: Vec<Vec<String>> = vec![
@@ -269,13 +274,7 @@ async fn a_text_the_provider_refuses_fails_only_its_own_request() {
 
 #[tokio::test]
 async fn a_refusal_no_text_causes_fails_the_batch_without_a_search() {
-    let batch = engram_embedding::batcher::BatchConfig {
-        max_texts: 3,
-        max_wait: Duration::from_secs(30),
-        queue_capacity: 64,
-        max_batches_in_flight: 1,
-    };
-    let h = Arc::new(harness(fast_policy(), batch, false).await);
+    let h = Arc::new(harness(fast_policy(), one_batch_of(3), false).await);
     // As a provider answers a revoked key: every text would fail alike.
     h.fake.poison_with("one", 401);
     let calls: Vec<_> = ["one", "two", "three"]
