@@ -5,7 +5,7 @@
     with Client("127.0.0.1:50051") as client:
         client.remember("alice", ["I adopted a cat named Miso"], wait=True)
         for hit in client.recall("alice", "what pet do I have", top_k=5):
-            print(f"{hit.relevance:.3f}  {hit.memory.text}")
+            print(f"{hit.score:.3f}  {hit.memory.text}")
 
 ``AsyncClient`` has the same methods as coroutines. Failures raise ``EngramError`` with the
 gRPC ``code`` and the request ``field`` the server named.
