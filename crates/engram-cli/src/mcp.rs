@@ -160,10 +160,11 @@ fn argument_of(field: &str) -> String {
     }
 }
 
-type Answer = Result<CallToolResult, rmcp::ErrorData>;
-
-fn answer(result: Result<CallToolResult, Refusal>) -> Answer {
-    Ok(result.unwrap_or_else(|refusal| *refusal.0))
+/// A refusal is the tool's answer, marked as an error (`isError`), not a protocol error.
+impl rmcp::handler::server::tool::IntoCallToolResult for Refusal {
+    fn into_call_tool_result(self) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        Ok((*self.0).into())
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
@@ -412,14 +413,6 @@ impl Memory {
         &self,
         Parameters(args): Parameters<RememberArgs>,
         context: RequestContext<RoleServer>,
-    ) -> Answer {
-        answer(self.remember_call(args, &context).await)
-    }
-
-    async fn remember_call(
-        &self,
-        args: RememberArgs,
-        context: &RequestContext<RoleServer>,
     ) -> Result<CallToolResult, Refusal> {
         let request = pb::RememberRequest {
             scope: Some(self.scope(args.user, args.session)?),
@@ -434,7 +427,7 @@ impl Memory {
             mode: pb::WriteMode::Sync as i32,
             ..Default::default()
         };
-        let response = self.client(context)?.remember(request).await?.into_inner();
+        let response = self.client(&context)?.remember(request).await?.into_inner();
         Ok(CallToolResult::structured(output::remember_json(&response)))
     }
 
@@ -445,14 +438,6 @@ impl Memory {
         &self,
         Parameters(args): Parameters<RecallArgs>,
         context: RequestContext<RoleServer>,
-    ) -> Answer {
-        answer(self.recall_call(args, &context).await)
-    }
-
-    async fn recall_call(
-        &self,
-        args: RecallArgs,
-        context: &RequestContext<RoleServer>,
     ) -> Result<CallToolResult, Refusal> {
         let filter = pb::Filter {
             kinds: args
@@ -478,7 +463,7 @@ impl Memory {
             min_score: args.min_relevance,
             ..Default::default()
         };
-        let response = self.client(context)?.recall(request).await?.into_inner();
+        let response = self.client(&context)?.recall(request).await?.into_inner();
         let mut body = output::recall_json(&response);
         // What a model needs: the hits; the timings are the operator's.
         if let Some(object) = body.as_object_mut() {
@@ -495,14 +480,6 @@ impl Memory {
         &self,
         Parameters(args): Parameters<BuildContextArgs>,
         context: RequestContext<RoleServer>,
-    ) -> Answer {
-        answer(self.build_context_call(args, &context).await)
-    }
-
-    async fn build_context_call(
-        &self,
-        args: BuildContextArgs,
-        context: &RequestContext<RoleServer>,
     ) -> Result<CallToolResult, Refusal> {
         let request = pb::BuildContextRequest {
             scope: Some(self.read_scope(args.user, args.session)?),
@@ -512,7 +489,7 @@ impl Memory {
             ..Default::default()
         };
         let response = self
-            .client(context)?
+            .client(&context)?
             .build_context(request)
             .await?
             .into_inner();
@@ -533,14 +510,6 @@ impl Memory {
         &self,
         Parameters(args): Parameters<ListArgs>,
         context: RequestContext<RoleServer>,
-    ) -> Answer {
-        answer(self.list_call(args, &context).await)
-    }
-
-    async fn list_call(
-        &self,
-        args: ListArgs,
-        context: &RequestContext<RoleServer>,
     ) -> Result<CallToolResult, Refusal> {
         let page_size = args.page_size.unwrap_or(20);
         if !(1..=MAX_LIST_PAGE).contains(&page_size) {
@@ -560,7 +529,7 @@ impl Memory {
             page_token: args.page_token.unwrap_or_default(),
             ..Default::default()
         };
-        let response = self.client(context)?.list(request).await?.into_inner();
+        let response = self.client(&context)?.list(request).await?.into_inner();
         Ok(CallToolResult::structured(output::list_json(&response)))
     }
 
@@ -571,14 +540,6 @@ impl Memory {
         &self,
         Parameters(args): Parameters<ForgetArgs>,
         context: RequestContext<RoleServer>,
-    ) -> Answer {
-        answer(self.forget_call(args, &context).await)
-    }
-
-    async fn forget_call(
-        &self,
-        args: ForgetArgs,
-        context: &RequestContext<RoleServer>,
     ) -> Result<CallToolResult, Refusal> {
         let target = match (args.ids.is_empty(), args.all_in_scope) {
             (false, false) => {
@@ -592,7 +553,7 @@ impl Memory {
                 // user the call works for.
                 let user = self.scope(args.user, None)?.user_id;
                 let found = self
-                    .client(context)?
+                    .client(&context)?
                     .get(pb::GetRequest {
                         ids: args.ids.clone(),
                         ..Default::default()
@@ -631,7 +592,7 @@ impl Memory {
         let request = pb::ForgetRequest {
             target: Some(target),
         };
-        let response = self.client(context)?.forget(request).await?.into_inner();
+        let response = self.client(&context)?.forget(request).await?.into_inner();
         Ok(CallToolResult::structured(output::forget_json(&response)))
     }
 }
