@@ -212,7 +212,7 @@ async fn run_batch(
         }
         placements.push(places);
     }
-    let all = unique.clone();
+    let count = unique.len();
     match call(provider.as_ref(), unique, purpose, &metrics).await {
         Ok(vectors) => {
             for (job, places) in jobs.into_iter().zip(placements) {
@@ -220,23 +220,30 @@ async fn run_batch(
                 let _ = job.reply.send(Ok(mine));
             }
         }
-        Err(failed) if all.len() == 1 || !failed.input => {
+        Err(failed) if count == 1 || !failed.input => {
             for job in jobs {
                 let _ = job.reply.send(Err(failed.error.clone()));
             }
         }
         Err(failed) if jobs.iter().all(|job| job.reply.is_closed()) => drop(failed),
         Err(failed) => {
-            // Some text broke the shared call: find which, so that only its requests fail.
+            // Some text broke the shared call: find which, so that only its requests fail. The
+            // batch's distinct texts again, from the requests (the call consumed its copy).
+            let mut all = vec![""; count];
+            for (job, places) in jobs.iter().zip(&placements) {
+                for (text, &i) in job.texts.iter().zip(places) {
+                    all[i] = text;
+                }
+            }
             let mut search = Isolation {
                 provider: provider.as_ref(),
                 purpose,
                 metrics: &metrics,
                 calls_left: MAX_ISOLATION_CALLS,
-                found: vec![None; all.len()],
+                found: vec![None; count],
                 unresolved: failed.error,
             };
-            let indices: Vec<usize> = (0..all.len()).collect();
+            let indices: Vec<usize> = (0..count).collect();
             search.split(&all, &indices).await;
             for (job, places) in jobs.into_iter().zip(placements) {
                 let _ = job.reply.send(search.answer(&places));
@@ -318,7 +325,7 @@ struct Isolation<'a> {
 impl Isolation<'_> {
     /// Resolve `indices` (of `texts`), known to fail together: embed each half on its own and
     /// split a half that fails because of an input again.
-    async fn split(&mut self, texts: &[String], indices: &[usize]) {
+    async fn split(&mut self, texts: &[&str], indices: &[usize]) {
         let mut pending = vec![indices.to_vec()];
         while let Some(part) = pending.pop() {
             if part.len() == 1 {
@@ -330,7 +337,7 @@ impl Isolation<'_> {
                     return;
                 }
                 self.calls_left -= 1;
-                let batch = half.iter().map(|&i| texts[i].clone()).collect();
+                let batch = half.iter().map(|&i| texts[i].to_string()).collect();
                 match call(self.provider, batch, self.purpose, self.metrics).await {
                     Ok(vectors) => {
                         for (&i, vector) in half.iter().zip(vectors) {
