@@ -192,14 +192,13 @@ pub struct ServiceStats {
 /// The interval from `before` to `after`.
 pub fn compute(before: &Scrape, after: &Scrape) -> Stats {
     let seconds = after.at.duration_since(before.at).as_secs_f64().max(1e-9);
-    let page = |scrape: &Scrape, service: &str| -> Vec<Sample> {
+    fn page<'a>(scrape: &'a Scrape, service: &str) -> &'a [Sample] {
         scrape
             .services
             .get(service)
             .and_then(|page| page.as_ref().ok())
-            .cloned()
-            .unwrap_or_default()
-    };
+            .map_or(&[], Vec::as_slice)
+    }
     let gateway = (page(before, "gateway"), page(after, "gateway"));
     let ingestion = (page(before, "ingestion"), page(after, "ingestion"));
     let mut caches = Vec::new();
@@ -207,8 +206,8 @@ pub fn compute(before: &Scrape, after: &Scrape) -> Stats {
     let mut services = Vec::new();
     for service in SERVICES {
         let (old, new) = (page(before, service), page(after, service));
-        caches.extend(cache_stats(service, &old, &new, seconds));
-        breakers.extend(breaker_stats(service, &new));
+        caches.extend(cache_stats(service, old, new, seconds));
+        breakers.extend(breaker_stats(service, new));
         let error = after
             .services
             .get(service)
@@ -216,15 +215,15 @@ pub fn compute(before: &Scrape, after: &Scrape) -> Stats {
         services.push(ServiceStats {
             service: service.to_string(),
             // 0: the platform does not say.
-            rss_bytes: sum(&new, "process_resident_memory_bytes", |_| true).filter(|b| *b > 0.0),
+            rss_bytes: sum(new, "process_resident_memory_bytes", |_| true).filter(|b| *b > 0.0),
             error,
         });
     }
     Stats {
         interval_seconds: seconds,
-        rpcs: rpc_stats(&gateway.0, &gateway.1, seconds),
+        rpcs: rpc_stats(gateway.0, gateway.1, seconds),
         caches,
-        write_log: write_log_stats(&ingestion.0, &ingestion.1, seconds),
+        write_log: write_log_stats(ingestion.0, ingestion.1, seconds),
         breakers,
         services,
     }
