@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use engram_domain::convert;
-use engram_domain::model::{Kind, Memory, Scope, TenantId};
+use engram_domain::model::{Memory, Scope, TenantId};
 use engram_proto::prost::Message as _;
 use engram_proto::v1 as pb;
 use sha2::{Digest as _, Sha256};
@@ -68,11 +68,6 @@ fn key(tenant: &TenantId, scope: &Scope) -> String {
         user_prefix(tenant, &scope.user_id),
         short_hash(&scope.session_id)
     )
-}
-
-/// Whether a memory is a turn of a session's history.
-pub fn is_turn(memory: &Memory) -> bool {
-    memory.kind == Kind::Message && !memory.scope.session_id.is_empty()
 }
 
 impl History {
@@ -152,7 +147,7 @@ impl History {
         let Some(redis) = &self.redis else {
             return;
         };
-        let turns: Vec<&Memory> = memories.iter().filter(|m| is_turn(m)).collect();
+        let turns: Vec<&Memory> = memories.iter().filter(|m| m.is_turn()).collect();
         if turns.is_empty() {
             return;
         }

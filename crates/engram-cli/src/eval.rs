@@ -1,7 +1,8 @@
 //! `engram eval locomo`: recall quality on LoCoMo conversations, against a running gateway.
 //!
-//! Each conversation file becomes its own user (`locomo-<file stem>`): one MESSAGE memory per
-//! turn, text `"<speaker>: <text>"`, role the speaker, event time the session's date-time,
+//! Each conversation file becomes its own user (`locomo-<file stem>`) and each of its sessions a
+//! session of that user (`session_<n>`): one MESSAGE memory per turn, text
+//! `"<speaker>: <text>"`, role the speaker, event time the session's date-time,
 //! metadata `dia_id`, `session` and `conversation`, and an idempotency key per turn so that a
 //! second run over the same cluster stores nothing twice. Writes are SYNC, so everything is
 //! indexed before the first question. Then every question of categories 1–4 (category 5 is
@@ -181,7 +182,8 @@ pub async fn ingest(
     conversation: &Conversation,
 ) -> Result<usize, Status> {
     let mut created = 0;
-    for batch in conversation.turns.chunks(BATCH) {
+    let sessions = conversation.turns.chunk_by(|a, b| a.session == b.session);
+    for batch in sessions.flat_map(|session| session.chunks(BATCH)) {
         let memories = batch
             .iter()
             .map(|turn| pb::MemoryInput {
@@ -203,6 +205,7 @@ pub async fn ingest(
             .remember(pb::RememberRequest {
                 scope: Some(pb::Scope {
                     user_id: user(conversation),
+                    session_id: format!("session_{}", batch[0].session),
                     ..Default::default()
                 }),
                 memories,

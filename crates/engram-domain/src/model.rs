@@ -79,6 +79,12 @@ impl MemoryId {
     pub fn as_uuid(&self) -> Uuid {
         self.0
     }
+
+    /// When a time-ordered id was made, in Unix milliseconds (`None` for other UUIDs).
+    pub fn unix_ms(&self) -> Option<u64> {
+        let (secs, nanos) = self.0.get_timestamp()?.to_unix();
+        Some(secs * 1000 + u64::from(nanos) / 1_000_000)
+    }
 }
 
 impl FromStr for MemoryId {
@@ -184,6 +190,11 @@ pub struct Memory {
 }
 
 impl Memory {
+    /// Whether this is a turn of a conversation: a message with a session.
+    pub fn is_turn(&self) -> bool {
+        self.kind == Kind::Message && !self.scope.session_id.is_empty()
+    }
+
     /// Build the memory a validated input becomes, stamped with `now`.
     pub fn from_input(
         id: MemoryId,

@@ -12,3 +12,4 @@ pub mod deadline;
 pub mod peers;
 pub mod rpc;
 pub mod server;
+pub mod session;

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use engram_cache::History;
 use engram_domain::Result;
-use engram_domain::api::{ContextRequest, Hit, Index, ListQuery, RecallQuery};
-use engram_domain::model::{Filter, Kind, Memory, MemoryId, Scope, TenantId, Timestamp};
+use engram_domain::api::{ContextRequest, Hit, Index, RecallQuery};
+use engram_domain::model::{Kind, Memory, MemoryId, Scope, TenantId};
 use engram_models::TokenCounter;
 
 const MEMORIES_HEADER: &str = "## Relevant memories\n";
@@ -199,14 +199,6 @@ pub fn pack(tokens: TokenCounter, hits: Vec<Hit>, turns: Vec<Memory>, budget: us
     }
 }
 
-/// How far back a rebuilt history looks, widening until it has enough turns.
-const HISTORY_WINDOWS: [Option<Duration>; 4] = [
-    Some(Duration::from_secs(3600)),
-    Some(Duration::from_secs(24 * 3600)),
-    Some(Duration::from_secs(30 * 24 * 3600)),
-    None,
-];
-
 impl ContextBuilder {
     /// Recall ∥ recent turns.
     pub async fn gather(&self, tenant: &TenantId, request: &ContextRequest) -> Result<Gathered> {
@@ -264,64 +256,24 @@ impl ContextBuilder {
         if let Some(turns) = self.history.recent(tenant, scope, wanted).await {
             return Ok(of_agent(turns));
         }
-        let session = Scope {
-            user_id: scope.user_id.clone(),
-            agent_id: String::new(),
-            session_id: scope.session_id.clone(),
-        };
-        let turns = self.turns_from_index(tenant, &session).await?;
+        let session = engram_runtime::session::session_of(scope);
+        let turns = engram_runtime::session::turns_before(
+            &*self.index,
+            tenant,
+            &session,
+            None,
+            engram_cache::history::MAX_TURNS,
+        )
+        .await?;
         self.history.fill(tenant, &session, &turns).await;
         Ok(of_agent(turns))
-    }
-
-    /// The session's last turns (up to the cache's size) from the index. Ids are time-ordered,
-    /// so a listing can start at a time: the last hour first, widening until enough are found.
-    async fn turns_from_index(&self, tenant: &TenantId, session: &Scope) -> Result<Vec<Memory>> {
-        let keep = engram_cache::history::MAX_TURNS;
-        let now_ms = (Timestamp::now().as_micros() / 1000).max(0) as u64;
-        let mut turns = Vec::new();
-        for window in HISTORY_WINDOWS {
-            let start =
-                window.map(|w| MemoryId::first_at(now_ms.saturating_sub(w.as_millis() as u64)));
-            turns.clear();
-            let mut page_token = start;
-            loop {
-                let page = self
-                    .index
-                    .list(
-                        tenant,
-                        ListQuery {
-                            scope: session.clone(),
-                            filter: Filter {
-                                kinds: vec![Kind::Message],
-                                ..Filter::default()
-                            },
-                            page_size: 1000,
-                            page_token,
-                            after_write_token: None,
-                        },
-                    )
-                    .await?;
-                turns.extend(page.memories);
-                if turns.len() > keep {
-                    turns.drain(..turns.len() - keep);
-                }
-                match page.next_page_token {
-                    Some(next) => page_token = Some(next),
-                    None => break,
-                }
-            }
-            if turns.len() >= keep {
-                break;
-            }
-        }
-        Ok(turns)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use engram_domain::model::Timestamp;
     use engram_models::TokenizerKind;
 
     fn memory(text: &str, kind: Kind, role: &str) -> Memory {

@@ -9,6 +9,7 @@
 
 mod dedup;
 pub mod extract;
+mod turns;
 pub mod worker;
 
 pub use worker::{LogKind, Workers};
@@ -423,8 +424,8 @@ impl Pipeline {
         ))
     }
 
-    /// Embed the memories' texts (dense, and BM25 weights for keyword search) and apply them,
-    /// in order.
+    /// Embed the memories' texts (dense, turns with the turn before them, see [`turns`]; and
+    /// BM25 weights for keyword search) and apply them, in order.
     pub(crate) async fn embed_and_apply(
         &self,
         tenant: &TenantId,
@@ -433,19 +434,45 @@ impl Pipeline {
         if memories.is_empty() {
             return Ok(0);
         }
-        let texts = memories.iter().map(|m| m.text.clone()).collect();
+        let previous = turns::previous_texts(&*self.index, tenant, &memories).await?;
+        let ops = self
+            .upserts(memories.into_iter().zip(previous).collect())
+            .await?;
+        let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
+        Ok(outcome.upserted)
+    }
+
+    /// Upserts of memories, each embedded alone and, for a turn with the text of the turn
+    /// before it, in that context too.
+    async fn upserts(&self, memories: Vec<(Memory, Option<String>)>) -> Result<Vec<IndexOp>> {
+        if memories.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut texts: Vec<String> = memories.iter().map(|(m, _)| m.text.clone()).collect();
+        texts.extend(
+            memories
+                .iter()
+                .filter_map(|(m, p)| p.as_ref().map(|p| turns::in_context(p, &m.text))),
+        );
+        let wanted = texts.len();
         let embeddings = self.embedder.embed(texts, Purpose::Document).await?;
-        if embeddings.vectors.len() != memories.len() {
+        if embeddings.vectors.len() != wanted {
             return Err(Error::internal(format!(
-                "embedding service returned {} vectors for {} texts",
+                "embedding service returned {} vectors for {wanted} texts",
                 embeddings.vectors.len(),
-                memories.len()
             )));
         }
-        let ops = memories
+        let mut vectors = embeddings.vectors;
+        let mut in_context = vectors.split_off(memories.len()).into_iter();
+        Ok(memories
             .into_iter()
-            .zip(embeddings.vectors)
-            .map(|(memory, dense)| {
+            .zip(vectors)
+            .map(|((memory, previous), own)| {
+                // One in-context vector follows for each turn with a previous one, in order.
+                let dense = match previous.and_then(|_| in_context.next()) {
+                    Some(with_previous) => turns::combine(&own, &with_previous),
+                    None => own,
+                };
                 let sparse = self.keywords.document(&memory.text);
                 IndexOp::Upsert(Box::new(IndexedMemory {
                     memory,
@@ -453,9 +480,7 @@ impl Pipeline {
                     sparse,
                 }))
             })
-            .collect();
-        let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
-        Ok(outcome.upserted)
+            .collect())
     }
 
     /// Whether the embedding and retrieval services answer: a probe that tells an entry that
@@ -477,34 +502,81 @@ impl Pipeline {
         embedded.is_ok() && self.index.stats(None).await.is_ok()
     }
 
-    /// Apply an update now: the stored memory, patched, embedded again.
+    /// Apply an update now: the stored memory, patched, embedded again (and the turn after
+    /// it, when its text or place changed: that turn was embedded with it).
     pub(crate) async fn apply_update(
         &self,
         tenant: &TenantId,
         command: UpdateCommand,
     ) -> Result<Memory> {
-        let mut memory = self.stored(tenant, command.id).await?;
+        let stored = self.stored(tenant, command.id).await?;
+        let mut memory = stored.clone();
         memory.apply_patch(command.patch, Timestamp::now());
+        let moved = memory.scope != stored.scope || memory.kind != stored.kind;
+        let changed = if moved || memory.text != stored.text {
+            let stays = (!moved).then(|| memory.text.clone());
+            vec![(stored, stays)]
+        } else {
+            Vec::new()
+        };
+        let removed = if moved {
+            std::collections::HashSet::from([memory.id])
+        } else {
+            Default::default()
+        };
+        let following = turns::following(&*self.index, tenant, &changed, &removed).await?;
         // The index keeps no vectors we can read back, so the (possibly unchanged) text is
         // embedded again; the embedding cache makes that cheap for unchanged text.
-        self.embed_and_apply(tenant, vec![memory.clone()]).await?;
+        let previous = turns::previous_texts(&*self.index, tenant, std::slice::from_ref(&memory))
+            .await?
+            .pop()
+            .flatten();
+        let mut upserts = vec![(memory.clone(), previous)];
+        upserts.extend(following.into_iter().map(|f| (f.turn, f.previous)));
+        let ops = self.upserts(upserts).await?;
+        self.index.apply(tenant, IndexWrites { ops }).await?;
         Ok(memory)
     }
 
-    /// Apply a forget now; how many memories it deleted.
+    /// Apply a forget now; how many memories it deleted. Forgetting turns by id embeds the
+    /// turns after them again first, without them (one apply: a retry finds the same turns).
     pub(crate) async fn apply_forget(
         &self,
         tenant: &TenantId,
         target: ForgetTarget,
     ) -> Result<u64> {
-        let op = match target {
-            ForgetTarget::Ids(ids) => IndexOp::DeleteIds(ids),
-            ForgetTarget::Scope(scope) => IndexOp::DeleteScope(scope),
-        };
-        let outcome = self
-            .index
-            .apply(tenant, IndexWrites { ops: vec![op] })
-            .await?;
+        let mut ops = Vec::new();
+        match target {
+            ForgetTarget::Ids(ids) => {
+                let removed: std::collections::HashSet<MemoryId> = ids.iter().copied().collect();
+                let changed: Vec<(Memory, Option<String>)> = self
+                    .index
+                    .get(
+                        tenant,
+                        GetQuery {
+                            ids: ids.clone(),
+                            after_write_token: None,
+                        },
+                    )
+                    .await?
+                    .memories
+                    .into_iter()
+                    .map(|m| (m, None))
+                    .collect();
+                let following = turns::following(&*self.index, tenant, &changed, &removed).await?;
+                ops = self
+                    .upserts(
+                        following
+                            .into_iter()
+                            .map(|f| (f.turn, f.previous))
+                            .collect(),
+                    )
+                    .await?;
+                ops.push(IndexOp::DeleteIds(ids));
+            }
+            ForgetTarget::Scope(scope) => ops.push(IndexOp::DeleteScope(scope)),
+        }
+        let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
         Ok(outcome.deleted)
     }
 

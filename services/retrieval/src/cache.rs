@@ -1,8 +1,9 @@
 //! The Recall result cache: `engram-cache`'s two levels (in-process, then Redis), keyed by
 //! everything that decides a result and by the generations of the data it was computed from.
 //!
-//! Key: the tenant, the read scope, the query with its whitespace normalised, every parameter
-//! (top_k, mode, filter, min_score, half-life, explain, request time) and the current
+//! Key: the scoring version and fusion weights, the tenant, the read scope, the query with its
+//! whitespace normalised, every parameter (top_k, mode, filter, min_score, half-life, explain,
+//! request time) and the current
 //! generations of the tenant and of the scope's user. Retrieval bumps those generations after
 //! it applies a write (see [`ResultCache::invalidate`]), so once a write is indexed no replica
 //! can reach a result computed before it; the generations are read before a result is
@@ -43,6 +44,9 @@ impl Default for ResultCacheConfig {
 pub struct ResultCache {
     results: TwoLevelCache,
     generations: Generations,
+    /// What decides scores besides the request: the scoring version and the fusion weights,
+    /// so replicas (or releases) that score differently never share entries.
+    scoring: String,
 }
 
 fn tenant_generation(tenant: &TenantId) -> String {
@@ -55,8 +59,14 @@ fn user_generation(tenant: &TenantId, user_id: &str) -> String {
 }
 
 impl ResultCache {
-    pub fn new(config: ResultCacheConfig, redis: Option<Redis>, metrics: &CacheMetrics) -> Self {
+    pub fn new(
+        config: ResultCacheConfig,
+        redis: Option<Redis>,
+        metrics: &CacheMetrics,
+        weights: &crate::fusion::FusionWeights,
+    ) -> Self {
         Self {
+            scoring: format!("v{}|{weights}", crate::fusion::SCORING_VERSION),
             results: TwoLevelCache::new(
                 CacheConfig {
                     name: "recall",
@@ -85,7 +95,8 @@ impl ResultCache {
         let normalized: Vec<&str> = query.query.split_whitespace().collect();
         // Debug output of these plain values is deterministic (ordered maps, no addresses).
         let material = format!(
-            "v2|{tenant:?}|{:?}|{normalized:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{generations:?}",
+            "{}|{tenant:?}|{:?}|{normalized:?}|{}|{:?}|{:?}|{:?}|{:?}|{}|{:?}|{generations:?}",
+            self.scoring,
             query.scope,
             query.top_k,
             query.mode,

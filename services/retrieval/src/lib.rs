@@ -208,6 +208,7 @@ pub async fn serve(
             cache,
             redis,
             &engram_cache::CacheMetrics::new(runtime.metrics()),
+            &retrieval.weights,
         ));
     }
     let retrieval = Arc::new(retrieval);

@@ -29,9 +29,18 @@ fn date(y: i32, m: u32, d: u32) -> Date {
 
 /// Remember (SYNC) inputs into `user`'s scope; their ids.
 async fn remember(client: &mut Client, user: &str, memories: Vec<pb::MemoryInput>) -> Vec<String> {
+    remember_in(client, scope(user), memories).await
+}
+
+/// Remember (SYNC) inputs into `scope`; their ids.
+async fn remember_in(
+    client: &mut Client,
+    scope: Option<pb::Scope>,
+    memories: Vec<pb::MemoryInput>,
+) -> Vec<String> {
     let response = client
         .remember(pb::RememberRequest {
-            scope: scope(user),
+            scope,
             memories,
             mode: pb::WriteMode::Sync.into(),
             extract: false,
@@ -104,6 +113,119 @@ fn assert_explained(response: &pb::RecallResponse) {
             "a hit no strategy returned: {hit:?}"
         );
     }
+}
+
+fn message(t: &str) -> pb::MemoryInput {
+    pb::MemoryInput {
+        text: t.to_string(),
+        kind: pb::Kind::Message.into(),
+        ..Default::default()
+    }
+}
+
+/// The cosine explain reports for the hit with text `t`.
+fn cosine_of(response: &pb::RecallResponse, t: &str) -> f32 {
+    response
+        .hits
+        .iter()
+        .find(|h| h.memory.as_ref().is_some_and(|m| m.text == t))
+        .and_then(|h| h.explanation.as_ref())
+        .map(|e| e.dense_score)
+        .unwrap_or_else(|| panic!("{t:?} not found: {:?}", texts(response)))
+}
+
+#[tokio::test]
+async fn a_turn_is_embedded_with_the_turn_before_it_until_that_turn_is_forgotten() {
+    let sandbox = Sandbox::start().await;
+    let mut client = sandbox.client().await;
+    let session = |user: &str| {
+        Some(pb::Scope {
+            user_id: user.to_string(),
+            session_id: "walks".to_string(),
+            ..Default::default()
+        })
+    };
+    let (first, question, answer) = (
+        "I went to the shelter on Saturday",
+        "What did you name the puppy you adopted?",
+        "Biscuit!",
+    );
+    let ids = remember_in(
+        &mut client,
+        session("u"),
+        vec![message(first), message(question), message(answer)],
+    )
+    .await;
+    // The same answer without a session, and the same session written one turn per call:
+    // the turn before comes from the index then.
+    remember(&mut client, "alone", vec![message(answer)]).await;
+    for turn in [first, question, answer] {
+        remember_in(&mut client, session("one-by-one"), vec![message(turn)]).await;
+    }
+    let ask = |user: &str| request(user, "what is the dog called", pb::SearchMode::Semantic);
+    let alone = cosine_of(&recall(&mut client, ask("alone")).await, answer);
+    let in_context = cosine_of(&recall(&mut client, ask("u")).await, answer);
+    assert!(in_context > alone + 0.1, "{in_context} vs alone {alone}");
+    let one_by_one = cosine_of(&recall(&mut client, ask("one-by-one")).await, answer);
+    assert!(
+        (one_by_one - in_context).abs() < 1e-4,
+        "{one_by_one} vs {in_context}"
+    );
+
+    // Forgetting the question embeds the answer again after the turn now before it.
+    let forgotten = client
+        .forget(pb::ForgetRequest {
+            target: Some(pb::forget_request::Target::Ids(pb::MemoryIds {
+                ids: vec![ids[1].clone()],
+            })),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forgotten.forgotten, 1);
+    let mut after = ask("u");
+    after.after_write_token = forgotten.write_token;
+    let after = cosine_of(&recall(&mut client, after).await, answer);
+    assert!(after < in_context - 0.1, "{after} vs {in_context}");
+    // Exactly as if the question had never been said.
+    remember_in(
+        &mut client,
+        session("never-asked"),
+        vec![message(first), message(answer)],
+    )
+    .await;
+    let never_asked = cosine_of(&recall(&mut client, ask("never-asked")).await, answer);
+    assert!(
+        (after - never_asked).abs() < 1e-4,
+        "{after} vs {never_asked}"
+    );
+
+    // Changing the text of the turn before embeds the answer again after the new text.
+    let asked_again = "And the dog's name?";
+    let updated = client
+        .update(pb::UpdateRequest {
+            id: ids[0].clone(),
+            memory: Some(message(asked_again)),
+            update_mask: Some(engram_proto::prost_types::FieldMask {
+                paths: vec!["text".into()],
+            }),
+            mode: pb::WriteMode::Sync.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    remember_in(
+        &mut client,
+        session("asked-again"),
+        vec![message(asked_again), message(answer)],
+    )
+    .await;
+    let mut now = ask("u");
+    now.after_write_token = updated.write_token;
+    let now = cosine_of(&recall(&mut client, now).await, answer);
+    let expected = cosine_of(&recall(&mut client, ask("asked-again")).await, answer);
+    assert!((now - expected).abs() < 1e-4, "{now} vs {expected}");
+    sandbox.stop().await;
 }
 
 const DISTRACTORS: [&str; 6] = [
@@ -319,8 +441,14 @@ async fn a_write_through_one_replica_invalidates_the_cache_of_another() {
         .unwrap()
     };
     let cache_metrics = engram_cache::CacheMetrics::new(&metrics);
-    let replica =
-        |redis| engram_retrieval::ResultCache::new(Default::default(), Some(redis), &cache_metrics);
+    let replica = |redis| {
+        engram_retrieval::ResultCache::new(
+            Default::default(),
+            Some(redis),
+            &cache_metrics,
+            &Default::default(),
+        )
+    };
     let (one, two) = (replica(redis()), replica(redis()));
     let tenant = TenantId::parse("t").unwrap();
     let query = RecallQuery::new(Scope::user("u"), "anything", 5);
