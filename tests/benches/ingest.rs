@@ -109,7 +109,7 @@ fn main() -> ExitCode {
         .expect("the sandbox has Redis");
         let log = sandbox.write_log();
         for token in &last_tokens {
-            let state = log
+            let state = sandbox
                 .settled(WriteToken::decode(token).unwrap(), Duration::from_secs(600))
                 .await
                 .unwrap();

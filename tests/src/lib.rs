@@ -26,7 +26,7 @@ pub use fake_provider::{Behavior, ChatBehavior, FakeProvider};
 pub type ChatClient = engram_proto::v1::chat_service_client::ChatServiceClient<
     engram_proto::tonic::service::interceptor::InterceptedService<
         Channel,
-        engram_runtime::rpc::ApiKey,
+        engram_runtime::rpc::BearerKey,
     >,
 >;
 
@@ -91,7 +91,7 @@ pub struct Options {
     /// The gateway's edge (authentication off by default).
     pub edge: engram_gateway::EdgeArgs,
     /// The chat model (none by default).
-    pub chat: engram_models::ChatArgs,
+    pub chat: engram_models::ChatModelArgs,
     pub common: CommonArgs,
 }
 
@@ -107,7 +107,7 @@ impl Default for Options {
                 ..engram_ingestion::LogArgs::default()
             },
             edge: engram_gateway::EdgeArgs::default(),
-            chat: engram_models::ChatArgs::default(),
+            chat: engram_models::ChatModelArgs::default(),
             common: CommonArgs::for_test(),
         }
     }
@@ -118,12 +118,12 @@ impl Options {
     /// `policy`, with a 300 ms idle timeout (embeddings stay the local model).
     pub fn with_chat(fake: &FakeProvider, policy: engram_resilience::Policy) -> Self {
         Self {
-            chat: engram_models::ChatArgs {
+            chat: engram_models::ChatModelArgs {
                 base_url: Some(fake.url()),
                 model: "fake-chat".into(),
                 idle_timeout: Duration::from_millis(300),
                 policy: engram_models::chat::ChatPolicyArgs::from_policy(&policy),
-                ..engram_models::ChatArgs::default()
+                ..engram_models::ChatModelArgs::default()
             },
             ..Self::default()
         }
@@ -156,7 +156,8 @@ pub struct Sandbox {
     redis: Option<RedisProcess>,
     data_dir: PathBuf,
     common: CommonArgs,
-    chat: engram_models::ChatArgs,
+    chat: engram_models::ChatModelArgs,
+    partitions: u32,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -204,6 +205,7 @@ impl Sandbox {
         let listeners = ClusterListeners::ephemeral()
             .await
             .unwrap_or_else(|e| panic!("binding listeners: {e}"));
+        let partitions = options.write_log.partitions;
         let config = ClusterConfig {
             retrieval: engram_retrieval::RetrievalArgs::in_dir(&data_dir),
             embedding: options.embedding,
@@ -226,6 +228,7 @@ impl Sandbox {
             data_dir,
             common,
             chat: options.chat,
+            partitions,
             _temp: temp,
         }
     }
@@ -242,10 +245,27 @@ impl Sandbox {
         }
     }
 
-    /// A reader of the sandbox's write log.
+    /// The sandbox's write log (for what only its Redis knows, such as dead letters).
     pub fn write_log(&self) -> engram_writelog::WriteLog {
-        engram_writelog::WriteLog::reader("test", &self.redis_url().into())
+        engram_writelog::WriteLog::connect("test", &self.redis_url().into(), self.partitions)
             .unwrap_or_else(|e| panic!("connecting to the write log: {e}"))
+    }
+
+    /// Wait up to `within` until the write behind `token` is indexed or has failed, asking
+    /// the sandbox's ingestion service (`Ingestion.Status`), as the gateway does.
+    pub async fn settled(
+        &self,
+        token: engram_domain::api::WriteToken,
+        within: Duration,
+    ) -> engram_domain::Result<engram_domain::api::WriteState> {
+        use engram_domain::api::Ingestion as _;
+        let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
+        let ingestion = engram_runtime::rpc::IngestionClient::connect(
+            &peers,
+            "ingestion",
+            &format!("http://{}", self.addrs.ingestion),
+        )?;
+        engram_runtime::writes::settled(token, within, |t| ingestion.status(t)).await
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -284,7 +304,8 @@ impl Sandbox {
             .connect()
             .await
             .unwrap_or_else(|e| panic!("connecting to the gateway: {e}"));
-        let key = engram_runtime::rpc::ApiKey::new("key", None).unwrap_or_else(|e| panic!("{e}"));
+        let key =
+            engram_runtime::rpc::BearerKey::new("key", None).unwrap_or_else(|e| panic!("{e}"));
         engram_proto::v1::chat_service_client::ChatServiceClient::with_interceptor(channel, key)
     }
 
@@ -412,6 +433,6 @@ pub async fn client_at(addr: SocketAddr, key: Option<&str>) -> engram_cli::Clien
         .connect()
         .await
         .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
-    let key = engram_runtime::rpc::ApiKey::new("key", key).unwrap_or_else(|e| panic!("{e}"));
+    let key = engram_runtime::rpc::BearerKey::new("key", key).unwrap_or_else(|e| panic!("{e}"));
     MemoryServiceClient::with_interceptor(channel, key)
 }

@@ -8,7 +8,7 @@ use engram_proto::tonic::transport::Endpoint;
 use engram_proto::tonic::{Code, Status};
 use engram_proto::v1 as pb;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
-use engram_runtime::rpc::ApiKey;
+use engram_runtime::rpc::BearerKey;
 
 use crate::output;
 
@@ -346,8 +346,8 @@ async fn connect(connection: &Connection) -> Result<engram_cli::Client, Failure>
 
 async fn channel(
     connection: &Connection,
-) -> Result<(engram_proto::tonic::transport::Channel, ApiKey), Failure> {
-    let key = ApiKey::new("--api-key", connection.api_key.as_deref()).map_err(Status::from)?;
+) -> Result<(engram_proto::tonic::transport::Channel, BearerKey), Failure> {
+    let key = BearerKey::new("--api-key", connection.api_key.as_deref()).map_err(Status::from)?;
     let endpoint = Endpoint::from_shared(connection.addr.clone())
         .map_err(|e| Status::invalid_argument(format!("--addr {:?}: {e}", connection.addr)))?
         .connect_timeout(Duration::from_secs(3))

@@ -53,7 +53,7 @@ pub struct ClusterConfig {
     /// How the gateway admits calls: authentication, limits, deadlines.
     pub edge: engram_gateway::EdgeArgs,
     /// The chat model (Converse in the gateway, fact extraction in ingestion).
-    pub chat: engram_models::ChatArgs,
+    pub chat: engram_models::ChatModelArgs,
     pub common: CommonArgs,
 }
 

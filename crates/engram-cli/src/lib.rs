@@ -16,4 +16,4 @@ pub mod redis;
 pub mod stats;
 
 /// A client of the public API that sends the caller's API key (if it has one).
-pub type Client = MemoryServiceClient<InterceptedService<Channel, engram_runtime::rpc::ApiKey>>;
+pub type Client = MemoryServiceClient<InterceptedService<Channel, engram_runtime::rpc::BearerKey>>;

@@ -21,8 +21,18 @@ struct Cli {
     command: Command,
 }
 
+/// Every command: those that run on the async runtime (the cluster, its clients) and those
+/// that do not (local files only).
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Online(Box<Online>),
+    #[command(flatten)]
+    Offline(Offline),
+}
+
+#[derive(Subcommand)]
+enum Online {
     /// Run the whole cluster locally: gateway, retrieval, ingestion and embedding in one
     /// process, with the embedded vector store in the data directory.
     Up(Box<up::UpArgs>),
@@ -42,17 +52,9 @@ enum Command {
     List(client::ListArgs),
     /// Remove memories by id, or every memory of a scope.
     Forget(client::ForgetArgs),
-    /// Manage the local embedding model.
-    #[command(subcommand)]
-    Model(ModelCommand),
     /// Load-test a gateway with a ghz configuration file (the keys ghz reads) and write ghz's
     /// JSON report.
     Bench(engram_cli::loadtest::BenchArgs),
-    /// Turn ghz JSON reports into a Markdown table (stdout) and an SVG latency chart.
-    BenchReport(engram_cli::loadtest::ReportArgs),
-    /// Manage the gateway's API keys.
-    #[command(subcommand)]
-    Keys(KeysCommand),
     /// Measure recall quality against a running gateway.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -63,6 +65,18 @@ enum Command {
     /// Serve engram's memory to agents as Model Context Protocol tools (remember, recall,
     /// build_context, list, forget) over stdio, or streamable HTTP with --listen.
     Mcp(mcp::McpArgs),
+}
+
+#[derive(Subcommand)]
+enum Offline {
+    /// Manage the local embedding model.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Turn ghz JSON reports into a Markdown table (stdout) and an SVG latency chart.
+    BenchReport(engram_cli::loadtest::ReportArgs),
+    /// Manage the gateway's API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
 }
 
 #[derive(Subcommand)]
@@ -143,53 +157,55 @@ fn fetch_model(dir: Option<std::path::PathBuf>) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command {
-        Command::Model(ModelCommand::Fetch { dir }) => return fetch_model(dir),
-        Command::Keys(KeysCommand::New { tenant, role, name }) => {
-            return new_key(&tenant, role, name);
+    match Cli::parse().command {
+        Command::Offline(command) => offline(command),
+        Command::Online(command) => {
+            engram_runtime::server::main_entry(|| async move { online(*command).await })
         }
-        _ => {}
     }
-    engram_runtime::server::main_entry(|| async move {
-        match cli.command {
-            Command::Up(args) => up::run(*args).await,
-            Command::Remember(args) => client::run(client::remember(args)).await,
-            Command::Recall(args) => client::run(client::recall(args)).await,
-            Command::Get(args) => client::run(client::get(args)).await,
-            Command::Context(args) => client::run(client::context(args)).await,
-            Command::Chat(args) => client::run(client::chat(args)).await,
-            Command::List(args) => client::run(client::list(args)).await,
-            Command::Forget(args) => client::run(client::forget(args)).await,
-            Command::Model(ModelCommand::Fetch { dir }) => fetch_model(dir),
-            Command::Bench(args) => match engram_cli::loadtest::command(args).await {
-                Ok(report) => {
-                    print!("{}", report.summary());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            },
-            Command::BenchReport(args) => match engram_cli::loadtest::report_command(args) {
-                Ok(table) => {
-                    print!("{table}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::FAILURE
-                }
-            },
-            Command::Keys(KeysCommand::New { tenant, role, name }) => new_key(&tenant, role, name),
-            Command::Eval(EvalCommand::Locomo(args)) => {
-                client::run(client::eval_locomo(args)).await
+}
+
+fn offline(command: Offline) -> ExitCode {
+    match command {
+        Offline::Model(ModelCommand::Fetch { dir }) => fetch_model(dir),
+        Offline::Keys(KeysCommand::New { tenant, role, name }) => new_key(&tenant, role, name),
+        Offline::BenchReport(args) => match engram_cli::loadtest::report_command(args) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
             }
-            Command::Stats(args) => engram_cli::stats::run(args).await,
-            Command::Mcp(args) => mcp::run(args).await,
-        }
-    })
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn online(command: Online) -> ExitCode {
+    match command {
+        Online::Up(args) => up::run(*args).await,
+        Online::Remember(args) => client::run(client::remember(args)).await,
+        Online::Recall(args) => client::run(client::recall(args)).await,
+        Online::Get(args) => client::run(client::get(args)).await,
+        Online::Context(args) => client::run(client::context(args)).await,
+        Online::Chat(args) => client::run(client::chat(args)).await,
+        Online::List(args) => client::run(client::list(args)).await,
+        Online::Forget(args) => client::run(client::forget(args)).await,
+        Online::Bench(args) => match engram_cli::loadtest::command(args).await {
+            Ok(report) => {
+                print!("{}", report.summary());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Online::Eval(EvalCommand::Locomo(args)) => client::run(client::eval_locomo(args)).await,
+        Online::Stats(args) => engram_cli::stats::run(args).await,
+        Online::Mcp(args) => mcp::run(args).await,
+    }
 }
 
 #[cfg(test)]

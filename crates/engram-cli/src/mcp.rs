@@ -16,7 +16,7 @@ use engram_proto::tonic::transport::{Channel, Endpoint};
 use engram_proto::tonic::{Code, Status};
 use engram_proto::v1 as pb;
 use engram_proto::v1::memory_service_client::MemoryServiceClient;
-use engram_runtime::rpc::ApiKey;
+use engram_runtime::rpc::BearerKey;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{CallToolResult, ContentBlock, Implementation, ServerCapabilities, ServerConfig};
@@ -85,7 +85,7 @@ impl std::fmt::Debug for McpArgs {
 #[derive(Clone)]
 enum Credentials {
     /// One key for every call (stdio: the agent's process is one caller).
-    Fixed(ApiKey),
+    Fixed(BearerKey),
     /// The HTTP request's `Authorization: Bearer <key>`, passed on as the engram key.
     Bearer,
 }
@@ -100,7 +100,7 @@ pub struct Memory {
     tool_router: ToolRouter<Self>,
 }
 
-type Client = MemoryServiceClient<InterceptedService<Channel, ApiKey>>;
+type Client = MemoryServiceClient<InterceptedService<Channel, BearerKey>>;
 
 /// A tool call that could not be made or was refused: what the tool answers.
 struct Refusal(Box<CallToolResult>);
@@ -341,7 +341,7 @@ impl Memory {
                     .get::<http::request::Parts>()
                     .and_then(|parts| parts.headers.get(http::header::AUTHORIZATION));
                 match header {
-                    None => ApiKey::default(),
+                    None => BearerKey::default(),
                     Some(value) => {
                         // The scheme is case-insensitive (RFC 9110).
                         let token = value
@@ -357,7 +357,7 @@ impl Memory {
                                     "the Authorization header must be `Bearer <engram API key>`",
                                 )
                             })?;
-                        ApiKey::new("Authorization", Some(token))
+                        BearerKey::new("Authorization", Some(token))
                             .map_err(|e| Refusal::new("UNAUTHENTICATED", None, &e.to_string()))?
                     }
                 }
@@ -637,7 +637,8 @@ pub async fn run(args: McpArgs) -> std::process::ExitCode {
 }
 
 async fn serve_stdio(args: &McpArgs) -> Result<(), String> {
-    let key = ApiKey::new("ENGRAM_API_KEY", args.api_key.as_deref()).map_err(|e| e.to_string())?;
+    let key =
+        BearerKey::new("ENGRAM_API_KEY", args.api_key.as_deref()).map_err(|e| e.to_string())?;
     let server = Memory::new(args, Credentials::Fixed(key))?;
     let running = server
         .serve(rmcp::transport::stdio())

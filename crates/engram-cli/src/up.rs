@@ -23,7 +23,7 @@ pub struct UpArgs {
     #[command(flatten)]
     edge: engram_gateway::EdgeArgs,
     #[command(flatten)]
-    chat: engram_models::ChatArgs,
+    chat: engram_models::ChatModelArgs,
     #[command(flatten)]
     gateway_listen: engram_gateway::Listen,
     #[command(flatten)]

@@ -84,7 +84,78 @@ pub enum WriteToken {
 pub enum WriteState {
     Pending,
     Indexed,
-    Failed(String),
+    Failed(WriteFailure),
+}
+
+/// Why a logged write failed for good (it is in the dead-letter stream and will not be
+/// indexed): what kind of failure settled it, and its message. A worker records it from the
+/// error it met ([`WriteFailure::of`]); a caller waiting for the write gets
+/// [`WriteFailure::error`], the one mapping of a failed write to an error (and so to a gRPC
+/// status), whichever service waited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteFailure {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+/// The kinds of [`WriteFailure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The write's content was refused (by a model provider, say): writing it again fails too.
+    Invalid,
+    /// The memory an Update or Forget names no longer exists.
+    NotFound,
+    /// A dependency kept failing on this write until its tries ran out; writing it again may
+    /// succeed.
+    Unavailable,
+    /// Anything else a dependency refused, or a bug.
+    Failed,
+}
+
+impl WriteFailure {
+    /// The failure a worker records for the error that settled a write.
+    pub fn of(error: &Error) -> Self {
+        let kind = match error {
+            Error::InvalidArgument { .. } => FailureKind::Invalid,
+            Error::NotFound(_) => FailureKind::NotFound,
+            Error::Unavailable { .. }
+            | Error::DeadlineExceeded(_)
+            | Error::ResourceExhausted { .. }
+            | Error::Cancelled(_) => FailureKind::Unavailable,
+            Error::FailedPrecondition(_)
+            | Error::Unauthenticated(_)
+            | Error::PermissionDenied(_)
+            | Error::Internal(_) => FailureKind::Failed,
+        };
+        Self {
+            kind,
+            message: error.to_string(),
+        }
+    }
+
+    /// The error for a caller of the write behind `token`.
+    pub fn error(&self, token: WriteToken) -> Error {
+        let what = format!(
+            "the write {} failed and will not be indexed: {}",
+            token.encode(),
+            self.message
+        );
+        match self.kind {
+            FailureKind::Invalid => Error::invalid("", what),
+            FailureKind::NotFound => Error::NotFound(what),
+            FailureKind::Unavailable => Error::unavailable(format!("{what}; write it again")),
+            FailureKind::Failed => Error::FailedPrecondition(what),
+        }
+    }
+}
+
+/// What a write log keeps about an applied entry, for [`WriteState`] and forget counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// A Forget, with how many memories it deleted.
+    Forgot(u64),
+    /// Dead-lettered.
+    Failed(WriteFailure),
 }
 
 impl WriteToken {
@@ -255,47 +326,12 @@ pub struct ListPage {
     pub next_page_token: Option<MemoryId>,
 }
 
-/// A sparse vector: token ids (ascending, unique) and their weights.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct SparseVector {
-    pub indices: Vec<u32>,
-    pub values: Vec<f32>,
-}
-
-impl SparseVector {
-    /// Check the shape a peer sent: as many weights as ids, ids strictly ascending, weights
-    /// finite.
-    pub fn validate(&self) -> Result<()> {
-        if self.indices.len() != self.values.len() {
-            return Err(Error::invalid(
-                "sparse",
-                format!(
-                    "{} indices but {} values",
-                    self.indices.len(),
-                    self.values.len()
-                ),
-            ));
-        }
-        if self.indices.windows(2).any(|w| w[0] >= w[1]) {
-            return Err(Error::invalid(
-                "sparse.indices",
-                "must be strictly ascending",
-            ));
-        }
-        if self.values.iter().any(|v| !v.is_finite()) {
-            return Err(Error::invalid("sparse.values", "must be finite"));
-        }
-        Ok(())
-    }
-}
-
-/// A memory with the vectors to index it under: the dense embedding of its text and the BM25
-/// term weights of its text (for keyword search).
+/// A memory with the dense embedding to index it under (the index computes its keyword weights
+/// from the text itself).
 #[derive(Debug, Clone, PartialEq)]
 pub struct IndexedMemory {
     pub memory: Memory,
     pub dense: Vec<f32>,
-    pub sparse: SparseVector,
 }
 
 /// One write to the index.
@@ -459,14 +495,6 @@ pub struct LoggedWrite {
     pub reservations: Vec<String>,
     /// W3C `traceparent` of the request that wrote it (empty when not traced).
     pub traceparent: String,
-}
-
-/// Waits for logged writes to be indexed (read-your-writes); retrieval holds one.
-#[async_trait]
-pub trait WriteWaiter: Send + Sync + 'static {
-    /// Return once the write behind `token` is indexed; FAILED_PRECONDITION if it failed,
-    /// DEADLINE_EXCEEDED if it is not indexed within `within`.
-    async fn wait_indexed(&self, token: WriteToken, within: Duration) -> Result<()>;
 }
 
 #[cfg(test)]

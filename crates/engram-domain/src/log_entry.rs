@@ -1,10 +1,11 @@
-//! The write log's entry: a [`LoggedWrite`] as the protobuf bytes of an internal `LogEntry`,
-//! and back, validated again on the way out of the log.
+//! The write log's records: an entry, a [`LoggedWrite`] as the protobuf bytes of an internal
+//! `LogEntry`, validated again on the way out of the log; and an entry's [`Outcome`] as the
+//! bytes of an internal `Outcome`.
 
 use engram_proto::internal::v1 as ipb;
 use engram_proto::prost::Message as _;
 
-use crate::api::{LogOp, LoggedWrite};
+use crate::api::{FailureKind, LogOp, LoggedWrite, Outcome, WriteFailure};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::model::TenantId;
@@ -18,7 +19,6 @@ impl LoggedWrite {
                 memory: Some(convert::memory(memory)),
                 dense: None,
                 idempotency_key: memory.idempotency_key.clone(),
-                sparse: None,
             }),
             LogOp::Update(command) => ipb::log_entry::Op::Update(convert::update_request(command)),
             LogOp::Forget(target) => ipb::log_entry::Op::Forget(convert::forget_request(target)),
@@ -64,5 +64,108 @@ impl LoggedWrite {
             reservations: entry.dedup_keys,
             traceparent: entry.traceparent,
         })
+    }
+}
+
+impl FailureKind {
+    pub fn to_pb(self) -> ipb::FailureKind {
+        match self {
+            FailureKind::Invalid => ipb::FailureKind::Invalid,
+            FailureKind::NotFound => ipb::FailureKind::NotFound,
+            FailureKind::Unavailable => ipb::FailureKind::Unavailable,
+            FailureKind::Failed => ipb::FailureKind::Failed,
+        }
+    }
+
+    /// Unknown values (a newer peer's) read as [`FailureKind::Failed`].
+    pub fn from_pb(kind: i32) -> Self {
+        match ipb::FailureKind::try_from(kind) {
+            Ok(ipb::FailureKind::Invalid) => FailureKind::Invalid,
+            Ok(ipb::FailureKind::NotFound) => FailureKind::NotFound,
+            Ok(ipb::FailureKind::Unavailable) => FailureKind::Unavailable,
+            Ok(ipb::FailureKind::Failed | ipb::FailureKind::Unspecified) | Err(_) => {
+                FailureKind::Failed
+            }
+        }
+    }
+}
+
+impl Outcome {
+    /// The protobuf bytes of an `Outcome`.
+    pub fn encode(&self) -> Vec<u8> {
+        let outcome = match self {
+            Outcome::Forgot(n) => ipb::outcome::Outcome::Forgot(*n),
+            Outcome::Failed(failure) => ipb::outcome::Outcome::Failed(ipb::WriteFailure {
+                kind: failure.kind.to_pb().into(),
+                message: failure.message.clone(),
+            }),
+        };
+        ipb::Outcome {
+            outcome: Some(outcome),
+        }
+        .encode_to_vec()
+    }
+
+    /// Read an outcome the log holds; `None` if it is not one.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        match ipb::Outcome::decode(bytes).ok()?.outcome? {
+            ipb::outcome::Outcome::Forgot(n) => Some(Outcome::Forgot(n)),
+            ipb::outcome::Outcome::Failed(failure) => Some(Outcome::Failed(WriteFailure {
+                kind: FailureKind::from_pb(failure.kind),
+                message: failure.message,
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_survive_the_round_trip() {
+        for outcome in [
+            Outcome::Forgot(0),
+            Outcome::Forgot(12),
+            Outcome::Failed(WriteFailure {
+                kind: FailureKind::NotFound,
+                message: "memory x not found".into(),
+            }),
+            Outcome::Failed(WriteFailure {
+                kind: FailureKind::Invalid,
+                message: String::new(),
+            }),
+        ] {
+            assert_eq!(Outcome::decode(&outcome.encode()), Some(outcome));
+        }
+        assert_eq!(Outcome::decode(b"failed:old text"), None);
+    }
+
+    #[test]
+    fn each_failure_kind_maps_to_one_code() {
+        use crate::error::{Code, Error};
+        let token = crate::api::WriteToken::Indexed;
+        for (error, code) in [
+            (Error::invalid("text", "too long"), Code::InvalidArgument),
+            (Error::NotFound("gone".into()), Code::NotFound),
+            (Error::unavailable("down"), Code::Unavailable),
+            (Error::DeadlineExceeded("slow".into()), Code::Unavailable),
+            (Error::internal("bug"), Code::FailedPrecondition),
+            (
+                Error::FailedPrecondition("no".into()),
+                Code::FailedPrecondition,
+            ),
+        ] {
+            let failure = WriteFailure::of(&error);
+            assert_eq!(failure.error(token).code(), code, "{error:?}");
+            assert!(
+                failure
+                    .error(token)
+                    .to_string()
+                    .contains(&error.to_string())
+            );
+            let kind = FailureKind::from_pb(failure.kind.to_pb().into());
+            assert_eq!(kind, failure.kind);
+        }
     }
 }

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ModelError;
 use crate::openai::{
-    ApiKey, classify_status, describe, install_tls_provider, retry_after, snippet,
+    ProviderKey, classify_status, describe, install_tls_provider, retry_after, snippet,
 };
 use crate::tokens::{TokenCounter, TokenizerKind};
 
@@ -31,7 +31,7 @@ pub struct ChatConfig {
     /// Up to and including the version, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
     pub model: String,
-    pub api_key: Option<ApiKey>,
+    pub api_key: Option<ProviderKey>,
     /// Attempts, first-token timeout (`attempt_timeout`), deadline, breaker, bulkhead.
     pub policy: Policy,
     pub connect_timeout: Duration,
@@ -464,7 +464,7 @@ engram_resilience::policy_args!(ChatPolicyArgs, "chat", "CHAT");
 
 /// The chat model's settings (gateway for Converse, ingestion for fact extraction).
 #[derive(Debug, Clone, clap::Args)]
-pub struct ChatArgs {
+pub struct ChatModelArgs {
     /// OpenAI-compatible API up to the version, e.g. `https://api.openai.com/v1` or Ollama's
     /// `http://localhost:11434/v1`. Unset: no chat model (Converse answers with a fallback
     /// event carrying the context; Remember with `extract` is refused).
@@ -527,7 +527,7 @@ impl ChatPolicyArgs {
     }
 }
 
-impl Default for ChatArgs {
+impl Default for ChatModelArgs {
     /// No chat model; the documented defaults otherwise.
     fn default() -> Self {
         Self {
@@ -543,7 +543,7 @@ impl Default for ChatArgs {
     }
 }
 
-impl ChatArgs {
+impl ChatModelArgs {
     /// Every setting but the API key (which [`Self::config`] reads).
     pub fn check(&self) -> Result<(), ModelError> {
         let bad = |setting: &str, reason: String| ModelError::Config {
@@ -577,9 +577,9 @@ impl ChatArgs {
             return Ok(None);
         };
         let api_key = match (&self.api_key_file, self.api_key_env.trim()) {
-            (Some(file), _) => Some(ApiKey::from_file("ENGRAM_CHAT_API_KEY_FILE", file)?),
+            (Some(file), _) => Some(ProviderKey::from_file("ENGRAM_CHAT_API_KEY_FILE", file)?),
             (None, "") => None,
-            (None, var) => Some(ApiKey::from_env("ENGRAM_CHAT_API_KEY_ENV", var)?),
+            (None, var) => Some(ProviderKey::from_env("ENGRAM_CHAT_API_KEY_ENV", var)?),
         };
         Ok(Some(ChatConfig {
             base_url,

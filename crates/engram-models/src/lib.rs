@@ -20,13 +20,14 @@ use async_trait::async_trait;
 use engram_domain::api::Purpose;
 
 pub use chat::{
-    ChatArgs, ChatChunk, ChatConfig, ChatMessage, ChatModel, ChatRequest, ChatStream, Completion,
+    ChatChunk, ChatConfig, ChatMessage, ChatModel, ChatModelArgs, ChatRequest, ChatStream,
+    Completion,
 };
 pub use error::ModelError;
 pub use local::{
     DIMENSION as LOCAL_DIMENSION, LocalEmbedder, LocalOptions, MODEL_ID as LOCAL_MODEL_ID,
 };
-pub use openai::{ApiKey, OpenAiConfig, OpenAiEmbedder};
+pub use openai::{OpenAiConfig, OpenAiEmbedder, ProviderKey};
 pub use tokens::{TokenCounter, TokenizerKind};
 
 /// A source of text embeddings.

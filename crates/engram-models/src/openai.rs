@@ -21,15 +21,15 @@ use crate::error::ModelError;
 
 /// An API key. Never printed: `Debug` shows only that there is one.
 #[derive(Clone)]
-pub struct ApiKey(String);
+pub struct ProviderKey(String);
 
-impl std::fmt::Debug for ApiKey {
+impl std::fmt::Debug for ProviderKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ApiKey(<redacted>)")
+        f.write_str("ProviderKey(<redacted>)")
     }
 }
 
-impl ApiKey {
+impl ProviderKey {
     /// The key itself, for the `Authorization` header.
     pub(crate) fn expose(&self) -> &str {
         &self.0
@@ -73,7 +73,7 @@ pub struct OpenAiConfig {
     pub base_url: String,
     /// The model name sent with each request, e.g. `text-embedding-3-small`.
     pub model: String,
-    pub api_key: Option<ApiKey>,
+    pub api_key: Option<ProviderKey>,
     /// The dimension every returned vector must have.
     pub dimension: usize,
     /// Most inputs per HTTP request; larger batches are split.
@@ -364,7 +364,7 @@ mod tests {
 
     #[test]
     fn api_keys_are_never_printed() {
-        let key = ApiKey::new("sk-secret");
+        let key = ProviderKey::new("sk-secret");
         assert!(!format!("{key:?}").contains("secret"));
     }
 }

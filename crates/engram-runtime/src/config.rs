@@ -7,6 +7,18 @@ use engram_domain::{Error, Limits, Result};
 
 use engram_domain::parse_duration;
 
+/// A group of settings with every field at its documented default: the `default_value`s of
+/// its clap attributes, the one place a default is written (no flag or environment variable
+/// is read). A group's `Default` is this, so code and `--help` cannot disagree.
+pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults").no_binary_name(true))
+        .mut_args(|arg| arg.env(None::<&'static str>));
+    command
+        .try_get_matches_from(std::iter::empty::<String>())
+        .and_then(|matches| T::from_arg_matches(&matches))
+        .unwrap_or_else(|e| unreachable!("a settings group without a default for each field: {e}"))
+}
+
 /// Settings shared by every service. Each binary (and `engram up`, once for all four services)
 /// flattens these into its command line; every field has a flag and an `ENGRAM_*` variable.
 #[derive(Debug, Clone, clap::Args)]

@@ -13,3 +13,4 @@ pub mod peers;
 pub mod rpc;
 pub mod server;
 pub mod session;
+pub mod writes;

@@ -18,10 +18,10 @@ use tower::Layer as _;
 use crate::config::CommonArgs;
 use crate::peers::{Balanced, PeerSettings, RetryBudget};
 use engram_domain::api::{
-    ApplyOutcome, DuplicateMatch, Embedder, Embeddings, ForgetOutcome, ForgetTarget, GetQuery,
-    GetResult, Index, IndexOp, IndexStats, IndexWrites, IndexedMemory, Ingestion, ListPage,
-    ListQuery, Purpose, RecallQuery, RecallResult, RememberBatch, RememberOutcome, SparseVector,
-    UpdateCommand, UpdateOutcome, WriteState, WriteToken,
+    ApplyOutcome, DuplicateMatch, Embedder, Embeddings, FailureKind, ForgetOutcome, ForgetTarget,
+    GetQuery, GetResult, Index, IndexOp, IndexStats, IndexWrites, IndexedMemory, Ingestion,
+    ListPage, ListQuery, Purpose, RecallQuery, RecallResult, RememberBatch, RememberOutcome,
+    UpdateCommand, UpdateOutcome, WriteFailure, WriteState, WriteToken,
 };
 use engram_domain::convert;
 use engram_domain::error::{Error, Result};
@@ -241,18 +241,9 @@ fn index_op_from_pb(op: ipb::IndexOp, tenant: &TenantId) -> Result<IndexOp> {
             let mut memory = convert::memory_from_pb(upsert.memory.unwrap_or_default(), tenant)
                 .map_err(|e| e.in_field("upsert"))?;
             memory.idempotency_key = upsert.idempotency_key;
-            let sparse = upsert
-                .sparse
-                .map(|s| SparseVector {
-                    indices: s.indices,
-                    values: s.values,
-                })
-                .unwrap_or_default();
-            sparse.validate().map_err(|e| e.in_field("upsert"))?;
             Ok(IndexOp::Upsert(Box::new(IndexedMemory {
                 memory,
                 dense: upsert.dense.map(|d| d.values).unwrap_or_default(),
-                sparse,
             })))
         }
         Some(ipb::index_op::Op::DeleteIds(list)) => list
@@ -274,19 +265,11 @@ fn index_op_from_pb(op: ipb::IndexOp, tenant: &TenantId) -> Result<IndexOp> {
 fn index_op_to_pb(op: IndexOp) -> ipb::IndexOp {
     let op = match op {
         IndexOp::Upsert(u) => {
-            let IndexedMemory {
-                memory,
-                dense,
-                sparse,
-            } = *u;
+            let IndexedMemory { memory, dense } = *u;
             ipb::index_op::Op::Upsert(ipb::IndexedMemory {
                 memory: Some(convert::memory(&memory)),
                 dense: Some(ipb::Embedding { values: dense }),
                 idempotency_key: memory.idempotency_key,
-                sparse: Some(ipb::SparseVector {
-                    indices: sparse.indices,
-                    values: sparse.values,
-                }),
             })
         }
         IndexOp::DeleteIds(ids) => ipb::index_op::Op::DeleteIds(engram_proto::v1::MemoryIds {
@@ -594,15 +577,22 @@ impl ipb::ingestion_server::Ingestion for IngestionGrpc {
     ) -> Result<Response<ipb::StatusResponse>, Status> {
         let token = WriteToken::decode(&request.into_inner().write_token)
             .map_err(|e| e.in_field("write_token"))?;
-        let (state, reason) = match self.inner.status(token).await? {
-            WriteState::Pending => (ipb::WriteState::Pending, String::new()),
-            WriteState::Indexed => (ipb::WriteState::Indexed, String::new()),
-            WriteState::Failed(reason) => (ipb::WriteState::Failed, reason),
+        let response = match self.inner.status(token).await? {
+            WriteState::Pending => ipb::StatusResponse {
+                state: ipb::WriteState::Pending.into(),
+                ..Default::default()
+            },
+            WriteState::Indexed => ipb::StatusResponse {
+                state: ipb::WriteState::Indexed.into(),
+                ..Default::default()
+            },
+            WriteState::Failed(failure) => ipb::StatusResponse {
+                state: ipb::WriteState::Failed.into(),
+                reason: failure.message,
+                failure_kind: failure.kind.to_pb().into(),
+            },
         };
-        Ok(Response::new(ipb::StatusResponse {
-            state: state as i32,
-            reason,
-        }))
+        Ok(Response::new(response))
     }
 }
 
@@ -674,7 +664,10 @@ impl Ingestion for IngestionClient {
         match ipb::WriteState::try_from(response.state) {
             Ok(ipb::WriteState::Pending) => Ok(WriteState::Pending),
             Ok(ipb::WriteState::Indexed) => Ok(WriteState::Indexed),
-            Ok(ipb::WriteState::Failed) => Ok(WriteState::Failed(response.reason)),
+            Ok(ipb::WriteState::Failed) => Ok(WriteState::Failed(WriteFailure {
+                kind: FailureKind::from_pb(response.failure_kind),
+                message: response.reason,
+            })),
             _ => Err(Error::internal(format!(
                 "ingestion answered an unknown write state {}",
                 response.state
@@ -687,9 +680,9 @@ impl Ingestion for IngestionClient {
 
 /// A client interceptor sending an API key as `authorization: Bearer <key>` (no key: nothing).
 #[derive(Debug, Clone, Default)]
-pub struct ApiKey(Option<engram_proto::tonic::metadata::AsciiMetadataValue>);
+pub struct BearerKey(Option<engram_proto::tonic::metadata::AsciiMetadataValue>);
 
-impl ApiKey {
+impl BearerKey {
     /// `setting` names where the key came from, for the error if it cannot be sent.
     pub fn new(setting: &str, key: Option<&str>) -> Result<Self> {
         key.filter(|k| !k.is_empty())
@@ -703,7 +696,7 @@ impl ApiKey {
     }
 }
 
-impl engram_proto::tonic::service::Interceptor for ApiKey {
+impl engram_proto::tonic::service::Interceptor for BearerKey {
     fn call(&mut self, mut request: Request<()>) -> std::result::Result<Request<()>, Status> {
         if let Some(value) = &self.0 {
             request

@@ -40,7 +40,6 @@ pub fn upsert(memory: &Memory, axis: usize) -> IndexOp {
     IndexOp::Upsert(Box::new(IndexedMemory {
         memory: memory.clone(),
         dense: unit(axis),
-        sparse: Keywords::new().document(&memory.text),
     }))
 }
 

@@ -87,6 +87,8 @@ struct Inner {
     flush_lock: Mutex<()>,
     closed: AtomicBool,
     dimension: usize,
+    /// The BM25 weights of each point's text.
+    keywords: crate::Keywords,
 }
 
 pub struct EdgeStore {
@@ -247,6 +249,7 @@ impl EdgeStore {
             flush_lock: Mutex::new(()),
             closed: AtomicBool::new(false),
             dimension: config.dimension,
+            keywords: crate::Keywords::new(),
         });
         tracing::info!(
             path = %config.path.display(),
@@ -465,11 +468,8 @@ impl Inner {
         indexed: IndexedMemory,
     ) -> StoreResult<PointStructPersisted> {
         check_point(tenant, &indexed, self.dimension)?;
-        let IndexedMemory {
-            memory,
-            dense,
-            sparse,
-        } = indexed;
+        let IndexedMemory { memory, dense } = indexed;
+        let sparse = self.keywords.document(&memory.text);
         let mut vectors = HashMap::from([(
             DENSE.to_string(),
             VectorPersisted::from(VectorInternal::Dense(dense)),
@@ -852,7 +852,6 @@ mod tests {
         let wrong = IndexOp::Upsert(Box::new(IndexedMemory {
             memory: memory(&t, "u", "x"),
             dense: vec![1.0; DIM + 1],
-            sparse: Default::default(),
         }));
         let err = store
             .apply(&t, IndexWrites { ops: vec![wrong] })

@@ -1,8 +1,8 @@
 //! BM25 term weights for keyword search, with qdrant-edge's BM25 embedder.
 //!
-//! Ingestion computes a memory's document weights when it embeds the memory, and they are
-//! stored with the point as the sparse vector [`crate::KEYWORDS`]; retrieval computes a
-//! query's terms the same way. The sparse vector is indexed with the IDF modifier, so the
+//! The store computes a memory's document weights from its text as it writes the point, and
+//! keeps them as the sparse vector [`crate::KEYWORDS`]; retrieval computes a query's terms the
+//! same way. The sparse vector is indexed with the IDF modifier, so the
 //! engine weighs rare terms up at query time from the shard's own statistics.
 //!
 //! Tuned for memories, which are short (a chat turn or a fact, typically 10–30 words): the
@@ -10,7 +10,6 @@
 //! normalisation treats a 12-token memory as typical. English tokenisation: words, lower-cased,
 //! English stop words removed, Snowball-stemmed ("painted" and "painting" meet at "paint").
 
-use engram_domain::api::SparseVector;
 use qdrant_edge::bm25_embed::{EdgeBm25, EdgeBm25Config};
 use qdrant_edge::external::ordered_float::NotNan;
 
@@ -23,7 +22,14 @@ const B: f64 = 0.75;
 /// Tokens longer than this (hashes, base64) are not words.
 const MAX_TOKEN_LEN: usize = 40;
 
-/// The BM25 encoder shared by ingestion (documents) and retrieval (queries).
+/// A sparse vector: token ids (ascending, unique) and their weights.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SparseVector {
+    pub indices: Vec<u32>,
+    pub values: Vec<f32>,
+}
+
+/// The BM25 encoder of documents (the stores, as they write points) and queries (retrieval).
 #[derive(Debug)]
 pub struct Keywords {
     bm25: EdgeBm25,
@@ -82,7 +88,8 @@ mod tests {
         let k = Keywords::new();
         let doc = k.document("Melanie painted a sunrise over the lake");
         let query = k.query("painting sunrise");
-        assert!(doc.validate().is_ok());
+        assert_eq!(doc.indices.len(), doc.values.len());
+        assert!(doc.indices.windows(2).all(|w| w[0] < w[1]), "{doc:?}");
         assert!(query.indices.iter().all(|i| doc.indices.contains(i)));
         assert!(k.query("the a of").indices.is_empty());
     }

@@ -21,12 +21,12 @@ mod payload;
 mod remote;
 
 use async_trait::async_trait;
-use engram_domain::api::{ApplyOutcome, DuplicateMatch, IndexWrites, IndexedMemory, SparseVector};
+use engram_domain::api::{ApplyOutcome, DuplicateMatch, IndexWrites, IndexedMemory};
 use engram_domain::model::{Filter, Memory, MemoryId, Scope, TenantId};
 
 pub use edge::{EdgeStore, EdgeStoreConfig};
 pub use error::{StoreError, StoreResult};
-pub use keywords::Keywords;
+pub use keywords::{Keywords, SparseVector};
 pub use remote::{RemoteStore, RemoteStoreConfig};
 
 /// Name of the dense (semantic) vector of every point.

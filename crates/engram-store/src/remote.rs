@@ -69,6 +69,8 @@ pub struct RemoteStore {
     client: Qdrant,
     collection: String,
     dimension: usize,
+    /// The BM25 weights of each point's text.
+    keywords: crate::Keywords,
 }
 
 impl std::fmt::Debug for RemoteStore {
@@ -166,6 +168,7 @@ impl RemoteStore {
             client,
             collection: config.collection.clone(),
             dimension: config.dimension,
+            keywords: crate::Keywords::new(),
         };
         let exists = store
             .client
@@ -282,11 +285,8 @@ impl RemoteStore {
 
     fn point(&self, tenant: &TenantId, indexed: IndexedMemory) -> StoreResult<PointStruct> {
         check_point(tenant, &indexed, self.dimension)?;
-        let IndexedMemory {
-            memory,
-            dense,
-            sparse,
-        } = indexed;
+        let IndexedMemory { memory, dense } = indexed;
+        let sparse = self.keywords.document(&memory.text);
         let mut vectors = NamedVectors::default().add_vector(DENSE, Vector::new_dense(dense));
         if !sparse.indices.is_empty() {
             vectors =

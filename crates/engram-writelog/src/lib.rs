@@ -16,9 +16,8 @@
 
 use std::time::Duration;
 
-use async_trait::async_trait;
 use deadpool_redis::{Connection, Pool};
-use engram_domain::api::{EntryId, WriteState, WriteToken, WriteWaiter};
+use engram_domain::api::{EntryId, Outcome, WriteFailure, WriteState, WriteToken};
 use engram_domain::model::{Scope, TenantId};
 use engram_domain::{Error, Result, SecretUrl};
 use redis::Value;
@@ -150,6 +149,15 @@ pub enum AppendError {
     Unavailable(String),
 }
 
+/// Which entries [`WriteLog::read`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    /// Those delivered before and never acknowledged, oldest first.
+    Pending,
+    /// Those not delivered yet, waiting up to `block` for some.
+    New { block: Duration },
+}
+
 /// One entry read from a partition.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -165,7 +173,25 @@ pub enum Done {
     /// A Forget, with how many memories it deleted.
     Forgot(u64),
     /// Dead-lettered: why.
-    Failed(String),
+    Failed(WriteFailure),
+}
+
+/// An entry's outcome as the log holds it: an encoded [`Outcome`], or the text that releases
+/// before it wrote (`forgot:<n>`, `failed:<reason>`), which lives out its day after an upgrade.
+fn read_outcome(bytes: &[u8]) -> Option<Outcome> {
+    if let Some(outcome) = Outcome::decode(bytes) {
+        return Some(outcome);
+    }
+    let text = std::str::from_utf8(bytes).ok()?;
+    if let Some(n) = text.strip_prefix("forgot:") {
+        return n.parse().ok().map(Outcome::Forgot);
+    }
+    text.strip_prefix("failed:").map(|reason| {
+        Outcome::Failed(WriteFailure {
+            kind: engram_domain::api::FailureKind::Failed,
+            message: reason.to_string(),
+        })
+    })
 }
 
 #[derive(Clone)]
@@ -230,17 +256,6 @@ impl WriteLog {
         Ok(Self {
             pool,
             partitions: partitions.max(1),
-            op_timeout: Duration::from_secs(2),
-            prefix: "engram:log",
-        })
-    }
-
-    /// A log used only to read write states (retrieval): any partition a token names is
-    /// accepted.
-    pub fn reader(setting: &str, url: &SecretUrl) -> Result<Self> {
-        Ok(Self {
-            pool: engram_cache::pool(setting, url)?,
-            partitions: u32::MAX,
             op_timeout: Duration::from_secs(2),
             prefix: "engram:log",
         })
@@ -321,7 +336,10 @@ impl WriteLog {
             Some("LAG") => Err(AppendError::Lag {
                 backlog: reply.get(1).and_then(|v| v.parse().ok()).unwrap_or(0),
             }),
-            Some("OK") => reply[2..]
+            Some("OK") => reply
+                .get(2..)
+                .filter(|outcomes| outcomes.len() == writes.len())
+                .ok_or_else(bad)?
                 .iter()
                 .map(|r| {
                     let (tag, rest) = r.split_at_checked(1).ok_or_else(bad)?;
@@ -352,7 +370,7 @@ impl WriteLog {
                 ),
             ));
         }
-        let (outcome, watermark): (Option<String>, Option<String>) = self
+        let (outcome, watermark): (Option<Vec<u8>>, Option<String>) = self
             .run(|mut conn| async move {
                 redis::pipe()
                     .hget(self.outcome_key(partition), entry.to_string())
@@ -361,8 +379,8 @@ impl WriteLog {
                     .await
             })
             .await?;
-        if let Some(reason) = outcome.as_deref().and_then(|o| o.strip_prefix("failed:")) {
-            return Ok(WriteState::Failed(reason.to_string()));
+        if let Some(Outcome::Failed(failure)) = outcome.as_deref().and_then(read_outcome) {
+            return Ok(WriteState::Failed(failure));
         }
         let applied = watermark.as_deref().and_then(EntryId::parse);
         Ok(match applied {
@@ -373,7 +391,7 @@ impl WriteLog {
 
     /// How many memories the Forget at `entry` deleted, once it is applied.
     pub async fn forgot(&self, partition: u32, entry: EntryId) -> Result<u64> {
-        let outcome: Option<String> = self
+        let outcome: Option<Vec<u8>> = self
             .run(|mut conn| async move {
                 redis::cmd("HGET")
                     .arg(self.outcome_key(partition))
@@ -382,11 +400,10 @@ impl WriteLog {
                     .await
             })
             .await?;
-        Ok(outcome
-            .as_deref()
-            .and_then(|o| o.strip_prefix("forgot:"))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        Ok(match outcome.as_deref().and_then(read_outcome) {
+            Some(Outcome::Forgot(n)) => n,
+            _ => 0,
+        })
     }
 
     /// Create the consumer group of `partition` (and its stream) if missing.
@@ -456,27 +473,22 @@ impl WriteLog {
         .map(drop)
     }
 
-    /// Read up to `count` entries of `partition`: those delivered before and not acknowledged
-    /// (`pending`), or new ones, waiting up to `block` for them.
-    pub async fn read(
-        &self,
-        partition: u32,
-        count: usize,
-        pending: bool,
-        block: Duration,
-    ) -> Result<Vec<Entry>> {
+    /// Read up to `count` entries of `partition` (see [`Read`]).
+    pub async fn read(&self, partition: u32, count: usize, which: Read) -> Result<Vec<Entry>> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)
             .arg(consumer(partition))
             .arg("COUNT")
             .arg(count);
-        if !pending && !block.is_zero() {
+        let (from, block) = match which {
+            Read::Pending => ("0", Duration::ZERO),
+            Read::New { block } => (">", block),
+        };
+        if !block.is_zero() {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
         }
-        cmd.arg("STREAMS")
-            .arg(self.stream(partition))
-            .arg(if pending { "0" } else { ">" });
+        cmd.arg("STREAMS").arg(self.stream(partition)).arg(from);
         let mut conn = self.conn().await?;
         let reply: Option<StreamReadReply> =
             match tokio::time::timeout(self.op_timeout + block, cmd.query_async(&mut conn)).await {
@@ -543,25 +555,13 @@ impl WriteLog {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for (id, outcome) in done {
-            match outcome {
-                Done::Applied => {}
-                Done::Forgot(n) => {
-                    pipe.hset(
-                        self.outcome_key(partition),
-                        id.to_string(),
-                        format!("forgot:{n}"),
-                    )
-                    .ignore();
-                }
-                Done::Failed(reason) => {
-                    pipe.hset(
-                        self.outcome_key(partition),
-                        id.to_string(),
-                        format!("failed:{reason}"),
-                    )
-                    .ignore();
-                }
-            }
+            let kept = match outcome {
+                Done::Applied => continue,
+                Done::Forgot(n) => Outcome::Forgot(*n),
+                Done::Failed(failure) => Outcome::Failed(failure.clone()),
+            };
+            pipe.hset(self.outcome_key(partition), id.to_string(), kept.encode())
+                .ignore();
         }
         if done.iter().any(|(_, d)| !matches!(d, Done::Applied)) {
             pipe.expire(self.outcome_key(partition), OUTCOME_TTL_SECS as i64)
@@ -689,45 +689,5 @@ impl WriteLog {
                 .await
         })
         .await
-    }
-}
-
-impl WriteLog {
-    /// Wait until the write behind `token` is indexed or has failed, and say which;
-    /// DEADLINE_EXCEEDED if it is still pending after `within`.
-    pub async fn settled(&self, token: WriteToken, within: Duration) -> Result<WriteState> {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            // A failed look (Redis slow or restarting) is tried again until the deadline.
-            let looked = self.status(token).await;
-            match looked {
-                Ok(WriteState::Pending) => {}
-                Ok(state) => return Ok(state),
-                Err(_) if tokio::time::Instant::now() + pause <= deadline => {}
-                Err(e) => return Err(e),
-            }
-            if tokio::time::Instant::now() + pause > deadline {
-                return Err(Error::DeadlineExceeded(format!(
-                    "the write {} was not indexed within {within:?}; it stays in the write log and is indexed once indexing recovers (Ingestion.Status tells when)",
-                    token.encode()
-                )));
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
-        }
-    }
-}
-
-#[async_trait]
-impl WriteWaiter for WriteLog {
-    async fn wait_indexed(&self, token: WriteToken, within: Duration) -> Result<()> {
-        match self.settled(token, within).await? {
-            WriteState::Failed(reason) => Err(Error::FailedPrecondition(format!(
-                "the write {} failed and will not be indexed: {reason}",
-                token.encode()
-            ))),
-            _ => Ok(()),
-        }
     }
 }

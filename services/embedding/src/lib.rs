@@ -23,7 +23,8 @@ use engram_domain::api::{Embedder, Embeddings, Purpose};
 use engram_domain::parse_duration;
 use engram_domain::{Error, Result};
 use engram_models::{
-    ApiKey, EmbeddingProvider, LocalEmbedder, LocalOptions, OpenAiConfig, OpenAiEmbedder, fetch,
+    EmbeddingProvider, LocalEmbedder, LocalOptions, OpenAiConfig, OpenAiEmbedder, ProviderKey,
+    fetch,
 };
 use engram_proto::tonic::service::Routes;
 use engram_resilience::OutboundMetrics;
@@ -277,10 +278,13 @@ async fn provider(
             policy,
         } => {
             let api_key = match key {
-                KeySource::File(path) => {
-                    Some(ApiKey::from_file("ENGRAM_EMBEDDING_API_KEY_FILE", path)?)
+                KeySource::File(path) => Some(ProviderKey::from_file(
+                    "ENGRAM_EMBEDDING_API_KEY_FILE",
+                    path,
+                )?),
+                KeySource::Env(var) => {
+                    Some(ProviderKey::from_env("ENGRAM_EMBEDDING_API_KEY_ENV", var)?)
                 }
-                KeySource::Env(var) => Some(ApiKey::from_env("ENGRAM_EMBEDDING_API_KEY_ENV", var)?),
                 KeySource::None => None,
             };
             let embedder = OpenAiEmbedder::new(

@@ -61,7 +61,7 @@ impl Role {
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// The key's name (`anonymous` when authentication is off).
-    pub key: Arc<str>,
+    pub key_name: Arc<str>,
     pub tenant: TenantId,
     pub role: Role,
     pub rate: Rate,
@@ -132,7 +132,7 @@ impl Keys {
                 return Err(bad("rate must be ≥ 0 and burst ≥ 1".into()));
             }
             let caller = Caller {
-                key: entry.name.into(),
+                key_name: entry.name.into(),
                 tenant,
                 role: entry.role,
                 rate: Rate { per_second, burst },

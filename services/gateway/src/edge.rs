@@ -103,7 +103,7 @@ impl<S> Edge<S> {
             in_flight_gauge.clone(),
         );
         let anonymous = Caller {
-            key: "anonymous".into(),
+            key_name: "anonymous".into(),
             tenant: TenantId::default_tenant(),
             role: Role::Admin,
             rate: config.anonymous_rate,
@@ -175,7 +175,7 @@ impl EdgeState {
                 "permission_denied",
                 Error::PermissionDenied(format!(
                     "API key {:?} has the {} role; {method} needs {}",
-                    &*caller.key,
+                    &*caller.key_name,
                     caller.role.as_str(),
                     needed.as_str()
                 )),
@@ -191,10 +191,12 @@ impl EdgeState {
         }
         let now = Instant::now();
         let mut buckets = self.buckets.lock();
-        let bucket = buckets.entry(Arc::clone(&caller.key)).or_insert(Bucket {
-            tokens: caller.rate.burst,
-            updated: now,
-        });
+        let bucket = buckets
+            .entry(Arc::clone(&caller.key_name))
+            .or_insert(Bucket {
+                tokens: caller.rate.burst,
+                updated: now,
+            });
         bucket.take(caller.rate, now)
     }
 }
@@ -276,7 +278,7 @@ where
                 Error::ResourceExhausted {
                     reason: format!(
                         "tenant {} is over the rate of its API key {:?} ({} calls/s, bursts of {})",
-                        caller.tenant, &*caller.key, caller.rate.per_second, caller.rate.burst
+                        caller.tenant, &*caller.key_name, caller.rate.per_second, caller.rate.burst
                     ),
                     retry_after: Some(wait.max(Duration::from_millis(1))),
                 },

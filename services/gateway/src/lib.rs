@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use engram_cache::{History, Redis, RedisConfig};
-use engram_domain::api::{Index, Ingestion};
+use engram_domain::api::{Index, Ingestion, WriteToken};
 use engram_domain::model::TenantId;
 use engram_domain::parse_duration;
 use engram_domain::{Error, Limits, Result, convert, validate};
-use engram_models::{ChatArgs, ChatModel};
+use engram_models::{ChatModel, ChatModelArgs};
 use engram_proto::tonic::codec::CompressionEncoding;
 use engram_proto::tonic::service::Routes;
 use engram_proto::tonic::{Request, Response, Status};
@@ -75,7 +75,7 @@ pub struct GatewayArgs {
     #[command(flatten)]
     pub edge: EdgeArgs,
     #[command(flatten)]
-    pub chat: ChatArgs,
+    pub chat: ChatModelArgs,
 }
 
 /// Authentication is on unless turned off, and then needs keys.
@@ -347,7 +347,7 @@ pub struct Config {
     pub ingestion_url: String,
     pub edge: EdgeArgs,
     /// The chat model Converse answers with, and the tokenizer budgets are counted with.
-    pub chat: ChatArgs,
+    pub chat: ChatModelArgs,
     pub common: CommonArgs,
 }
 
@@ -504,9 +504,24 @@ pub(crate) fn caller_tenant<T>(request: &Request<T>) -> Result<TenantId, Status>
         })
 }
 
+/// The longest a read waits for the write named by its `after_write_token` (less if the
+/// caller's deadline comes sooner).
+const READ_YOUR_WRITES_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl Gateway {
     fn tenant<T>(&self, request: &Request<T>) -> Result<TenantId, Status> {
         caller_tenant(request)
+    }
+
+    /// Read-your-writes: wait until the write behind a read's `after_write_token` is indexed
+    /// (asking ingestion, which owns the write log), then read without it.
+    async fn after(&self, token: &mut Option<WriteToken>) -> Result<(), Status> {
+        let Some(token) = token.take() else {
+            return Ok(());
+        };
+        let budget = engram_runtime::deadline::answerable_within(READ_YOUR_WRITES_WAIT);
+        engram_runtime::writes::indexed(token, budget, |t| self.ingestion.status(t)).await?;
+        Ok(())
     }
 }
 
@@ -527,7 +542,8 @@ impl MemoryService for Gateway {
         request: Request<pb::RecallRequest>,
     ) -> Result<Response<pb::RecallResponse>, Status> {
         let tenant = self.tenant(&request)?;
-        let query = validate::recall(request.into_inner(), &self.limits)?;
+        let mut query = validate::recall(request.into_inner(), &self.limits)?;
+        self.after(&mut query.after_write_token).await?;
         let result = self.index.search(&tenant, query).await?;
         Ok(Response::new(convert::recall_response(&result)))
     }
@@ -537,7 +553,8 @@ impl MemoryService for Gateway {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
         let tenant = self.tenant(&request)?;
-        let query = validate::get(request.into_inner(), &self.limits)?;
+        let mut query = validate::get(request.into_inner(), &self.limits)?;
+        self.after(&mut query.after_write_token).await?;
         let result = self.index.get(&tenant, query).await?;
         Ok(Response::new(convert::get_response(&result)))
     }
@@ -547,7 +564,8 @@ impl MemoryService for Gateway {
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         let tenant = self.tenant(&request)?;
-        let query = validate::list(request.into_inner(), &self.limits)?;
+        let mut query = validate::list(request.into_inner(), &self.limits)?;
+        self.after(&mut query.after_write_token).await?;
         let page = self.index.list(&tenant, query).await?;
         Ok(Response::new(convert::list_response(&page)))
     }

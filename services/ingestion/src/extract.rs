@@ -127,12 +127,12 @@ impl Pipeline {
             Error::Internal(format!("the chat model's facts are unusable: {why}"))
         })?;
 
-        let mode = self.privacy.mode(tenant.as_str(), None);
+        let mode = self.guard.mode(tenant.as_str(), None);
         let mut seen = std::collections::HashSet::new();
         let mut kept = Vec::new();
         for mut fact in facts {
             match privacy::guard(mode, "fact", &mut fact) {
-                Ok(kinds) => self.count_findings(&kinds, mode),
+                Ok(kinds) => self.guard.count(&kinds, mode),
                 // `block`: a fact with personal data is not stored.
                 Err(_) => continue,
             }

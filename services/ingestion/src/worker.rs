@@ -14,13 +14,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument as _;
 
-use engram_domain::api::{LogOp, LoggedWrite};
+use engram_domain::api::{LogOp, LoggedWrite, WriteFailure};
 use engram_domain::error::Code;
 use engram_domain::limits::Limits;
 use engram_domain::model::Timestamp;
 use engram_domain::{Error, Result};
 use engram_telemetry::Metrics;
-use engram_writelog::{Done, Entry, WriteLog};
+use engram_writelog::{Done, Entry, Read, WriteLog};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -28,7 +28,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio::sync::watch;
 
-use crate::{LogArgs, Pipeline};
+use crate::Pipeline;
+use crate::config::LogArgs;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PartitionLabels {
@@ -210,14 +211,50 @@ fn permanent(e: &Error) -> bool {
     )
 }
 
-/// The reason kept for a failed write: a class the caller's error is rebuilt from, then the
-/// message (see `crate::failure`).
-fn reason(e: &Error) -> String {
-    match e {
-        Error::NotFound(message) => format!("not found: {message}"),
-        other if other.code() == Code::Unavailable => format!("unavailable: {other}"),
-        other => format!("failed: {other}"),
+/// How a step works through its entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pace {
+    /// Runs of one tenant's Remembers applied together; a failure stops the step without
+    /// blaming anyone.
+    Batched,
+    /// After a failed step: one entry at a time, each after the pipeline proved healthy, so a
+    /// failure is charged to the entry that caused it.
+    Careful,
+}
+
+/// The runs a step applies, as index ranges of its entries: in [`Pace::Batched`], each run of
+/// consecutive Remembers of one tenant together, anything else alone; in [`Pace::Careful`],
+/// every entry alone.
+fn runs(decoded: &[Result<LoggedWrite>], pace: Pace) -> Vec<std::ops::Range<usize>> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < decoded.len() {
+        let mut end = i + 1;
+        if pace == Pace::Batched
+            && let Ok(LoggedWrite {
+                op: LogOp::Remember(_),
+                tenant,
+                ..
+            }) = &decoded[i]
+        {
+            while end < decoded.len()
+                && matches!(&decoded[end], Ok(LoggedWrite { op: LogOp::Remember(_), tenant: t, .. }) if t == tenant)
+            {
+                end += 1;
+            }
+        }
+        runs.push(i..end);
+        i = end;
     }
+    runs
+}
+
+/// What a failed run leads to.
+enum AfterFailure {
+    /// Stop the step and try again later.
+    Stop,
+    /// The entry is finished as failed (dead-lettered); go on with the next.
+    Settled(Done),
 }
 
 impl PartitionWorker {
@@ -259,8 +296,12 @@ impl PartitionWorker {
                 }
             }
             // After a failure, entries are tried carefully: one at a time, each after a probe.
-            let careful = !pause.is_zero();
-            pause = match self.step(lease_ttl / 3, careful, fresh).await {
+            let pace = if pause.is_zero() {
+                Pace::Batched
+            } else {
+                Pace::Careful
+            };
+            pause = match self.step(lease_ttl / 3, pace, fresh).await {
                 Ok(true) => Duration::ZERO,
                 // Try again later, backing off while it keeps failing.
                 Ok(false) => (pause * 2).clamp(RETRY_MIN, RETRY_MAX),
@@ -279,25 +320,32 @@ impl PartitionWorker {
         }
     }
 
-    /// Read and index one batch. Ok(false): stopped on a failure worth retrying later.
-    /// `fresh`: the lease was just taken, so entries already delivered were another worker's.
-    async fn step(&self, block: Duration, careful: bool, fresh: bool) -> Result<bool> {
+    /// Read and index one batch, waiting up to `block` for entries. Ok(false): stopped on a
+    /// failure worth retrying later. `fresh`: the lease was just taken, so entries already
+    /// delivered were another worker's.
+    async fn step(&self, block: Duration, pace: Pace, fresh: bool) -> Result<bool> {
         let p = self.partition;
         let max = self.args.batch_max.max(1);
         // Entries delivered before and never acknowledged (this worker's failed step, or a
         // worker that died) come first, in order.
-        let mut entries = self.log.read(p, max, true, Duration::ZERO).await?;
+        let mut entries = self.log.read(p, max, Read::Pending).await?;
         if !entries.is_empty() {
             if fresh {
                 self.metrics.reclaimed.inc_by(entries.len() as u64);
             }
         } else {
-            entries = self.log.read(p, max, false, block).await?;
+            entries = self.log.read(p, max, Read::New { block }).await?;
             if !entries.is_empty() && entries.len() < max && !self.args.batch_wait.is_zero() {
                 tokio::time::sleep(self.args.batch_wait).await;
                 let more = self
                     .log
-                    .read(p, max - entries.len(), false, Duration::ZERO)
+                    .read(
+                        p,
+                        max - entries.len(),
+                        Read::New {
+                            block: Duration::ZERO,
+                        },
+                    )
                     .await?;
                 entries.extend(more);
             }
@@ -314,7 +362,7 @@ impl PartitionWorker {
             return Ok(true);
         }
         self.metrics.batch_size.observe(entries.len() as f64);
-        self.index(entries, careful).await
+        self.index(entries, pace).await
     }
 
     /// Sample the partition's depth into the metrics, once a second at most.
@@ -340,16 +388,12 @@ impl PartitionWorker {
         }
     }
 
-    /// Apply `entries` in order and finish those applied or failed for good; false if it
-    /// stopped on a failure to retry.
-    ///
-    /// Normally runs of one tenant's Remembers are applied together and any failure (other
-    /// than a permanent one) stops the step without blaming anyone. `careful` (after a failed
-    /// step) applies entries one at a time, each after the pipeline proved healthy — by a probe,
-    /// or by the entry before it — so that a failure can be charged to the entry itself: a
+    /// Apply `entries` in order (in runs, see [`runs`]) and finish those applied or failed
+    /// for good; false if it stopped on a failure to retry. In [`Pace::Careful`] each entry
+    /// goes after the pipeline proved healthy — by a probe, or by the entry before it — so a
     /// poison write that also trips the provider's circuit makes the next entry's probe fail,
     /// not the next entry.
-    async fn index(&self, entries: Vec<Entry>, careful: bool) -> Result<bool> {
+    async fn index(&self, entries: Vec<Entry>, pace: Pace) -> Result<bool> {
         let p = self.partition;
         let decoded: Vec<Result<LoggedWrite>> = entries
             .iter()
@@ -358,23 +402,8 @@ impl PartitionWorker {
         let mut done: Vec<(engram_domain::api::EntryId, Done)> = Vec::new();
         let mut healthy = false;
         let mut stopped = false;
-        let mut i = 0;
-        while i < entries.len() {
-            let mut end = i + 1;
-            if !careful
-                && let Ok(LoggedWrite {
-                    op: LogOp::Remember(_),
-                    tenant,
-                    ..
-                }) = &decoded[i]
-            {
-                while end < entries.len()
-                    && matches!(&decoded[end], Ok(LoggedWrite { op: LogOp::Remember(_), tenant: t, .. }) if t == tenant)
-                {
-                    end += 1;
-                }
-            }
-            if careful && !healthy {
+        for run in runs(&decoded, pace) {
+            if pace == Pace::Careful && !healthy {
                 if !self.pipeline.healthy(self.kind).await {
                     tracing::info!(
                         partition = p,
@@ -385,54 +414,85 @@ impl PartitionWorker {
                 }
                 healthy = true;
             }
-            let run: Vec<usize> = (i..end).collect();
             // Indexing is its own trace, linked to the requests that wrote these entries.
             let span = tracing::info_span!("ingest.index", partition = p, writes = run.len());
-            for write in run.iter().filter_map(|&k| decoded[k].as_ref().ok()) {
+            for write in decoded[run.clone()].iter().filter_map(|w| w.as_ref().ok()) {
                 engram_telemetry::trace::link_to(&span, &write.traceparent);
             }
-            match self.apply_run(&run, &decoded).instrument(span).await {
-                Ok(outcomes) => {
-                    done.extend(run.iter().map(|&k| entries[k].id).zip(outcomes));
-                }
+            match self.apply_run(&decoded[run.clone()]).instrument(span).await {
+                Ok(outcomes) => done.extend(run.map(|k| entries[k].id).zip(outcomes)),
                 Err(e) => {
                     healthy = false;
-                    let failures = if permanent(&e) {
-                        None
-                    } else if careful {
-                        Some(self.log.charge_failure(p, entries[i].id).await?)
-                    } else {
-                        tracing::info!(partition = p, entry = %entries[i].id, error = %e, "indexing failed; will retry one at a time");
-                        stopped = true;
-                        break;
-                    };
-                    if run.len() > 1 {
-                        // A permanent failure of a run: find its entry one at a time.
-                        stopped = true;
-                        break;
+                    let first = run.start;
+                    match self
+                        .after_failure(&entries[first], &decoded[first], run.len(), pace, &e)
+                        .await?
+                    {
+                        AfterFailure::Stop => {
+                            stopped = true;
+                            break;
+                        }
+                        AfterFailure::Settled(outcome) => done.push((entries[first].id, outcome)),
                     }
-                    if failures.is_some_and(|n| n < self.args.max_deliveries) {
-                        tracing::info!(partition = p, entry = %entries[i].id, failures, error = %e, "indexing failed; will retry");
-                        stopped = true;
-                        break;
-                    }
-                    let why = reason(&e);
-                    let held = decoded[i]
-                        .as_ref()
-                        .map(|w| w.reservations.clone())
-                        .unwrap_or_default();
-                    self.log.dead_letter(p, &entries[i], &why, &held).await?;
-                    self.metrics.dead_lettered.inc();
-                    tracing::warn!(partition = p, entry = %entries[i].id, reason = %why, "write moved to the dead-letter stream");
-                    done.push((entries[i].id, Done::Failed(why)));
                 }
             }
-            i = end;
         }
+        self.finish(&decoded, done).await?;
+        Ok(!stopped)
+    }
+
+    /// Decide what a failed run leads to. A run of several stops the step, to be tried one
+    /// entry at a time; a lone entry that failed for good, or ran out of tries while the
+    /// pipeline was healthy, is dead-lettered with its failure.
+    async fn after_failure(
+        &self,
+        entry: &Entry,
+        decoded: &Result<LoggedWrite>,
+        run_len: usize,
+        pace: Pace,
+        e: &Error,
+    ) -> Result<AfterFailure> {
+        let p = self.partition;
+        let failures = if permanent(e) {
+            None
+        } else if pace == Pace::Careful {
+            Some(self.log.charge_failure(p, entry.id).await?)
+        } else {
+            tracing::info!(partition = p, entry = %entry.id, error = %e, "indexing failed; will retry one at a time");
+            return Ok(AfterFailure::Stop);
+        };
+        if run_len > 1 {
+            // A permanent failure of a run: find its entry one at a time.
+            return Ok(AfterFailure::Stop);
+        }
+        if failures.is_some_and(|n| n < self.args.max_deliveries) {
+            tracing::info!(partition = p, entry = %entry.id, failures, error = %e, "indexing failed; will retry");
+            return Ok(AfterFailure::Stop);
+        }
+        let failure = WriteFailure::of(e);
+        let held = decoded
+            .as_ref()
+            .map(|w| w.reservations.clone())
+            .unwrap_or_default();
+        self.log
+            .dead_letter(p, entry, &failure.message, &held)
+            .await?;
+        self.metrics.dead_lettered.inc();
+        tracing::warn!(partition = p, entry = %entry.id, reason = %failure.message, "write moved to the dead-letter stream");
+        Ok(AfterFailure::Settled(Done::Failed(failure)))
+    }
+
+    /// Record the finished entries (the first `done.len()` of `decoded`, in order): their
+    /// outcomes, the end of the applied ones' reservations, their write-to-indexed times.
+    async fn finish(
+        &self,
+        decoded: &[Result<LoggedWrite>],
+        done: Vec<(engram_domain::api::EntryId, Done)>,
+    ) -> Result<()> {
         let now_ms = Timestamp::now().as_micros() / 1000;
         let mut reservations = Vec::new();
-        for (k, (_, outcome)) in done.iter().enumerate() {
-            if let Ok(write) = &decoded[k] {
+        for (write, (_, outcome)) in decoded.iter().zip(&done) {
+            if let Ok(write) = write {
                 if matches!(outcome, Done::Applied) {
                     reservations.extend(write.reservations.iter().cloned());
                 }
@@ -440,15 +500,14 @@ impl PartitionWorker {
                 self.metrics.to_indexed.observe(waited);
             }
         }
-        self.log.finish(p, &done, &reservations).await?;
-        Ok(!stopped)
+        self.log.finish(self.partition, &done, &reservations).await
     }
 
-    /// Apply entries `run` (a run of one tenant's Remembers, or one entry of any kind).
-    async fn apply_run(&self, run: &[usize], decoded: &[Result<LoggedWrite>]) -> Result<Vec<Done>> {
+    /// Apply a run of entries (a run of one tenant's Remembers, or one entry of any kind).
+    async fn apply_run(&self, run: &[Result<LoggedWrite>]) -> Result<Vec<Done>> {
         let writes = run
             .iter()
-            .map(|&k| decoded[k].as_ref().map_err(Clone::clone))
+            .map(|w| w.as_ref().map_err(Clone::clone))
             .collect::<Result<Vec<_>>>()?;
         let Some(first) = writes.first() else {
             return Ok(Vec::new());
@@ -481,5 +540,54 @@ impl PartitionWorker {
                 Ok(vec![Done::Applied; n])
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engram_domain::api::ForgetTarget;
+    use engram_domain::model::{Memory, MemoryId, NewMemory, Scope, TenantId};
+
+    fn write(tenant: &str, op: LogOp) -> Result<LoggedWrite> {
+        Ok(LoggedWrite {
+            tenant: TenantId::parse(tenant).unwrap(),
+            op,
+            submitted_unix_ms: 0,
+            reservations: Vec::new(),
+            traceparent: String::new(),
+        })
+    }
+
+    fn remember(tenant: &str) -> Result<LoggedWrite> {
+        let memory = Memory::from_input(
+            MemoryId::new_time_ordered(),
+            TenantId::parse(tenant).unwrap(),
+            Scope::user("u"),
+            NewMemory::text("x"),
+            Timestamp::now(),
+        );
+        write(tenant, LogOp::Remember(Box::new(memory)))
+    }
+
+    #[test]
+    fn runs_group_one_tenant_s_consecutive_remembers_and_nothing_else() {
+        let forget = || write("a", LogOp::Forget(ForgetTarget::Scope(Scope::user("u"))));
+        let broken = || Err(Error::invalid("op", "not a LogEntry"));
+        let entries = vec![
+            remember("a"),
+            remember("a"),
+            remember("b"),
+            forget(),
+            broken(),
+            remember("a"),
+            remember("a"),
+        ];
+        assert_eq!(
+            runs(&entries, Pace::Batched),
+            vec![0..2, 2..3, 3..4, 4..5, 5..7]
+        );
+        assert_eq!(runs(&entries, Pace::Careful).len(), entries.len());
+        assert!(runs(&[], Pace::Batched).is_empty());
     }
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use engram_domain::api::{
     ApplyOutcome, DuplicateMatch, Embedder, GetQuery, GetResult, Index, IndexStats, IndexWrites,
-    ListPage, ListQuery, RecallQuery, RecallResult, Timings, WriteToken, WriteWaiter,
+    ListPage, ListQuery, RecallQuery, RecallResult, Timings, WriteToken,
 };
 use engram_domain::model::{Scope, TenantId, Timestamp};
 use engram_domain::parse_duration;
@@ -191,16 +191,10 @@ pub async fn serve(
     let mut retrieval = Retrieval::new(store.clone(), embedder, runtime.metrics());
     retrieval.weights = config.fusion_weights;
     let redis = match &config.common.redis_url {
-        Some(url) => {
-            retrieval.writes = Some(Arc::new(engram_writelog::WriteLog::reader(
-                "ENGRAM_REDIS_URL",
-                url,
-            )?));
-            Some(engram_cache::Redis::connect(
-                engram_cache::RedisConfig::new(url.clone()),
-                runtime.metrics(),
-            )?)
-        }
+        Some(url) => Some(engram_cache::Redis::connect(
+            engram_cache::RedisConfig::new(url.clone()),
+            runtime.metrics(),
+        )?),
         None => None,
     };
     if let Some(cache) = config.result_cache.clone() {
@@ -236,8 +230,6 @@ pub struct Retrieval {
     metrics: SearchMetrics,
     /// How HYBRID fusion weighs the strategies.
     pub weights: FusionWeights,
-    /// Where reads with a write token wait for that write (read-your-writes).
-    pub writes: Option<Arc<dyn WriteWaiter>>,
     /// The Recall result cache, if on.
     pub results: Option<ResultCache>,
 }
@@ -254,34 +246,26 @@ impl Retrieval {
             keywords: Keywords::new(),
             metrics: SearchMetrics::new(metrics),
             weights: FusionWeights::default(),
-            writes: None,
             results: None,
-        }
-    }
-
-    /// Wait until the write behind `token` is indexed (bounded by the read's budget).
-    async fn after(&self, token: Option<WriteToken>) -> Result<()> {
-        match (token, &self.writes) {
-            (None | Some(WriteToken::Indexed), _) => Ok(()),
-            (Some(token), Some(writes)) => {
-                let budget = engram_runtime::deadline::answerable_within(READ_YOUR_WRITES_WAIT);
-                writes.wait_indexed(token, budget).await
-            }
-            (Some(_), None) => Err(Error::FailedPrecondition(
-                "after_write_token names a logged write, but retrieval has no write log (ENGRAM_REDIS_URL is not set)".into(),
-            )),
         }
     }
 }
 
-/// The longest a read waits for the write named by its `after_write_token` (less if the
-/// caller's deadline comes sooner).
-const READ_YOUR_WRITES_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Reads wait for a write at the gateway (through `Ingestion.Status`), which forwards them
+/// without a token: one that still carries a logged write's token came around it.
+fn no_write_token(token: Option<WriteToken>) -> Result<()> {
+    match token {
+        None | Some(WriteToken::Indexed) => Ok(()),
+        Some(WriteToken::Logged { .. }) => Err(Error::FailedPrecondition(
+            "retrieval does not wait for writes: read through the gateway, which waits for after_write_token first".into(),
+        )),
+    }
+}
 
 #[async_trait]
 impl Index for Retrieval {
     async fn search(&self, tenant: &TenantId, query: RecallQuery) -> Result<RecallResult> {
-        self.after(query.after_write_token).await?;
+        no_write_token(query.after_write_token)?;
         let started = Instant::now();
         let now = query.request_time.unwrap_or_else(Timestamp::now);
         let cache = self.results.as_ref().filter(|_| !query.bypass_cache);
@@ -314,13 +298,13 @@ impl Index for Retrieval {
     }
 
     async fn get(&self, tenant: &TenantId, query: GetQuery) -> Result<GetResult> {
-        self.after(query.after_write_token).await?;
+        no_write_token(query.after_write_token)?;
         let found = self.store.get(tenant, &query.ids).await?;
         Ok(GetResult::assemble(&query.ids, found))
     }
 
     async fn list(&self, tenant: &TenantId, query: ListQuery) -> Result<ListPage> {
-        self.after(query.after_write_token).await?;
+        no_write_token(query.after_write_token)?;
         let selection = Selection {
             tenant: tenant.clone(),
             scope: query.scope,

@@ -75,10 +75,9 @@ async fn assert_exactly_once(
     acknowledged: &HashMap<String, Vec<String>>,
     tokens: &[String],
 ) {
-    let log = sandbox.write_log();
     for encoded in tokens {
         if let t @ WriteToken::Logged { .. } = token(encoded) {
-            let state = log
+            let state = sandbox
                 .settled(t, Duration::from_secs(120))
                 .await
                 .unwrap_or_else(|e| panic!("{encoded}: {e}"));
@@ -477,8 +476,7 @@ async fn a_poison_write_is_dead_lettered_while_the_writes_around_it_are_indexed(
         }
         last_token = written.write_token;
     }
-    let log = sandbox.write_log();
-    let state = log
+    let state = sandbox
         .settled(token(&last_token), Duration::from_secs(60))
         .await
         .unwrap();
@@ -503,7 +501,7 @@ async fn a_poison_write_is_dead_lettered_while_the_writes_around_it_are_indexed(
         "{}",
         poison.reason
     );
-    let dead = log.dead_lettered(10).await.unwrap();
+    let dead = sandbox.write_log().dead_lettered(10).await.unwrap();
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert_eq!(dead[0].reason, poison.reason);
 

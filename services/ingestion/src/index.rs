@@ -1,0 +1,139 @@
+//! Writes applied to the index: memories embedded (turns with the turn before them, see
+//! [`crate::turns`]) and upserted, updates, forgets. The workers apply logged writes with
+//! these; without a log (or while it is away) the write path calls them directly.
+
+use std::collections::HashSet;
+
+use engram_domain::api::{
+    ForgetTarget, IndexOp, IndexWrites, IndexedMemory, Purpose, UpdateCommand,
+};
+use engram_domain::model::{Memory, MemoryId, TenantId, Timestamp};
+use engram_domain::{Error, Result};
+
+use crate::Pipeline;
+use crate::turns;
+
+impl Pipeline {
+    /// Embed the memories and apply them, in order.
+    pub(crate) async fn embed_and_apply(
+        &self,
+        tenant: &TenantId,
+        memories: Vec<Memory>,
+    ) -> Result<u64> {
+        if memories.is_empty() {
+            return Ok(0);
+        }
+        let previous = turns::previous_texts(&*self.index, tenant, &memories).await?;
+        let ops = self
+            .upserts(memories.into_iter().zip(previous).collect())
+            .await?;
+        let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
+        Ok(outcome.upserted)
+    }
+
+    /// Upserts of memories, each embedded alone and, for a turn with the text of the turn
+    /// before it, in that context too.
+    async fn upserts(&self, memories: Vec<(Memory, Option<String>)>) -> Result<Vec<IndexOp>> {
+        if memories.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut texts: Vec<String> = memories.iter().map(|(m, _)| m.text.clone()).collect();
+        texts.extend(
+            memories
+                .iter()
+                .filter_map(|(m, p)| p.as_ref().map(|p| turns::in_context(p, &m.text))),
+        );
+        let wanted = texts.len();
+        let embeddings = self.embedder.embed(texts, Purpose::Document).await?;
+        if embeddings.vectors.len() != wanted {
+            return Err(Error::internal(format!(
+                "embedding service returned {} vectors for {wanted} texts",
+                embeddings.vectors.len(),
+            )));
+        }
+        let mut vectors = embeddings.vectors;
+        let mut in_context = vectors.split_off(memories.len()).into_iter();
+        Ok(memories
+            .into_iter()
+            .zip(vectors)
+            .map(|((memory, previous), own)| {
+                // One in-context vector follows for each turn with a previous one, in order.
+                let dense = match previous.and_then(|_| in_context.next()) {
+                    Some(with_previous) => turns::combine(&own, &with_previous),
+                    None => own,
+                };
+                IndexOp::Upsert(Box::new(IndexedMemory { memory, dense }))
+            })
+            .collect())
+    }
+
+    /// Apply an update now: the stored memory, patched, embedded again (and the turn after
+    /// it, when its text or place changed: that turn was embedded with it).
+    pub(crate) async fn apply_update(
+        &self,
+        tenant: &TenantId,
+        command: UpdateCommand,
+    ) -> Result<Memory> {
+        let stored = self.stored(tenant, command.id).await?;
+        let mut memory = stored.clone();
+        memory.apply_patch(command.patch, Timestamp::now());
+        let moved = memory.scope != stored.scope || memory.kind != stored.kind;
+        let changed = if moved || memory.text != stored.text {
+            let stays = (!moved).then(|| memory.text.clone());
+            vec![(stored, stays)]
+        } else {
+            Vec::new()
+        };
+        let removed = if moved {
+            HashSet::from([memory.id])
+        } else {
+            HashSet::new()
+        };
+        let following = turns::following(&*self.index, tenant, &changed, &removed).await?;
+        // The index keeps no vectors we can read back, so the (possibly unchanged) text is
+        // embedded again; the embedding cache makes that cheap for unchanged text.
+        let previous = turns::previous_texts(&*self.index, tenant, std::slice::from_ref(&memory))
+            .await?
+            .pop()
+            .flatten();
+        let mut upserts = vec![(memory.clone(), previous)];
+        upserts.extend(following.into_iter().map(|f| (f.turn, f.previous)));
+        let ops = self.upserts(upserts).await?;
+        self.index.apply(tenant, IndexWrites { ops }).await?;
+        Ok(memory)
+    }
+
+    /// Apply a forget now; how many memories it deleted. Forgetting turns by id embeds the
+    /// turns after them again first, without them (one apply: a retry finds the same turns).
+    pub(crate) async fn apply_forget(
+        &self,
+        tenant: &TenantId,
+        target: ForgetTarget,
+    ) -> Result<u64> {
+        let ops = match target {
+            ForgetTarget::Ids(ids) => {
+                let removed: HashSet<MemoryId> = ids.iter().copied().collect();
+                let changed: Vec<(Memory, Option<String>)> = self
+                    .stored_of(tenant, ids.clone())
+                    .await?
+                    .into_iter()
+                    .map(|m| (m, None))
+                    .collect();
+                let following = turns::following(&*self.index, tenant, &changed, &removed).await?;
+                let mut ops = self
+                    .upserts(
+                        following
+                            .into_iter()
+                            .map(|f| (f.turn, f.previous))
+                            .collect(),
+                    )
+                    .await?;
+                ops.push(IndexOp::DeleteIds(ids));
+                ops
+            }
+            ForgetTarget::Scope(scope) => vec![IndexOp::DeleteScope(scope)],
+        };
+        let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
+        Ok(outcome.deleted)
+    }
+}
