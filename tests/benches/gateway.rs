@@ -77,13 +77,7 @@ fn main() -> ExitCode {
 
         // The gateway's own client of retrieval: balanced channel, client metrics and trace
         // layer, deadline propagation, domain conversion.
-        let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
-        let peer = engram_runtime::rpc::IndexClient::connect(
-            &peers,
-            "retrieval",
-            &format!("http://{}", sandbox.addrs.retrieval),
-        )
-        .unwrap();
+        let peer = sandbox.index();
         let query =
             engram_domain::validate::recall(recall.clone(), &engram_domain::Limits::default())
                 .unwrap();

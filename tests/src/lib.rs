@@ -245,6 +245,17 @@ impl Sandbox {
         }
     }
 
+    /// A client of the sandbox's retrieval service, as the other services have one.
+    pub fn index(&self) -> engram_runtime::rpc::IndexClient {
+        let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
+        engram_runtime::rpc::IndexClient::connect(
+            &peers,
+            "retrieval",
+            &format!("http://{}", self.addrs.retrieval),
+        )
+        .unwrap_or_else(|e| panic!("connecting to retrieval: {e}"))
+    }
+
     /// The sandbox's write log (for what only its Redis knows, such as dead letters).
     pub fn write_log(&self) -> engram_writelog::WriteLog {
         engram_writelog::WriteLog::connect("test", &self.redis_url().into(), self.partitions)
@@ -324,6 +335,25 @@ impl Sandbox {
 }
 
 /// `GET path` from an admin server: status and body.
+/// Poll `probe` until it returns `Some`, for at most 30 s.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     engram_telemetry::admin::fetch(addr, path, Duration::from_secs(10))
         .await

@@ -96,7 +96,7 @@ pub fn pool_sized(setting: &str, url: &SecretUrl, size: usize) -> Result<Pool> {
 
 impl Redis {
     pub fn connect(config: RedisConfig, metrics: &Metrics) -> Result<Self> {
-        let pool = pool("ENGRAM_REDIS_URL", &config.url)?;
+        let pool = pool(engram_domain::settings::env::REDIS_URL, &config.url)?;
         let this = Self {
             pool,
             config,

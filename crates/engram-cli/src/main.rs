@@ -137,7 +137,7 @@ enum ModelCommand {
     /// Download the local model (all-MiniLM-L6-v2) if it is not already there, and verify it.
     Fetch {
         /// Where to put it. Default: ~/.cache/engram/models/all-MiniLM-L6-v2.
-        #[arg(long = "model-dir", env = "ENGRAM_MODEL_DIR")]
+        #[arg(long = "model-dir", env = engram_domain::settings::env::MODEL_DIR)]
         dir: Option<std::path::PathBuf>,
     },
 }

@@ -61,7 +61,7 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
     }
     std::fs::create_dir_all(&data_dir).map_err(|e| {
         Error::invalid(
-            "ENGRAM_DATA_DIR",
+            engram_domain::settings::env::DATA_DIR,
             format!("cannot create {}: {e}", data_dir.display()),
         )
     })?;
@@ -168,7 +168,7 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
         .open(&path)
         .map_err(|e| {
             Error::invalid(
-                "ENGRAM_DATA_DIR",
+                engram_domain::settings::env::DATA_DIR,
                 format!("cannot create {}: {e}", path.display()),
             )
         })?;
@@ -180,7 +180,7 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File> {
             path.display()
         ))),
         Err(std::fs::TryLockError::Error(e)) => Err(Error::invalid(
-            "ENGRAM_DATA_DIR",
+            engram_domain::settings::env::DATA_DIR,
             format!("cannot lock {}: {e}", path.display()),
         )),
     }

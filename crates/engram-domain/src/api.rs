@@ -121,7 +121,8 @@ impl WriteFailure {
             Error::Unavailable { .. }
             | Error::DeadlineExceeded(_)
             | Error::ResourceExhausted { .. }
-            | Error::Cancelled(_) => FailureKind::Unavailable,
+            | Error::Cancelled(_)
+            | Error::Aborted(_) => FailureKind::Unavailable,
             Error::FailedPrecondition(_)
             | Error::Unauthenticated(_)
             | Error::PermissionDenied(_)
@@ -347,6 +348,45 @@ pub enum IndexOp {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct IndexWrites {
     pub ops: Vec<IndexOp>,
+    /// The lease they are applied under, for writes from a log; see [`Fence`].
+    pub fence: Option<Fence>,
+}
+
+impl IndexWrites {
+    /// Writes applied on a caller's behalf (no log lease).
+    pub fn new(ops: Vec<IndexOp>) -> Self {
+        Self { ops, fence: None }
+    }
+}
+
+/// Which write log an indexing worker works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogKind {
+    /// Remember, Update and Forget.
+    Write,
+    /// Fact extraction.
+    Extraction,
+}
+
+impl LogKind {
+    /// Its label in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogKind::Write => "write",
+            LogKind::Extraction => "extract",
+        }
+    }
+}
+
+/// The lease under which an indexing worker applies the entries of one log partition. Its
+/// epoch grows each time the lease changes hands; the index refuses an apply under an epoch
+/// older than one it has applied for the same partition ([`Error::Aborted`]), so a worker that
+/// stalled past its lease cannot apply after its successor did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub log: LogKind,
+    pub partition: u32,
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -49,6 +49,10 @@ pub enum Error {
     /// The caller went away.
     #[error("{0}")]
     Cancelled(String),
+    /// A newer holder of the same work took over (a log partition's lease changed hands): this
+    /// caller's work was refused and is its successor's now.
+    #[error("{0}")]
+    Aborted(String),
     /// A bug or a broken invariant; the message is for operators.
     #[error("{0}")]
     Internal(String),
@@ -101,6 +105,7 @@ impl Error {
             Self::Unavailable { .. } => Code::Unavailable,
             Self::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Self::Cancelled(_) => Code::Cancelled,
+            Self::Aborted(_) => Code::Aborted,
             Self::Internal(_) => Code::Internal,
         }
     }
@@ -138,6 +143,7 @@ impl From<Error> for Status {
             | Error::FailedPrecondition(_)
             | Error::DeadlineExceeded(_)
             | Error::Cancelled(_)
+            | Error::Aborted(_)
             | Error::Internal(_) => Status::new(code, message),
         }
     }
@@ -163,7 +169,8 @@ impl From<Status> for Error {
                 reason: message,
                 retry_after: retry_after_of(&status),
             },
-            Code::FailedPrecondition | Code::Aborted | Code::OutOfRange | Code::AlreadyExists => {
+            Code::Aborted => Error::Aborted(message),
+            Code::FailedPrecondition | Code::OutOfRange | Code::AlreadyExists => {
                 Error::FailedPrecondition(message)
             }
             Code::Unavailable => Error::Unavailable {

@@ -15,6 +15,7 @@ pub mod log_entry;
 pub mod model;
 pub mod privacy;
 pub mod secret;
+pub mod settings;
 pub mod validate;
 
 pub use error::{Error, Result};

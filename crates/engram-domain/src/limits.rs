@@ -25,18 +25,15 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_text_bytes: 32 * 1024,
-            max_batch: 1000,
-            max_query_bytes: 4096,
-            max_top_k: 100,
-            max_page_size: 1000,
-        }
+        crate::settings::defaults()
     }
 }
 
 /// Bounds that are part of the API rather than of a deployment.
 pub mod fixed {
+    /// Most partitions a write log may have (ENGRAM_LOG_PARTITIONS); also bounds what the index
+    /// remembers of the partitions' lease epochs.
+    pub const MAX_LOG_PARTITIONS: u32 = 4096;
     pub const MAX_ID_BYTES: usize = 256;
     pub const MAX_ROLE_BYTES: usize = 64;
     pub const MAX_METADATA_ENTRIES: usize = 64;

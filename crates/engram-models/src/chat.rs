@@ -530,16 +530,7 @@ impl ChatPolicyArgs {
 impl Default for ChatModelArgs {
     /// No chat model; the documented defaults otherwise.
     fn default() -> Self {
-        Self {
-            base_url: None,
-            model: "gpt-4o-mini".into(),
-            api_key_env: String::new(),
-            api_key_file: None,
-            connect_timeout: Duration::from_secs(5),
-            idle_timeout: Duration::from_secs(30),
-            tokenizer: TokenizerKind::Auto,
-            policy: ChatPolicyArgs::from_policy(&Policy::default()),
-        }
+        engram_domain::settings::defaults()
     }
 }
 

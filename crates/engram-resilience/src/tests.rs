@@ -229,3 +229,10 @@ fn policy_settings_parse_from_flags() {
     assert_eq!(policy.max_attempts, 2);
     assert_eq!(policy.breaker.cooldown, Duration::from_secs(30));
 }
+
+#[test]
+fn policy_settings_default_to_the_default_policy() {
+    crate::policy_args!(TestPolicyArgs, "test", "TEST");
+    let settings: TestPolicyArgs = engram_domain::settings::defaults();
+    assert_eq!(settings.policy(), Policy::default());
+}

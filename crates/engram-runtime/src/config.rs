@@ -7,17 +7,7 @@ use engram_domain::{Error, Limits, Result};
 
 use engram_domain::parse_duration;
 
-/// A group of settings with every field at its documented default: the `default_value`s of
-/// its clap attributes, the one place a default is written (no flag or environment variable
-/// is read). A group's `Default` is this, so code and `--help` cannot disagree.
-pub fn defaults<T: clap::Args + clap::FromArgMatches>() -> T {
-    let command = T::augment_args(clap::Command::new("defaults").no_binary_name(true))
-        .mut_args(|arg| arg.env(None::<&'static str>));
-    command
-        .try_get_matches_from(std::iter::empty::<String>())
-        .and_then(|matches| T::from_arg_matches(&matches))
-        .unwrap_or_else(|e| unreachable!("a settings group without a default for each field: {e}"))
-}
+pub use engram_domain::settings::{defaults, env};
 
 /// Settings shared by every service. Each binary (and `engram up`, once for all four services)
 /// flattens these into its command line; every field has a flag and an `ENGRAM_*` variable.
@@ -38,7 +28,7 @@ pub struct CommonArgs {
     /// Redis for caches (and the write log), e.g. `redis://127.0.0.1:6379/0`. Unset: caches
     /// are in-process only. `engram up` starts its own Redis when this is unset.
     /// A password in it (`rediss://:PASSWORD@host:6380/0`) is never printed.
-    #[arg(long, env = "ENGRAM_REDIS_URL", hide_env_values = true)]
+    #[arg(long, env = engram_domain::settings::env::REDIS_URL, hide_env_values = true)]
     pub redis_url: Option<engram_domain::SecretUrl>,
     /// Dimension of the embedding model's vectors. The index is created for it and refuses
     /// others; the embedding service checks every provider answer against it.
@@ -185,7 +175,7 @@ pub struct EmbeddingUrl {
     /// a host name is re-resolved to find every replica.
     #[arg(
         long = "embedding-url",
-        env = "ENGRAM_EMBEDDING_URL",
+        env = engram_domain::settings::env::EMBEDDING_URL,
         default_value = "http://127.0.0.1:50054"
     )]
     pub embedding_url: String,
@@ -198,7 +188,7 @@ pub struct RetrievalUrl {
     /// a host name is re-resolved to find every replica.
     #[arg(
         long = "retrieval-url",
-        env = "ENGRAM_RETRIEVAL_URL",
+        env = engram_domain::settings::env::RETRIEVAL_URL,
         default_value = "http://127.0.0.1:50052"
     )]
     pub retrieval_url: String,
@@ -211,7 +201,7 @@ pub struct IngestionUrl {
     /// a host name is re-resolved to find every replica.
     #[arg(
         long = "ingestion-url",
-        env = "ENGRAM_INGESTION_URL",
+        env = engram_domain::settings::env::INGESTION_URL,
         default_value = "http://127.0.0.1:50053"
     )]
     pub ingestion_url: String,

@@ -23,9 +23,11 @@ use engram_domain::api::{
     ListPage, ListQuery, Purpose, RecallQuery, RecallResult, RememberBatch, RememberOutcome,
     UpdateCommand, UpdateOutcome, WriteFailure, WriteState, WriteToken,
 };
+use engram_domain::api::{Fence, LogKind};
 use engram_domain::convert;
 use engram_domain::error::{Error, Result};
 use engram_domain::limits::Limits;
+use engram_domain::limits::fixed::MAX_LOG_PARTITIONS;
 use engram_domain::model::{Scope, TenantId};
 use engram_domain::validate;
 
@@ -262,6 +264,36 @@ fn index_op_from_pb(op: ipb::IndexOp, tenant: &TenantId) -> Result<IndexOp> {
     }
 }
 
+fn fence_from_pb(fence: ipb::Fence) -> Result<Fence> {
+    let log = match ipb::LogKind::try_from(fence.log) {
+        Ok(ipb::LogKind::Write) => LogKind::Write,
+        Ok(ipb::LogKind::Extraction) => LogKind::Extraction,
+        _ => return Err(Error::invalid("fence.log", "must be WRITE or EXTRACTION")),
+    };
+    if fence.partition >= MAX_LOG_PARTITIONS {
+        return Err(Error::invalid(
+            "fence.partition",
+            format!("must be below {MAX_LOG_PARTITIONS}"),
+        ));
+    }
+    Ok(Fence {
+        log,
+        partition: fence.partition,
+        epoch: fence.epoch,
+    })
+}
+
+fn fence_to_pb(fence: Fence) -> ipb::Fence {
+    ipb::Fence {
+        log: match fence.log {
+            LogKind::Write => ipb::LogKind::Write,
+            LogKind::Extraction => ipb::LogKind::Extraction,
+        } as i32,
+        partition: fence.partition,
+        epoch: fence.epoch,
+    }
+}
+
 fn index_op_to_pb(op: IndexOp) -> ipb::IndexOp {
     let op = match op {
         IndexOp::Upsert(u) => {
@@ -344,7 +376,11 @@ impl ipb::index_server::Index for IndexGrpc {
                 index_op_from_pb(op, &tenant).map_err(|e| e.in_field(&format!("ops[{i}]")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let outcome = self.inner.apply(&tenant, IndexWrites { ops }).await?;
+        let fence = request.fence.map(fence_from_pb).transpose()?;
+        let outcome = self
+            .inner
+            .apply(&tenant, IndexWrites { ops, fence })
+            .await?;
         Ok(Response::new(ipb::ApplyResponse {
             upserted: outcome.upserted,
             deleted: outcome.deleted,
@@ -463,6 +499,7 @@ impl Index for IndexClient {
         let request = ipb::ApplyRequest {
             tenant: tenant.to_string(),
             ops: writes.ops.into_iter().map(index_op_to_pb).collect(),
+            fence: writes.fence.map(fence_to_pb),
         };
         let response = self.client.clone().apply(request).await?.into_inner();
         Ok(ApplyOutcome {

@@ -15,6 +15,7 @@ use engram_proto::tonic::transport::server::TcpIncoming;
 use engram_telemetry::{GrpcMetricsLayer, Health, Metrics, TraceLayer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+pub use tokio_util::task::TaskTracker;
 use tonic_health::ServingStatus;
 
 use engram_domain::error::{Error, Result};
@@ -68,6 +69,10 @@ pub struct ServiceRuntime {
     metrics: Metrics,
     admin_stop: Option<oneshot::Sender<()>>,
     admin_task: Option<tokio::task::JoinHandle<()>>,
+    /// Work a request starts and does not wait for (a Converse answer streaming, the
+    /// remembering of a turn): once the server has drained, [`Self::serve`] waits up to the
+    /// drain grace more for it before it returns.
+    tasks: TaskTracker,
 }
 
 impl ServiceRuntime {
@@ -99,7 +104,13 @@ impl ServiceRuntime {
             metrics,
             admin_stop,
             admin_task,
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Where to spawn work that outlives its request; see the field.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
     }
 
     pub fn health(&self) -> &Health {
@@ -190,6 +201,17 @@ impl ServiceRuntime {
                 Ok(())
             }
         };
+        self.tasks.close();
+        if tokio::time::timeout(drain_grace, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                service = self.name,
+                tasks = self.tasks.len(),
+                "stopping with background work unfinished (drain grace elapsed)"
+            );
+        }
         self.health.set_not_ready("stopped");
         health_task.abort();
         self.stop_admin().await;

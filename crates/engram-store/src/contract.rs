@@ -127,19 +127,12 @@ pub async fn search_is_confined_to_tenant_and_user(store: &dyn VectorStore) {
     store
         .apply(
             &a,
-            IndexWrites {
-                ops: vec![upsert(&mine, 1), upsert(&other_user, 1)],
-            },
+            IndexWrites::new(vec![upsert(&mine, 1), upsert(&other_user, 1)]),
         )
         .await
         .unwrap();
     store
-        .apply(
-            &b,
-            IndexWrites {
-                ops: vec![upsert(&other_tenant, 1)],
-            },
-        )
+        .apply(&b, IndexWrites::new(vec![upsert(&other_tenant, 1)]))
         .await
         .unwrap();
     let hits = store
@@ -159,9 +152,7 @@ pub async fn search_is_confined_to_tenant_and_user(store: &dyn VectorStore) {
     let outcome = store
         .apply(
             &a,
-            IndexWrites {
-                ops: vec![IndexOp::DeleteIds(vec![other_tenant.id])],
-            },
+            IndexWrites::new(vec![IndexOp::DeleteIds(vec![other_tenant.id])]),
         )
         .await
         .unwrap();
@@ -178,7 +169,7 @@ pub async fn writes_apply_in_order_and_list_pages_in_creation_order(store: &dyn 
     let mut ops: Vec<IndexOp> = first.iter().map(|m| upsert(m, 0)).collect();
     ops.push(IndexOp::DeleteScope(Scope::user("u")));
     ops.push(upsert(&later, 0));
-    let outcome = store.apply(&t, IndexWrites { ops }).await.unwrap();
+    let outcome = store.apply(&t, IndexWrites::new(ops)).await.unwrap();
     assert_eq!((outcome.upserted, outcome.deleted), (6, 5));
     let (all, next) = store.list(&selection(&t, "u"), 10, None).await.unwrap();
     assert_eq!(all.iter().map(|m| m.id).collect::<Vec<_>>(), vec![later.id]);
@@ -188,9 +179,7 @@ pub async fn writes_apply_in_order_and_list_pages_in_creation_order(store: &dyn 
     store
         .apply(
             &t,
-            IndexWrites {
-                ops: more.iter().map(|m| upsert(m, 2)).collect(),
-            },
+            IndexWrites::new(more.iter().map(|m| upsert(m, 2)).collect()),
         )
         .await
         .unwrap();
@@ -220,9 +209,7 @@ pub async fn filters_select_by_kind_tags_and_time(store: &dyn VectorStore) {
     store
         .apply(
             &t,
-            IndexWrites {
-                ops: vec![upsert(&fact, 0), upsert(&message, 0)],
-            },
+            IndexWrites::new(vec![upsert(&fact, 0), upsert(&message, 0)]),
         )
         .await
         .unwrap();
@@ -309,9 +296,7 @@ pub async fn keyword_search_ranks_rare_shared_terms_first(store: &dyn VectorStor
     store
         .apply(
             &t,
-            IndexWrites {
-                ops: memories.iter().map(|m| upsert(m, 0)).collect(),
-            },
+            IndexWrites::new(memories.iter().map(|m| upsert(m, 0)).collect()),
         )
         .await
         .unwrap();
@@ -355,12 +340,7 @@ pub async fn duplicates_are_found_within_the_exact_scope(store: &dyn VectorStore
     let mut m = memory(&t, "u", "same text");
     m.idempotency_key = "key-1".into();
     store
-        .apply(
-            &t,
-            IndexWrites {
-                ops: vec![upsert(&m, 0)],
-            },
-        )
+        .apply(&t, IndexWrites::new(vec![upsert(&m, 0)]))
         .await
         .unwrap();
     let by_hash = store

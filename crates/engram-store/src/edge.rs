@@ -772,12 +772,7 @@ mod tests {
         let t = tenant("t");
         let m = memory(&t, "u", "kayaking on lake tahoe");
         store
-            .apply(
-                &t,
-                IndexWrites {
-                    ops: vec![upsert(&m, 0)],
-                },
-            )
+            .apply(&t, IndexWrites::new(vec![upsert(&m, 0)]))
             .await
             .unwrap();
         let hits = store
@@ -805,12 +800,7 @@ mod tests {
         let t = tenant("t");
         let m = memory(&t, "u", "durable");
         store
-            .apply(
-                &t,
-                IndexWrites {
-                    ops: vec![upsert(&m, 3)],
-                },
-            )
+            .apply(&t, IndexWrites::new(vec![upsert(&m, 3)]))
             .await
             .unwrap();
         println!("acknowledged={}", m.id);
@@ -854,7 +844,7 @@ mod tests {
             dense: vec![1.0; DIM + 1],
         }));
         let err = store
-            .apply(&t, IndexWrites { ops: vec![wrong] })
+            .apply(&t, IndexWrites::new(vec![wrong]))
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::DimensionMismatch { .. }), "{err}");
@@ -895,7 +885,7 @@ mod tests {
                         .map(|i| upsert(&memory(&t, "u", &format!("m {round} {i}")), i))
                         .collect();
                     written += store
-                        .apply(&t, IndexWrites { ops: batch })
+                        .apply(&t, IndexWrites::new(batch))
                         .await
                         .unwrap()
                         .upserted;

@@ -59,20 +59,82 @@ end
 return out
 ";
 
-/// Take the lease if free or already ours; ARGV: owner, ttl ms.
+/// Take the lease if free, or renew it if ours; the lease holds `<owner> <epoch>`, and the
+/// epoch (KEYS[2]) grows each time the lease changes hands. ARGV: owner, ttl ms. Returns the
+/// epoch the lease is held under, or 0 if another owner holds it.
 const LEASE: &str = r"
 local holder = redis.call('GET', KEYS[1])
-if holder == false or holder == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
+if holder then
+  local owner, epoch = string.match(holder, '^(%S+) (%d+)$')
+  if owner == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(epoch)
+  end
+  return 0
 end
-return 0
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. epoch, 'PX', ARGV[2])
+return epoch
 ";
 
 /// Give the lease up if ours; ARGV: owner.
 const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local holder = redis.call('GET', KEYS[1])
+if holder and string.match(holder, '^(%S+) ') == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+";
+
+/// Finish entries, if the lease's epoch (KEYS[1]) is still ARGV[1]: a worker whose lease moved
+/// on may not finish anything. KEYS: epoch, stream, outcomes, failures, watermark. ARGV: epoch,
+/// last entry, group, outcome TTL, reservation TTL, n, the n entry ids, m, m pairs of (entry
+/// id, encoded outcome), then the reservations whose end starts now. The watermark only moves
+/// forward. Returns 1, or 0 when fenced out.
+const FINISH: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local function parse(id)
+  local ms, seq = string.match(id or '', '^(%d+)-(%d+)$')
+  if not ms then return nil end
+  return tonumber(ms), tonumber(seq)
+end
+local last, group, outcome_ttl, reservation_ttl = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local n = tonumber(ARGV[6])
+local i = 7
+local ids = {}
+for j = 1, n do ids[j] = ARGV[i]; i = i + 1 end
+local m = tonumber(ARGV[i]); i = i + 1
+for j = 1, m do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+if m > 0 then redis.call('EXPIRE', KEYS[3], outcome_ttl) end
+if n > 0 then
+  redis.call('XACK', KEYS[2], group, unpack(ids))
+  redis.call('HDEL', KEYS[4], unpack(ids))
+end
+local mark = redis.call('GET', KEYS[5])
+local l1, l2 = parse(last)
+local m1, m2 = parse(mark)
+if not m1 or l1 > m1 or (l1 == m1 and l2 > m2) then
+  redis.call('SET', KEYS[5], last)
+  m1, m2 = l1, l2
+  mark = last
+end
+for j = i, #ARGV do redis.call('EXPIRE', ARGV[j], reservation_ttl) end
+-- Entries up to the watermark are applied and acknowledged: the stream's length is the backlog.
+local ms = string.match(mark, '^(%d+)-')
+redis.call('XTRIM', KEYS[2], 'MINID', ms .. '-' .. string.format('%d', m2 + 1))
+return 1
+";
+
+/// Dead-letter an entry, if the lease's epoch (KEYS[1]) is still ARGV[1]. KEYS: epoch, the
+/// dead-letter stream. ARGV: epoch, partition, entry, reason, payload, then the reservations to
+/// drop (a failed write must not stand in the way of the same write made again). Returns 1, or
+/// 0 when fenced out.
+const DEAD_LETTER_ENTRY: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('XADD', KEYS[2], '*', 'partition', ARGV[2], 'entry', ARGV[3], 'reason', ARGV[4], 'op', ARGV[5])
+for j = 6, #ARGV do redis.call('DEL', ARGV[j]) end
+return 1
 ";
 
 /// See [`WriteLog::depth`].
@@ -217,6 +279,17 @@ fn consumer(partition: u32) -> String {
     format!("p{partition}")
 }
 
+/// A fenced script's answer: 1 done, 0 refused because the lease moved on from `epoch`.
+fn fenced(answer: i64, partition: u32, epoch: u64) -> Result<()> {
+    if answer == 1 {
+        Ok(())
+    } else {
+        Err(Error::Aborted(format!(
+            "the lease of write log partition {partition} moved on from epoch {epoch}: a newer worker finishes its entries"
+        )))
+    }
+}
+
 fn unavailable(e: impl std::fmt::Display) -> Error {
     Error::unavailable(format!("the write log (Redis) is unavailable: {e}"))
 }
@@ -240,6 +313,10 @@ impl WriteLog {
 
     fn lease_key(&self, partition: u32) -> String {
         format!("{}:{partition}:lease", self.prefix)
+    }
+
+    fn epoch_key(&self, partition: u32) -> String {
+        format!("{}:{partition}:epoch", self.prefix)
     }
 
     /// The same Redis and partitioning under another key prefix: a second log with its own
@@ -428,20 +505,22 @@ impl WriteLog {
         }
     }
 
-    /// Take or renew the lease of `partition` for `owner`.
-    pub async fn lease(&self, partition: u32, owner: &str, ttl: Duration) -> Result<bool> {
+    /// Take or renew the lease of `partition` for `owner`: the epoch it is held under (see
+    /// [`Fence`](engram_domain::api::Fence)), or None while another owner holds it.
+    pub async fn lease(&self, partition: u32, owner: &str, ttl: Duration) -> Result<Option<u64>> {
         let owner = owner.to_string();
-        let taken: i64 = self
+        let epoch: u64 = self
             .run(|mut conn| async move {
                 redis::Script::new(LEASE)
                     .key(self.lease_key(partition))
+                    .key(self.epoch_key(partition))
                     .arg(owner)
                     .arg(ttl.as_millis() as u64)
                     .invoke_async(&mut conn)
                     .await
             })
             .await?;
-        Ok(taken == 1)
+        Ok((epoch > 0).then_some(epoch))
     }
 
     pub async fn release(&self, partition: u32, owner: &str) -> Result<()> {
@@ -542,88 +621,83 @@ impl WriteLog {
     }
 
     /// Record that the entries in `done` (in log order) are finished: outcomes, acknowledgement,
-    /// the watermark, the end of their de-duplication reservations, and trimming.
+    /// the watermark (which only moves forward), the end of their de-duplication reservations,
+    /// and trimming — unless the lease moved on from `epoch`, which is [`Error::Aborted`].
     pub async fn finish(
         &self,
         partition: u32,
+        epoch: u64,
         done: &[(EntryId, Done)],
         reservations: &[String],
     ) -> Result<()> {
         let Some((last, _)) = done.last() else {
             return Ok(());
         };
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for (id, outcome) in done {
-            let kept = match outcome {
-                Done::Applied => continue,
-                Done::Forgot(n) => Outcome::Forgot(*n),
-                Done::Failed(failure) => Outcome::Failed(failure.clone()),
-            };
-            pipe.hset(self.outcome_key(partition), id.to_string(), kept.encode())
-                .ignore();
-        }
-        if done.iter().any(|(_, d)| !matches!(d, Done::Applied)) {
-            pipe.expire(self.outcome_key(partition), OUTCOME_TTL_SECS as i64)
-                .ignore();
-        }
-        let mut ack = redis::cmd("XACK");
-        ack.arg(self.stream(partition)).arg(GROUP);
+        let script = redis::Script::new(FINISH);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.epoch_key(partition))
+            .key(self.stream(partition))
+            .key(self.outcome_key(partition))
+            .key(self.failures_key(partition))
+            .key(self.watermark_key(partition))
+            .arg(epoch)
+            .arg(last.to_string())
+            .arg(GROUP)
+            .arg(OUTCOME_TTL_SECS)
+            .arg(RESERVATION_TTL_SECS)
+            .arg(done.len());
         for (id, _) in done {
-            ack.arg(id.to_string());
+            invocation.arg(id.to_string());
         }
-        pipe.add_command(ack).ignore();
-        let mut forget_failures = redis::cmd("HDEL");
-        forget_failures.arg(self.failures_key(partition));
-        for (id, _) in done {
-            forget_failures.arg(id.to_string());
+        let kept: Vec<(EntryId, Outcome)> = done
+            .iter()
+            .filter_map(|(id, outcome)| match outcome {
+                Done::Applied => None,
+                Done::Forgot(n) => Some((*id, Outcome::Forgot(*n))),
+                Done::Failed(failure) => Some((*id, Outcome::Failed(failure.clone()))),
+            })
+            .collect();
+        invocation.arg(kept.len());
+        for (id, outcome) in &kept {
+            invocation.arg(id.to_string()).arg(outcome.encode());
         }
-        pipe.add_command(forget_failures).ignore();
-        pipe.set(self.watermark_key(partition), last.to_string())
-            .ignore();
         for key in reservations {
-            pipe.expire(key, RESERVATION_TTL_SECS as i64).ignore();
+            invocation.arg(key);
         }
-        // Entries before the watermark are applied and acknowledged: the stream's length is the
-        // backlog.
-        pipe.cmd("XTRIM")
-            .arg(self.stream(partition))
-            .arg("MINID")
-            .arg(format!("{}-{}", last.ms, last.seq + 1))
-            .ignore();
-        let batch = pipe.clone();
-        self.run(|mut conn| async move { batch.query_async::<()>(&mut conn).await })
-            .await
+        let finished: i64 = self
+            .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        fenced(finished, partition, epoch)
     }
 
-    /// Keep a failed entry, with why, in the dead-letter stream.
+    /// Keep a failed entry, with why, in the dead-letter stream (unless the lease moved on from
+    /// `epoch`: [`Error::Aborted`]).
     pub async fn dead_letter(
         &self,
         partition: u32,
+        epoch: u64,
         entry: &Entry,
         reason: &str,
         reservations: &[String],
     ) -> Result<()> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("XADD")
-            .arg(DEAD_LETTER)
-            .arg("*")
-            .arg("partition")
+        let script = redis::Script::new(DEAD_LETTER_ENTRY);
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.epoch_key(partition))
+            .key(DEAD_LETTER)
+            .arg(epoch)
             .arg(partition)
-            .arg("entry")
             .arg(entry.id.to_string())
-            .arg("reason")
             .arg(reason)
-            .arg("op")
-            .arg(entry.payload.as_deref().unwrap_or_default())
-            .ignore();
-        // A failed write must not stand in the way of the same write made again.
+            .arg(entry.payload.as_deref().unwrap_or_default());
         for key in reservations {
-            pipe.del(key).ignore();
+            invocation.arg(key);
         }
-        self.run(|mut conn| async move { pipe.query_async::<()>(&mut conn).await })
-            .await
+        let kept: i64 = self
+            .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await?;
+        fenced(kept, partition, epoch)
     }
 
     /// How deep `partition` is: entries not yet applied (its lag: applied entries are trimmed),

@@ -55,7 +55,7 @@ pub struct EmbeddingArgs {
     pub provider: ProviderKind,
     /// Directory of the local model (config.json, tokenizer.json, model.safetensors); fetched
     /// there on first start if missing. Default: ~/.cache/engram/models/all-MiniLM-L6-v2.
-    #[arg(long = "model-dir", env = "ENGRAM_MODEL_DIR", value_parser = engram_domain::absolute_path)]
+    #[arg(long = "model-dir", env = engram_domain::settings::env::MODEL_DIR, value_parser = engram_domain::absolute_path)]
     pub model_dir: Option<PathBuf>,
     /// Inference threads of the local model; 0 means one per core.
     #[arg(
@@ -208,7 +208,7 @@ impl Config {
     pub fn for_test() -> Self {
         Self {
             provider: ProviderConfig::Local {
-                model_dir: std::env::var_os("ENGRAM_MODEL_DIR")
+                model_dir: std::env::var_os(engram_domain::settings::env::MODEL_DIR)
                     .map(PathBuf::from)
                     .unwrap_or_else(fetch::default_model_dir),
                 options: LocalOptions::default(),

@@ -263,6 +263,10 @@ impl KeyStore {
     }
 }
 
+#[allow(
+    clippy::disallowed_methods,
+    reason = "read once at start-up, then only from the reload task's spawn_blocking"
+)]
 fn read_file(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| {
         Error::invalid(
@@ -305,6 +309,7 @@ pub fn new_key(name: &str, tenant: &TenantId, role: Role) -> (String, String) {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods, reason = "synchronous tests")]
 mod tests {
     use super::*;
 

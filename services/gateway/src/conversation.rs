@@ -29,6 +29,7 @@ use engram_models::{ChatChunk, ChatMessage, ChatModel, ChatRequest, TokenCounter
 use engram_proto::tonic::{Request, Response, Status};
 use engram_proto::v1 as pb;
 use engram_proto::v1::chat_service_server::ChatService;
+use engram_runtime::server::TaskTracker;
 use futures::Stream;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -56,6 +57,9 @@ pub struct Chat {
     pub streams: TenantStreams,
     /// Longest a Converse may last (ENGRAM_CONVERSE_MAX_DURATION).
     pub max_duration: Duration,
+    /// The service's background work (a turn being answered, then remembered), which a
+    /// stopping gateway waits for.
+    pub tasks: TaskTracker,
 }
 
 /// How many Converse streams each tenant has open, against a cap per tenant. Tenants come from
@@ -206,7 +210,8 @@ impl ChatService for ChatEndpoint {
             timings,
             events,
         };
-        tokio::spawn(async move {
+        let tasks = chat.tasks.clone();
+        tasks.spawn(async move {
             // Every wait inside is bounded by `ends`; this bounds the rest (recall, opening the
             // model's stream) too.
             let _ = tokio::time::timeout_at(ends + WIND_DOWN, chat.run(turn)).await;
@@ -481,7 +486,7 @@ impl Chat {
         };
         let ingestion = Arc::clone(&self.ingestion);
         let tenant = turn.tenant.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = ingestion.submit(&tenant, batch).await {
                 tracing::warn!(error = %e, "could not remember a Converse turn");
             }

@@ -164,18 +164,7 @@ impl Default for EdgeArgs {
     fn default() -> Self {
         Self {
             auth: Some(AuthMode::Off),
-            api_keys_file: None,
-            api_keys: None,
-            api_keys_reload: Duration::from_secs(5),
-            rate_limit: 1000.0,
-            rate_burst: None,
-            max_in_flight: 512,
-            default_deadline: Duration::from_secs(10),
-            rpc_deadlines: String::new(),
-            max_message_bytes: MAX_PUBLIC_MESSAGE_BYTES,
-            converse_max_streams: 4,
-            converse_max_duration: Duration::from_secs(300),
-            context_min_relevance: context::MIN_RELEVANCE,
+            ..engram_runtime::config::defaults()
         }
     }
 }
@@ -373,12 +362,12 @@ pub async fn serve(
     let peers = runtime.peers(&config.common);
     let index: Arc<dyn Index> = Arc::new(rpc::IndexClient::connect(
         &peers,
-        "ENGRAM_RETRIEVAL_URL",
+        engram_domain::settings::env::RETRIEVAL_URL,
         &config.retrieval_url,
     )?);
     let ingestion: Arc<dyn Ingestion> = Arc::new(rpc::IngestionClient::connect(
         &peers,
-        "ENGRAM_INGESTION_URL",
+        engram_domain::settings::env::INGESTION_URL,
         &config.ingestion_url,
     )?);
     match &edge.keys {
@@ -431,6 +420,7 @@ pub async fn serve(
         metrics: conversation::ConverseMetrics::new(runtime.metrics()),
         streams: conversation::TenantStreams::new(config.edge.converse_max_streams),
         max_duration: config.edge.converse_max_duration,
+        tasks: runtime.tasks().clone(),
     });
     let gateway = Gateway {
         index,

@@ -78,7 +78,7 @@ impl Pipeline {
                 Err(AppendError::Unavailable(reason)) => self.degraded(&reason)?,
             }
         }
-        let memory = self.apply_update(tenant, command).await?;
+        let memory = self.apply_update(tenant, command, None).await?;
         Ok(UpdateOutcome {
             memory,
             write_token: WriteToken::Indexed,
@@ -91,7 +91,7 @@ impl Pipeline {
         target: ForgetTarget,
     ) -> Result<ForgetOutcome> {
         let Some(logs) = &self.logs else {
-            let forgotten = self.apply_forget(tenant, target).await?;
+            let forgotten = self.apply_forget(tenant, target, None).await?;
             return Ok(ForgetOutcome {
                 forgotten,
                 write_token: WriteToken::Indexed,
@@ -156,7 +156,7 @@ impl Pipeline {
                 Err(AppendError::Lag { backlog }) => return Err(lag_error(backlog)),
                 Err(AppendError::Unavailable(reason)) => {
                     self.degraded(&reason)?;
-                    forgotten.count += self.apply_forget(tenant, part).await?;
+                    forgotten.count += self.apply_forget(tenant, part, None).await?;
                     forgotten.logged = false;
                 }
             }

@@ -116,10 +116,11 @@ pub struct IngestionArgs {
 
 impl engram_runtime::server::CheckArgs for IngestionArgs {
     fn check(&self) -> Result<()> {
-        if self.log.partitions == 0 {
+        let most = engram_domain::limits::fixed::MAX_LOG_PARTITIONS;
+        if self.log.partitions == 0 || self.log.partitions > most {
             return Err(Error::invalid(
                 "ENGRAM_LOG_PARTITIONS",
-                "must be at least 1",
+                format!("must be between 1 and {most}"),
             ));
         }
         self.chat.check().map_err(Error::from)

@@ -28,7 +28,7 @@ impl Pipeline {
             .filter(|(i, _)| resolutions[*i] == Resolution::New)
             .map(|(i, input)| Memory::from_input(ids[i], tenant.clone(), scope.clone(), input, now))
             .collect();
-        self.embed_and_apply(&tenant, new_memories).await?;
+        self.embed_and_apply(&tenant, new_memories, None).await?;
         Ok(RememberOutcome {
             results,
             write_token: WriteToken::Indexed,

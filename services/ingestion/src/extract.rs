@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use engram_domain::api::RecallQuery;
+use engram_domain::api::{Fence, RecallQuery};
 use engram_domain::model::{
     Filter, Kind, Memory, MemoryId, NewMemory, Scope, SearchMode, TenantId, Timestamp,
 };
@@ -95,7 +95,12 @@ fn fact_key(source: MemoryId, fact: &str) -> String {
 
 impl Pipeline {
     /// Extract the facts of `source` and store the new ones; how many were stored.
-    pub(crate) async fn extract_facts(&self, tenant: &TenantId, source: &Memory) -> Result<u64> {
+    pub(crate) async fn extract_facts(
+        &self,
+        tenant: &TenantId,
+        source: &Memory,
+        fence: Option<Fence>,
+    ) -> Result<u64> {
         let Some(chat) = &self.chat else {
             return Err(Error::FailedPrecondition(
                 "fact extraction needs a chat model: set ENGRAM_CHAT_BASE_URL on the ingestion service".into(),
@@ -185,7 +190,7 @@ impl Pipeline {
                 now,
             ));
         }
-        self.embed_and_apply(tenant, memories).await
+        self.embed_and_apply(tenant, memories, fence).await
     }
 
     /// Whether a fact of the scope says (nearly) the same already.

@@ -1,11 +1,12 @@
 //! Writes applied to the index: memories embedded (turns with the turn before them, see
 //! [`crate::turns`]) and upserted, updates, forgets. The workers apply logged writes with
-//! these; without a log (or while it is away) the write path calls them directly.
+//! these, fenced by their partition's lease; without a log (or while it is away) the write
+//! path calls them directly, unfenced.
 
 use std::collections::HashSet;
 
 use engram_domain::api::{
-    ForgetTarget, IndexOp, IndexWrites, IndexedMemory, Purpose, UpdateCommand,
+    Fence, ForgetTarget, IndexOp, IndexWrites, IndexedMemory, Purpose, UpdateCommand,
 };
 use engram_domain::model::{Memory, MemoryId, TenantId, Timestamp};
 use engram_domain::{Error, Result};
@@ -19,6 +20,7 @@ impl Pipeline {
         &self,
         tenant: &TenantId,
         memories: Vec<Memory>,
+        fence: Option<Fence>,
     ) -> Result<u64> {
         if memories.is_empty() {
             return Ok(0);
@@ -27,7 +29,7 @@ impl Pipeline {
         let ops = self
             .upserts(memories.into_iter().zip(previous).collect())
             .await?;
-        let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
+        let outcome = self.index.apply(tenant, IndexWrites { ops, fence }).await?;
         Ok(outcome.upserted)
     }
 
@@ -73,6 +75,7 @@ impl Pipeline {
         &self,
         tenant: &TenantId,
         command: UpdateCommand,
+        fence: Option<Fence>,
     ) -> Result<Memory> {
         let stored = self.stored(tenant, command.id).await?;
         let mut memory = stored.clone();
@@ -99,7 +102,7 @@ impl Pipeline {
         let mut upserts = vec![(memory.clone(), previous)];
         upserts.extend(following.into_iter().map(|f| (f.turn, f.previous)));
         let ops = self.upserts(upserts).await?;
-        self.index.apply(tenant, IndexWrites { ops }).await?;
+        self.index.apply(tenant, IndexWrites { ops, fence }).await?;
         Ok(memory)
     }
 
@@ -109,6 +112,7 @@ impl Pipeline {
         &self,
         tenant: &TenantId,
         target: ForgetTarget,
+        fence: Option<Fence>,
     ) -> Result<u64> {
         let ops = match target {
             ForgetTarget::Ids(ids) => {
@@ -133,7 +137,7 @@ impl Pipeline {
             }
             ForgetTarget::Scope(scope) => vec![IndexOp::DeleteScope(scope)],
         };
-        let outcome = self.index.apply(tenant, IndexWrites { ops }).await?;
+        let outcome = self.index.apply(tenant, IndexWrites { ops, fence }).await?;
         Ok(outcome.deleted)
     }
 }

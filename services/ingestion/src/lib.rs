@@ -24,8 +24,9 @@ mod turns;
 pub mod worker;
 
 pub use config::{Config, IngestionArgs, IngestionPeers, Listen, LogArgs};
+pub use engram_domain::api::LogKind;
 pub use pipeline::{EXTRACTION_LOG, Logs, Pipeline};
-pub use worker::{LogKind, Workers};
+pub use worker::Workers;
 
 use std::sync::Arc;
 
@@ -84,7 +85,7 @@ pub fn start_workers(config: &Config, metrics: &Metrics) -> Result<Option<Worker
 /// Drop every partition lease of the write and extraction logs on the Redis at `url`: see
 /// [`WriteLog::break_leases`]; only for a Redis no other live process uses.
 pub async fn break_stale_leases(url: &engram_domain::SecretUrl, partitions: u32) -> Result<()> {
-    let log = WriteLog::connect("ENGRAM_REDIS_URL", url, partitions)?;
+    let log = WriteLog::connect(engram_domain::settings::env::REDIS_URL, url, partitions)?;
     log.break_leases().await?;
     log.with_prefix(EXTRACTION_LOG).break_leases().await
 }

@@ -16,7 +16,8 @@ use engram_writelog::WriteLog;
 
 use crate::config::{Config, LogArgs};
 use crate::guard::Guard;
-use crate::worker::{self, LogKind, Workers};
+use crate::worker::{self, Workers};
+use engram_domain::api::LogKind;
 
 /// Key prefix of the extraction log.
 pub const EXTRACTION_LOG: &str = "engram:extract";
@@ -67,19 +68,23 @@ impl Pipeline {
         let peers = rpc::Peers::new(&config.common, metrics);
         let embedder = Arc::new(rpc::EmbedderClient::connect(
             &peers,
-            "ENGRAM_EMBEDDING_URL",
+            engram_domain::settings::env::EMBEDDING_URL,
             &config.embedding_url,
         )?);
         let index = Arc::new(rpc::IndexClient::connect(
             &peers,
-            "ENGRAM_RETRIEVAL_URL",
+            engram_domain::settings::env::RETRIEVAL_URL,
             &config.retrieval_url,
         )?);
         let mut pipeline = Self::new(embedder, index);
         pipeline.metrics = Some(worker::LogMetrics::new(metrics));
         match &config.common.redis_url {
             Some(url) => {
-                let write = WriteLog::connect("ENGRAM_REDIS_URL", url, config.log.partitions)?;
+                let write = WriteLog::connect(
+                    engram_domain::settings::env::REDIS_URL,
+                    url,
+                    config.log.partitions,
+                )?;
                 pipeline.logs = Some(Logs {
                     extraction: write.clone().with_prefix(EXTRACTION_LOG),
                     write,

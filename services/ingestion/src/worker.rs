@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument as _;
 
-use engram_domain::api::{LogOp, LoggedWrite, WriteFailure};
+use engram_domain::api::{Fence, LogKind, LogOp, LoggedWrite, WriteFailure};
 use engram_domain::error::Code;
 use engram_domain::limits::Limits;
 use engram_domain::model::Timestamp;
@@ -38,22 +38,6 @@ struct PartitionLabels {
     partition: u32,
 }
 
-/// Which log a worker works.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LogKind {
-    Write,
-    Extraction,
-}
-
-impl LogKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            LogKind::Write => "write",
-            LogKind::Extraction => "extract",
-        }
-    }
-}
-
 /// The write log's metrics.
 #[derive(Clone)]
 pub struct LogMetrics {
@@ -64,6 +48,7 @@ pub struct LogMetrics {
     pub(crate) extraction_lost: Counter,
     reclaimed: Counter,
     dead_lettered: Counter,
+    fenced: Counter,
     batch_size: Histogram,
     to_indexed: Histogram,
 }
@@ -78,6 +63,7 @@ impl LogMetrics {
             extraction_lost: Counter::default(),
             reclaimed: Counter::default(),
             dead_lettered: Counter::default(),
+            fenced: Counter::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             to_indexed: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
         };
@@ -106,6 +92,11 @@ impl LogMetrics {
                 "engram_log_dead_lettered_entries",
                 "Entries moved to the dead-letter stream",
                 &this.dead_lettered,
+            ),
+            (
+                "engram_log_fenced_steps",
+                "Indexing steps abandoned because the partition's lease moved to another worker while they ran (a stall longer than ENGRAM_LOG_CLAIM_IDLE)",
+                &this.fenced,
             ),
         ] {
             metrics.register(name, help, metric.clone());
@@ -249,6 +240,23 @@ fn runs(decoded: &[Result<LoggedWrite>], pace: Pace) -> Vec<std::ops::Range<usiz
     runs
 }
 
+/// The lease a step works under.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// Its epoch: what the step's applies, dead letters and finish are fenced with.
+    epoch: u64,
+    tenure: Tenure,
+}
+
+/// Whether this step is the first since the partition's lease was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tenure {
+    /// Just taken: entries already delivered were another worker's (reclaimed).
+    Taken,
+    /// Held since an earlier step: delivered entries are this worker's own retries.
+    Continued,
+}
+
 /// What a failed run leads to.
 enum AfterFailure {
     /// Stop the step and try again later.
@@ -261,8 +269,8 @@ impl PartitionWorker {
     async fn run(self, mut stopping: watch::Receiver<bool>) {
         let p = self.partition;
         let lease_ttl = self.args.claim_idle.max(Duration::from_millis(300));
-        let mut owned = false;
-        let mut fresh = false;
+        let mut owned: Option<u64> = None;
+        let mut tenure = Tenure::Continued;
         let mut pause = Duration::ZERO;
         while !*stopping.borrow() {
             if !pause.is_zero() {
@@ -271,66 +279,75 @@ impl PartitionWorker {
                     _ = stopping.changed() => break,
                 }
             }
-            match self.log.lease(p, &self.owner, lease_ttl).await {
-                Ok(true) => {
-                    if !owned {
-                        owned = true;
-                        fresh = true;
+            let epoch = match self.log.lease(p, &self.owner, lease_ttl).await {
+                Ok(Some(epoch)) => {
+                    if owned != Some(epoch) {
+                        owned = Some(epoch);
+                        tenure = Tenure::Taken;
                         if let Err(e) = self.log.ensure_group(p).await {
                             tracing::warn!(partition = p, error = %e, "write log group");
+                            owned = None;
                             pause = Duration::from_millis(500);
                             continue;
                         }
                     }
+                    epoch
                 }
-                Ok(false) => {
-                    owned = false;
+                Ok(None) => {
+                    owned = None;
                     pause = lease_ttl / 3;
                     continue;
                 }
                 Err(e) => {
                     tracing::debug!(partition = p, error = %e, "write log lease");
-                    owned = false;
+                    owned = None;
                     pause = Duration::from_millis(500);
                     continue;
                 }
-            }
+            };
             // After a failure, entries are tried carefully: one at a time, each after a probe.
             let pace = if pause.is_zero() {
                 Pace::Batched
             } else {
                 Pace::Careful
             };
-            pause = match self.step(lease_ttl / 3, pace, fresh).await {
+            let lease = Lease { epoch, tenure };
+            pause = match self.step(lease_ttl / 3, pace, lease).await {
                 Ok(true) => Duration::ZERO,
                 // Try again later, backing off while it keeps failing.
                 Ok(false) => (pause * 2).clamp(RETRY_MIN, RETRY_MAX),
+                Err(Error::Aborted(reason)) => {
+                    // Stalled past the lease: a newer worker has the partition and its entries.
+                    tracing::warn!(partition = p, log = self.kind.as_str(), %reason, "indexing step abandoned: the partition's lease moved on");
+                    self.metrics.fenced.inc();
+                    owned = None;
+                    Duration::ZERO
+                }
                 Err(e) => {
                     tracing::warn!(partition = p, log = self.kind.as_str(), error = %e, "indexing from the write log");
                     // Redis may have lost the stream's consumer group (a flush, a restart
                     // without persistence): make sure of it again before the next read.
-                    owned = false;
+                    owned = None;
                     (pause * 2).clamp(RETRY_MIN, RETRY_MAX)
                 }
             };
-            fresh = false;
+            tenure = Tenure::Continued;
         }
-        if owned {
+        if owned.is_some() {
             let _ = self.log.release(p, &self.owner).await;
         }
     }
 
     /// Read and index one batch, waiting up to `block` for entries. Ok(false): stopped on a
-    /// failure worth retrying later. `fresh`: the lease was just taken, so entries already
-    /// delivered were another worker's.
-    async fn step(&self, block: Duration, pace: Pace, fresh: bool) -> Result<bool> {
+    /// failure worth retrying later.
+    async fn step(&self, block: Duration, pace: Pace, lease: Lease) -> Result<bool> {
         let p = self.partition;
         let max = self.args.batch_max.max(1);
         // Entries delivered before and never acknowledged (this worker's failed step, or a
         // worker that died) come first, in order.
         let mut entries = self.log.read(p, max, Read::Pending).await?;
         if !entries.is_empty() {
-            if fresh {
+            if lease.tenure == Tenure::Taken {
                 self.metrics.reclaimed.inc_by(entries.len() as u64);
             }
         } else {
@@ -362,7 +379,7 @@ impl PartitionWorker {
             return Ok(true);
         }
         self.metrics.batch_size.observe(entries.len() as f64);
-        self.index(entries, pace).await
+        self.index(entries, pace, lease.epoch).await
     }
 
     /// Sample the partition's depth into the metrics, once a second at most.
@@ -393,8 +410,13 @@ impl PartitionWorker {
     /// goes after the pipeline proved healthy — by a probe, or by the entry before it — so a
     /// poison write that also trips the provider's circuit makes the next entry's probe fail,
     /// not the next entry.
-    async fn index(&self, entries: Vec<Entry>, pace: Pace) -> Result<bool> {
+    async fn index(&self, entries: Vec<Entry>, pace: Pace, epoch: u64) -> Result<bool> {
         let p = self.partition;
+        let fence = Fence {
+            log: self.kind,
+            partition: p,
+            epoch,
+        };
         let decoded: Vec<Result<LoggedWrite>> = entries
             .iter()
             .map(|e| LoggedWrite::decode(e.payload.as_deref().unwrap_or_default(), &self.limits))
@@ -419,13 +441,19 @@ impl PartitionWorker {
             for write in decoded[run.clone()].iter().filter_map(|w| w.as_ref().ok()) {
                 engram_telemetry::trace::link_to(&span, &write.traceparent);
             }
-            match self.apply_run(&decoded[run.clone()]).instrument(span).await {
+            match self
+                .apply_run(&decoded[run.clone()], fence)
+                .instrument(span)
+                .await
+            {
                 Ok(outcomes) => done.extend(run.map(|k| entries[k].id).zip(outcomes)),
+                // The lease moved on: nothing of this step is this worker's to finish.
+                Err(e @ Error::Aborted(_)) => return Err(e),
                 Err(e) => {
                     healthy = false;
                     let first = run.start;
                     match self
-                        .after_failure(&entries[first], &decoded[first], run.len(), pace, &e)
+                        .after_failure(&entries[first], &decoded[first], run.len(), pace, &e, epoch)
                         .await?
                     {
                         AfterFailure::Stop => {
@@ -437,7 +465,7 @@ impl PartitionWorker {
                 }
             }
         }
-        self.finish(&decoded, done).await?;
+        self.finish(&decoded, done, epoch).await?;
         Ok(!stopped)
     }
 
@@ -451,6 +479,7 @@ impl PartitionWorker {
         run_len: usize,
         pace: Pace,
         e: &Error,
+        epoch: u64,
     ) -> Result<AfterFailure> {
         let p = self.partition;
         let failures = if permanent(e) {
@@ -475,7 +504,7 @@ impl PartitionWorker {
             .map(|w| w.reservations.clone())
             .unwrap_or_default();
         self.log
-            .dead_letter(p, entry, &failure.message, &held)
+            .dead_letter(p, epoch, entry, &failure.message, &held)
             .await?;
         self.metrics.dead_lettered.inc();
         tracing::warn!(partition = p, entry = %entry.id, reason = %failure.message, "write moved to the dead-letter stream");
@@ -488,6 +517,7 @@ impl PartitionWorker {
         &self,
         decoded: &[Result<LoggedWrite>],
         done: Vec<(engram_domain::api::EntryId, Done)>,
+        epoch: u64,
     ) -> Result<()> {
         let now_ms = Timestamp::now().as_micros() / 1000;
         let mut reservations = Vec::new();
@@ -500,11 +530,14 @@ impl PartitionWorker {
                 self.metrics.to_indexed.observe(waited);
             }
         }
-        self.log.finish(self.partition, &done, &reservations).await
+        self.log
+            .finish(self.partition, epoch, &done, &reservations)
+            .await
     }
 
     /// Apply a run of entries (a run of one tenant's Remembers, or one entry of any kind).
-    async fn apply_run(&self, run: &[Result<LoggedWrite>]) -> Result<Vec<Done>> {
+    async fn apply_run(&self, run: &[Result<LoggedWrite>], fence: Fence) -> Result<Vec<Done>> {
+        let fence = Some(fence);
         let writes = run
             .iter()
             .map(|w| w.as_ref().map_err(Clone::clone))
@@ -515,15 +548,20 @@ impl PartitionWorker {
         let tenant = &first.tenant;
         match (&first.op, writes.len()) {
             (LogOp::Update(command), 1) => {
-                self.pipeline.apply_update(tenant, command.clone()).await?;
+                self.pipeline
+                    .apply_update(tenant, command.clone(), fence)
+                    .await?;
                 Ok(vec![Done::Applied])
             }
             (LogOp::Forget(target), 1) => {
-                let n = self.pipeline.apply_forget(tenant, target.clone()).await?;
+                let n = self
+                    .pipeline
+                    .apply_forget(tenant, target.clone(), fence)
+                    .await?;
                 Ok(vec![Done::Forgot(n)])
             }
             (LogOp::Extract(memory), 1) => {
-                let stored = self.pipeline.extract_facts(tenant, memory).await?;
+                let stored = self.pipeline.extract_facts(tenant, memory, fence).await?;
                 tracing::debug!(source = %memory.id, facts = stored, "facts extracted");
                 Ok(vec![Done::Applied])
             }
@@ -536,7 +574,9 @@ impl PartitionWorker {
                     })
                     .collect::<Vec<_>>();
                 let n = memories.len();
-                self.pipeline.embed_and_apply(tenant, memories).await?;
+                self.pipeline
+                    .embed_and_apply(tenant, memories, fence)
+                    .await?;
                 Ok(vec![Done::Applied; n])
             }
         }

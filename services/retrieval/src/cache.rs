@@ -32,15 +32,6 @@ pub struct ResultCacheConfig {
     pub ttl: Duration,
 }
 
-impl Default for ResultCacheConfig {
-    fn default() -> Self {
-        Self {
-            local_max_bytes: 64 << 20,
-            ttl: Duration::from_secs(60),
-        }
-    }
-}
-
 pub struct ResultCache {
     results: TwoLevelCache,
     generations: Generations,

@@ -8,6 +8,7 @@
 //! scopes they touch unreachable.
 
 mod cache;
+mod fences;
 pub mod fusion;
 mod search;
 
@@ -40,7 +41,7 @@ engram_runtime::listen_args!(Listen, "retrieval", "RETRIEVAL", "50052", "9092");
 #[derive(Debug, Clone, clap::Args)]
 pub struct RetrievalArgs {
     /// Directory for engram's data; the index lives in `<data-dir>/index`.
-    #[arg(long = "data-dir", env = "ENGRAM_DATA_DIR", default_value = "./data", value_parser = engram_domain::absolute_path)]
+    #[arg(long = "data-dir", env = engram_domain::settings::env::DATA_DIR, default_value = "./data", value_parser = engram_domain::absolute_path)]
     pub data_dir: PathBuf,
     /// How long a Recall result stays cached; 0 turns the result cache off. Writes make
     /// cached results unreachable as soon as they are indexed, whatever the TTL.
@@ -99,19 +100,19 @@ pub struct RetrievalArgs {
 }
 
 impl RetrievalArgs {
+    /// The Recall result cache these settings ask for, if any.
+    pub fn result_cache(&self) -> Option<ResultCacheConfig> {
+        (!self.result_cache_ttl.is_zero()).then(|| ResultCacheConfig {
+            local_max_bytes: self.result_cache_local_mb.saturating_mul(1 << 20),
+            ttl: self.result_cache_ttl,
+        })
+    }
+
     /// The defaults, with the data in `data_dir`.
     pub fn in_dir(data_dir: impl Into<PathBuf>) -> Self {
-        let cache = ResultCacheConfig::default();
         Self {
             data_dir: data_dir.into(),
-            result_cache_ttl: cache.ttl,
-            result_cache_local_mb: cache.local_max_bytes >> 20,
-            fusion_weights: FusionWeights::default(),
-            qdrant_url: None,
-            qdrant_api_key: None,
-            qdrant_collection: "engram".into(),
-            qdrant_shards: 1,
-            qdrant_replication: 1,
+            ..engram_runtime::config::defaults()
         }
     }
 }
@@ -150,10 +151,7 @@ impl Config {
             index_dir: service.data_dir.join("index"),
             dimension: common.vector_dimension,
             embedding_url,
-            result_cache: (!service.result_cache_ttl.is_zero()).then(|| ResultCacheConfig {
-                local_max_bytes: service.result_cache_local_mb.saturating_mul(1 << 20),
-                ttl: service.result_cache_ttl,
-            }),
+            result_cache: service.result_cache(),
             fusion_weights: service.fusion_weights,
             remote: service
                 .qdrant_url
@@ -185,7 +183,7 @@ pub async fn serve(
     };
     let embedder = Arc::new(rpc::EmbedderClient::connect(
         &runtime.peers(&config.common),
-        "ENGRAM_EMBEDDING_URL",
+        engram_domain::settings::env::EMBEDDING_URL,
         &config.embedding_url,
     )?);
     let mut retrieval = Retrieval::new(store.clone(), embedder, runtime.metrics());
@@ -232,6 +230,7 @@ pub struct Retrieval {
     pub weights: FusionWeights,
     /// The Recall result cache, if on.
     pub results: Option<ResultCache>,
+    fences: fences::Fences,
 }
 
 impl Retrieval {
@@ -247,6 +246,7 @@ impl Retrieval {
             metrics: SearchMetrics::new(metrics),
             weights: FusionWeights::default(),
             results: None,
+            fences: fences::Fences::default(),
         }
     }
 }
@@ -321,6 +321,12 @@ impl Index for Retrieval {
     }
 
     async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> Result<ApplyOutcome> {
+        // A worker's writes wait for their partition's turn, and one that lost its lease is
+        // refused (see `fences`).
+        let _turn = match writes.fence {
+            Some(fence) => Some(self.fences.admit(fence).await?),
+            None => None,
+        };
         let touched = ResultCache::touched(tenant, &writes);
         let applied = self.store.apply(tenant, writes).await;
         // Even a failed apply may have changed part of the index.

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use engram_proto::tonic::Code;
-use engram_tests::{ChatBehavior, ChatClient, FakeProvider, Options, Sandbox, fast_policy, pb};
+use engram_tests::{
+    ChatBehavior, ChatClient, FakeProvider, Options, Sandbox, eventually, fast_policy, pb,
+};
 
 type Client = engram_cli::Client;
 
@@ -107,25 +109,6 @@ fn context(events: &[pb::converse_event::Event]) -> &pb::ContextEvent {
     match events.first() {
         Some(pb::converse_event::Event::Context(c)) => c,
         other => panic!("expected the context event first, got {other:?}"),
-    }
-}
-
-/// Poll `probe` until it returns `Some`, for at most 30 s.
-async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

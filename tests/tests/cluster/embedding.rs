@@ -13,7 +13,7 @@ use engram_models::{EmbeddingProvider, OpenAiConfig, OpenAiEmbedder};
 use engram_resilience::{OutboundMetrics, Policy};
 use engram_runtime::config::CommonArgs;
 use engram_telemetry::Metrics;
-use engram_tests::{Behavior, FakeProvider, Options, Sandbox, fast_policy, pb};
+use engram_tests::{Behavior, FakeProvider, Options, Sandbox, eventually, fast_policy, pb};
 
 const DIM: usize = 8;
 
@@ -183,13 +183,21 @@ async fn embedding_carries_on_without_redis_and_uses_it_again_when_it_returns() 
     assert_eq!(sample(&h.metrics, "engram_redis_available"), 0.0);
 
     h.redis.as_mut().unwrap().restart().await.unwrap();
-    // Redis is tried again once the outage backoff has passed.
-    tokio::time::sleep(Duration::from_millis(250)).await;
-    embed(&h.service, &["after the outage"]).await.unwrap();
-    assert_eq!(sample(&h.metrics, "engram_redis_available"), 1.0);
+    // Redis is tried again once the outage backoff has passed: new texts, until one reaches it.
+    let mut attempt = 0;
+    let text = eventually("Redis used again after its restart", || {
+        attempt += 1;
+        let text = format!("after the outage, try {attempt}");
+        let (service, metrics) = (&h.service, &h.metrics);
+        async move {
+            embed(service, &[&text]).await.unwrap();
+            (sample(metrics, "engram_redis_available") == 1.0).then_some(text)
+        }
+    })
+    .await;
     h.service.clear_local_cache().await;
     let requests = h.fake.request_count();
-    embed(&h.service, &["after the outage"]).await.unwrap();
+    embed(&h.service, &[&text]).await.unwrap();
     assert_eq!(
         h.fake.request_count(),
         requests,

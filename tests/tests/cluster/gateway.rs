@@ -375,13 +375,7 @@ impl Index for Slowed {
 
 /// Serve the sandbox's retrieval slowed by `delay`, like any engram service.
 async fn slowed_retrieval(sandbox: &Sandbox, delay: Duration) -> (Arc<Slowed>, Extra) {
-    let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
-    let inner = engram_runtime::rpc::IndexClient::connect(
-        &peers,
-        "retrieval",
-        &format!("http://{}", sandbox.addrs.retrieval),
-    )
-    .unwrap();
+    let inner = sandbox.index();
     let slowed = Arc::new(Slowed {
         inner,
         delay,

@@ -11,7 +11,7 @@ use engram_ingestion::LogArgs;
 use engram_proto::internal::v1 as ipb;
 use engram_proto::tonic::Code;
 use engram_telemetry::Metrics;
-use engram_tests::{FakeProvider, Options, Sandbox, fast_policy, pb};
+use engram_tests::{FakeProvider, Options, Sandbox, eventually, fast_policy, pb};
 use parking_lot::Mutex;
 
 const DIM: usize = 8;
@@ -366,6 +366,15 @@ async fn ten_thousand_writes_survive_crashing_workers_exactly_once() {
     sandbox.stop().await;
 }
 
+/// How many of `tokens` are for writes that went to the log.
+fn logged(tokens: &Mutex<Vec<String>>) -> usize {
+    tokens
+        .lock()
+        .iter()
+        .filter(|t| t.starts_with("wt1.l"))
+        .count()
+}
+
 #[tokio::test]
 async fn redis_killed_during_writes_loses_no_acknowledged_write() {
     let fake = FakeProvider::start(DIM).await;
@@ -400,9 +409,19 @@ async fn redis_killed_during_writes_loses_no_acknowledged_write() {
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Some writes go to the log, then Redis dies; writes carry on (indexed synchronously)
+    // until some were acknowledged during the outage, then it comes back.
+    eventually("writes to the log", || {
+        let tokens = tokens.clone();
+        async move { (logged(&tokens) >= 20).then_some(()) }
+    })
+    .await;
     sandbox.redis().kill().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    eventually("writes during the outage", || {
+        let tokens = tokens.clone();
+        async move { (tokens.lock().iter().filter(|t| *t == "wt1.i").count() >= 20).then_some(()) }
+    })
+    .await;
     sandbox.redis().restart().await.unwrap();
     // Once Redis is back, writes go to the log again.
     let mut client = sandbox.client().await;
@@ -431,7 +450,12 @@ async fn redis_killed_during_writes_loses_no_acknowledged_write() {
         back,
         "writes did not return to the log after Redis restarted"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = logged(&tokens);
+    eventually("writers back on the log", || {
+        let tokens = tokens.clone();
+        async move { (logged(&tokens) >= before + 20).then_some(()) }
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     while let Some(written) = writers.join_next().await {
         written.unwrap();
@@ -642,5 +666,150 @@ async fn recall_after_an_update_finds_the_new_text_and_after_a_forget_nothing() 
         .into_inner();
     assert_eq!(forgotten.forgotten, 1);
     assert!(recall(&mut client, forgotten.write_token).await.is_empty());
+    sandbox.stop().await;
+}
+
+/// A worker that stalls past its lease (here: its lease is broken while it holds an entry)
+/// resumes after a successor took the partition, applied the entry and then forgot its scope.
+/// The stalled worker's late apply is refused by retrieval, its finish and dead letter by the
+/// write log, so the forgotten memory does not come back and the watermark never goes back.
+#[tokio::test]
+async fn a_worker_whose_lease_moved_on_can_neither_apply_nor_finish() {
+    use engram_domain::api::{
+        Fence, GetQuery, Index as _, IndexOp, IndexWrites, IndexedMemory, LogKind,
+    };
+    use engram_domain::model::{Memory, MemoryId, NewMemory, Scope, TenantId, Timestamp};
+    use engram_writelog::{Append, Appended, Done, Read};
+
+    let fake = FakeProvider::start(DIM).await;
+    let mut options = Options::with_fake(&fake, DIM, fast_policy());
+    // The test plays both workers itself.
+    options.write_log.workers = false;
+    let sandbox = Sandbox::start_with(None, options).await;
+    let log = sandbox.write_log();
+    let index = sandbox.index();
+    let tenant = TenantId::parse("default").unwrap();
+    let memory = Memory::from_input(
+        MemoryId::new_time_ordered(),
+        tenant.clone(),
+        Scope::user("u"),
+        NewMemory::text("held by a worker that stalls"),
+        Timestamp::now(),
+    );
+    let upsert = |epoch| IndexWrites {
+        ops: vec![IndexOp::Upsert(Box::new(IndexedMemory {
+            memory: memory.clone(),
+            dense: vec![0.5; DIM],
+        }))],
+        fence: Some(Fence {
+            log: LogKind::Write,
+            partition: 0,
+            epoch,
+        }),
+    };
+    let append = |id: &str| Append {
+        key_reservation: String::new(),
+        content_reservation: String::new(),
+        id: id.to_string(),
+        payload: b"entry".to_vec(),
+        force: false,
+    };
+    let entry = match log.append(0, &[append("first")], 1000).await.unwrap()[..] {
+        [Appended::Logged(entry)] => entry,
+        ref other => panic!("{other:?}"),
+    };
+
+    // Worker A takes the partition and reads the entry; then it stalls, and its lease lapses.
+    let first = log
+        .lease(0, "worker-a", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("a free partition");
+    log.ensure_group(0).await.unwrap();
+    let read = log
+        .read(
+            0,
+            10,
+            Read::New {
+                block: Duration::ZERO,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(read.iter().map(|e| e.id).collect::<Vec<_>>(), vec![entry]);
+    assert_eq!(
+        log.lease(0, "worker-b", Duration::from_secs(60))
+            .await
+            .unwrap(),
+        None,
+        "held while A's lease lasts"
+    );
+    log.break_leases().await.unwrap();
+
+    // Worker B takes over under a newer epoch, applies the entry, then a Forget of its scope.
+    let second = log
+        .lease(0, "worker-b", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("the lapsed lease");
+    assert!(second > first, "epochs grow: {first} then {second}");
+    let pending = log.read(0, 10, Read::Pending).await.unwrap();
+    assert_eq!(
+        pending.iter().map(|e| e.id).collect::<Vec<_>>(),
+        vec![entry]
+    );
+    index.apply(&tenant, upsert(second)).await.unwrap();
+    let forget = IndexWrites {
+        ops: vec![IndexOp::DeleteScope(Scope::user("u"))],
+        ..upsert(second)
+    };
+    assert_eq!(index.apply(&tenant, forget).await.unwrap().deleted, 1);
+    log.finish(0, second, &[(entry, Done::Forgot(1))], &[])
+        .await
+        .unwrap();
+
+    // A resumes: its apply, dead letter and finish are all refused.
+    let refused = index.apply(&tenant, upsert(first)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused}");
+    let refused = log
+        .finish(0, first, &[(entry, Done::Applied)], &[])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused}");
+    let refused = log
+        .dead_letter(0, first, &read[0], "late", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused}");
+    assert_eq!(log.dead_letters().await.unwrap(), 0);
+    let found = index
+        .get(
+            &tenant,
+            GetQuery {
+                ids: vec![memory.id],
+                after_write_token: None,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(found.memories.is_empty(), "the forgotten memory came back");
+    assert_eq!(log.forgot(0, entry).await.unwrap(), 1, "B's outcome stands");
+
+    // The watermark only moves forward, even when an older entry is finished after a newer one.
+    let later = match log.append(0, &[append("later")], 1000).await.unwrap()[..] {
+        [Appended::Logged(entry)] => entry,
+        ref other => panic!("{other:?}"),
+    };
+    log.finish(0, second, &[(later, Done::Applied)], &[])
+        .await
+        .unwrap();
+    log.finish(0, second, &[(entry, Done::Applied)], &[])
+        .await
+        .unwrap();
+    let later_token = WriteToken::Logged {
+        partition: 0,
+        entry: later,
+    };
+    assert_eq!(log.status(later_token).await.unwrap(), WriteState::Indexed);
     sandbox.stop().await;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use engram_domain::api::{Index as _, Ingestion as _, RecallQuery, RememberBatch};
 use engram_domain::model::{Filter, NewMemory, Scope, TenantId, WriteMode};
-use engram_runtime::rpc::{IndexClient, IngestionClient};
+use engram_runtime::rpc::IngestionClient;
 use engram_tests::{Sandbox, pb};
 use engram_text::calendar::Date;
 
@@ -443,7 +443,9 @@ async fn a_write_through_one_replica_invalidates_the_cache_of_another() {
     let cache_metrics = engram_cache::CacheMetrics::new(&metrics);
     let replica = |redis| {
         engram_retrieval::ResultCache::new(
-            Default::default(),
+            engram_retrieval::RetrievalArgs::in_dir(sandbox.data_dir())
+                .result_cache()
+                .expect("on by default"),
             Some(redis),
             &cache_metrics,
             &Default::default(),
@@ -458,9 +460,10 @@ async fn a_write_through_one_replica_invalidates_the_cache_of_another() {
         key,
         "replicas agree"
     );
-    let write = engram_domain::api::IndexWrites {
-        ops: vec![engram_domain::api::IndexOp::DeleteScope(Scope::user("u"))],
-    };
+    let write =
+        engram_domain::api::IndexWrites::new(vec![engram_domain::api::IndexOp::DeleteScope(
+            Scope::user("u"),
+        )]);
     one.invalidate(&engram_retrieval::ResultCache::touched(&tenant, &write))
         .await;
     let after = two.key(&tenant, &query).await.unwrap();
@@ -486,12 +489,7 @@ async fn filters_select_alone_and_combined_and_never_cross_tenants_or_users() {
         &format!("http://{}", sandbox.addrs.ingestion),
     )
     .unwrap();
-    let index = IndexClient::connect(
-        &peers,
-        "retrieval",
-        &format!("http://{}", sandbox.addrs.retrieval),
-    )
-    .unwrap();
+    let index = sandbox.index();
     let memory = |t: &str, kind, tags: &[&str], day: Date, source: &str| NewMemory {
         text: t.to_string(),
         kind,
