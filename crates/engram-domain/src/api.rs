@@ -535,6 +535,16 @@ pub struct LoggedWrite {
     pub reservations: Vec<String>,
     /// W3C `traceparent` of the request that wrote it (empty when not traced).
     pub traceparent: String,
+    /// For extracted facts: the memory they came from, as it was read.
+    pub derived_from: Option<Derivation>,
+}
+
+/// The memory a write was derived from (facts from a message), as it was when read: the write
+/// stands only while its source does, unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Derivation {
+    pub source: MemoryId,
+    pub source_hash: String,
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 use engram_proto::internal::v1 as ipb;
 use engram_proto::prost::Message as _;
 
-use crate::api::{FailureKind, LogOp, LoggedWrite, Outcome, WriteFailure};
+use crate::api::{Derivation, FailureKind, LogOp, LoggedWrite, Outcome, WriteFailure};
 use crate::error::{Error, Result};
 use crate::limits::Limits;
 use crate::model::TenantId;
@@ -30,6 +30,10 @@ impl LoggedWrite {
             submitted_unix_ms: self.submitted_unix_ms,
             dedup_keys: self.reservations.clone(),
             traceparent: self.traceparent.clone(),
+            derived_from: self.derived_from.as_ref().map(|d| ipb::Derivation {
+                source_id: d.source.to_string(),
+                source_hash: d.source_hash.clone(),
+            }),
         }
         .encode_to_vec()
     }
@@ -57,12 +61,21 @@ impl LoggedWrite {
             }
             None => return Err(Error::invalid("op", "is required")),
         };
+        let derived_from = match entry.derived_from {
+            Some(d) => Some(Derivation {
+                source: validate::memory_id(&d.source_id)
+                    .map_err(|e| e.in_field("derived_from"))?,
+                source_hash: d.source_hash,
+            }),
+            None => None,
+        };
         Ok(Self {
             tenant,
             op,
             submitted_unix_ms: entry.submitted_unix_ms,
             reservations: entry.dedup_keys,
             traceparent: entry.traceparent,
+            derived_from,
         })
     }
 }

@@ -264,6 +264,10 @@ fn index_op_from_pb(op: ipb::IndexOp, tenant: &TenantId) -> Result<IndexOp> {
     }
 }
 
+/// How far a lease epoch may be ahead of this clock (clock skew, leases taken faster than once
+/// a millisecond): a day.
+const MAX_EPOCH_LEAD_MS: u64 = 24 * 3600 * 1000;
+
 fn fence_from_pb(fence: ipb::Fence) -> Result<Fence> {
     let log = match ipb::LogKind::try_from(fence.log) {
         Ok(ipb::LogKind::Write) => LogKind::Write,
@@ -274,6 +278,17 @@ fn fence_from_pb(fence: ipb::Fence) -> Result<Fence> {
         return Err(Error::invalid(
             "fence.partition",
             format!("must be below {MAX_LOG_PARTITIONS}"),
+        ));
+    }
+    // Epochs follow Redis's clock in milliseconds (see the write log's lease): one far ahead
+    // of it would fence every later worker out of the partition.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if fence.epoch > now_ms.saturating_add(MAX_EPOCH_LEAD_MS) {
+        return Err(Error::invalid(
+            "fence.epoch",
+            "is ahead of any lease the write log can have handed out",
         ));
     }
     Ok(Fence {

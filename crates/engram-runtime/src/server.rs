@@ -70,8 +70,8 @@ pub struct ServiceRuntime {
     admin_stop: Option<oneshot::Sender<()>>,
     admin_task: Option<tokio::task::JoinHandle<()>>,
     /// Work a request starts and does not wait for (a Converse answer streaming, the
-    /// remembering of a turn): once the server has drained, [`Self::serve`] waits up to the
-    /// drain grace more for it before it returns.
+    /// remembering of a turn): [`Self::serve`] waits for it before it returns, within the same
+    /// drain grace as the requests.
     tasks: TaskTracker,
 }
 
@@ -171,11 +171,17 @@ impl ServiceRuntime {
         let (draining_tx, draining_rx) = oneshot::channel::<()>();
         let health = self.health.clone();
         let name = self.name;
-        let signal = async move {
-            shutdown.await;
-            tracing::info!(service = name, "shutting down: draining in-flight requests");
-            health.set_not_ready("draining");
-            let _ = draining_tx.send(());
+        // When the drain grace ends: requests and background work share it.
+        let drained_by = std::sync::Arc::new(std::sync::OnceLock::new());
+        let signal = {
+            let drained_by = std::sync::Arc::clone(&drained_by);
+            async move {
+                shutdown.await;
+                tracing::info!(service = name, "shutting down: draining in-flight requests");
+                let _ = drained_by.set(tokio::time::Instant::now() + drain_grace);
+                health.set_not_ready("draining");
+                let _ = draining_tx.send(());
+            }
         };
         let server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -202,7 +208,11 @@ impl ServiceRuntime {
             }
         };
         self.tasks.close();
-        if tokio::time::timeout(drain_grace, self.tasks.wait())
+        let deadline = drained_by
+            .get()
+            .copied()
+            .unwrap_or_else(|| tokio::time::Instant::now() + drain_grace);
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
             .await
             .is_err()
         {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use deadpool_redis::{Connection, Pool};
 use engram_domain::api::{EntryId, Outcome, WriteFailure, WriteState, WriteToken};
-use engram_domain::model::{Scope, TenantId};
+use engram_domain::model::{MemoryId, Scope, TenantId};
 use engram_domain::{Error, Result, SecretUrl};
 use redis::Value;
 use redis::streams::StreamReadReply;
@@ -32,18 +32,21 @@ const OUTCOME_TTL_SECS: u64 = 24 * 3600;
 const RESERVATION_TTL_SECS: u64 = 120;
 
 /// Append entries unless the partition's backlog is over the bound; reserve de-duplication
-/// keys (each holds `<id> <entry>`). ARGV: max backlog, count, then per entry: idempotency key,
-/// content key, id, payload, and '1' to append whatever the reservations say (they are stale).
-/// Returns {'LAG', backlog} or {'OK', last entry id, per entry 'N'<entry> | 'K'<held> | 'H'<held>}.
+/// keys (each holds `<id> <entry>`) and record where each new memory's write is (its pending
+/// key holds `<partition> <entry>`). ARGV: max backlog, count, partition, then per entry:
+/// idempotency key, content key, id, payload, '1' to append whatever the reservations say (they
+/// are stale), and the pending key (kept a week at most if the write never leaves the log; its
+/// finish shortens that). Returns {'LAG', backlog} or {'OK', last entry id, per entry
+/// 'N'<entry> | 'K'<held> | 'H'<held>}.
 const APPEND: &str = r"
 local len = redis.call('XLEN', KEYS[1])
 local n = tonumber(ARGV[2])
 if len > 0 and len + n > tonumber(ARGV[1]) then return {'LAG', tostring(len)} end
 local out = {'OK', ''}
-local i = 3
+local i = 4
 for j = 1, n do
-  local kkey, hkey, id, payload, force = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  i = i + 5
+  local kkey, hkey, id, payload, force, pkey = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]
+  i = i + 6
   local by_key = force ~= '1' and kkey ~= '' and redis.call('GET', kkey)
   local by_hash = force ~= '1' and (not by_key) and hkey ~= '' and redis.call('GET', hkey)
   if by_key then table.insert(out, 'K' .. by_key)
@@ -52,6 +55,7 @@ for j = 1, n do
     local entry = redis.call('XADD', KEYS[1], '*', 'op', payload)
     if kkey ~= '' then redis.call('SET', kkey, id .. ' ' .. entry) end
     if hkey ~= '' then redis.call('SET', hkey, id .. ' ' .. entry) end
+    if pkey ~= '' then redis.call('SET', pkey, ARGV[3] .. ' ' .. entry, 'EX', 604800) end
     out[2] = entry
     table.insert(out, 'N' .. entry)
   end
@@ -60,8 +64,12 @@ return out
 ";
 
 /// Take the lease if free, or renew it if ours; the lease holds `<owner> <epoch>`, and the
-/// epoch (KEYS[2]) grows each time the lease changes hands. ARGV: owner, ttl ms. Returns the
-/// epoch the lease is held under, or 0 if another owner holds it.
+/// epoch (KEYS[2]) grows each time the lease changes hands: to the next number, or to Redis's
+/// clock in milliseconds if that is later. So an epoch taken now is above any handed out
+/// before even if Redis lost or rolled back its data (leases change hands far less often than
+/// once a millisecond), and the index, which remembers the newest epoch it applied, does not
+/// refuse the new holder. ARGV: owner, ttl ms. Returns the epoch the lease is held under, or 0
+/// if another owner holds it.
 const LEASE: &str = r"
 local holder = redis.call('GET', KEYS[1])
 if holder then
@@ -72,8 +80,14 @@ if holder then
   end
   return 0
 end
+local now = redis.call('TIME')
+local clock = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local epoch = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. epoch, 'PX', ARGV[2])
+if epoch < clock then
+  epoch = clock
+  redis.call('SET', KEYS[2], string.format('%d', epoch))
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. string.format('%d', epoch), 'PX', ARGV[2])
 return epoch
 ";
 
@@ -111,18 +125,28 @@ if n > 0 then
   redis.call('XACK', KEYS[2], group, unpack(ids))
   redis.call('HDEL', KEYS[4], unpack(ids))
 end
-local mark = redis.call('GET', KEYS[5])
+-- The watermark moves forward to the last entry finished, but not past an older entry still
+-- delivered and unacknowledged (one a stalled worker read late): everything up to it is applied.
 local l1, l2 = parse(last)
+local summary = redis.call('XPENDING', KEYS[2], group)
+local p1, p2 = parse(summary[2])
+if p1 and (p1 < l1 or (p1 == l1 and p2 < l2)) then
+  l1 = nil
+end
+local mark = redis.call('GET', KEYS[5])
 local m1, m2 = parse(mark)
-if not m1 or l1 > m1 or (l1 == m1 and l2 > m2) then
+if l1 and (not m1 or l1 > m1 or (l1 == m1 and l2 > m2)) then
   redis.call('SET', KEYS[5], last)
   m1, m2 = l1, l2
-  mark = last
 end
 for j = i, #ARGV do redis.call('EXPIRE', ARGV[j], reservation_ttl) end
--- Entries up to the watermark are applied and acknowledged: the stream's length is the backlog.
-local ms = string.match(mark, '^(%d+)-')
-redis.call('XTRIM', KEYS[2], 'MINID', ms .. '-' .. string.format('%d', m2 + 1))
+-- Entries up to the watermark are applied and acknowledged, and none still delivered is
+-- trimmed: the stream's length is the backlog.
+if m1 then
+  local t1, t2 = m1, m2 + 1
+  if p1 and (p1 < t1 or (p1 == t1 and p2 < t2)) then t1, t2 = p1, p2 end
+  redis.call('XTRIM', KEYS[2], 'MINID', string.format('%d-%d', t1, t2))
+end
 return 1
 ";
 
@@ -166,6 +190,15 @@ pub struct Append {
     pub payload: Vec<u8>,
     /// Append even if a reservation is held (the caller found it stale).
     pub force: bool,
+    /// Where an Update or Forget of the new memory finds its write while it is in the log
+    /// ([`pending_key`]; empty: none). Like the reservations, it outlives indexing briefly.
+    pub pending_key: String,
+}
+
+/// The key recording which partition and entry hold the write of memory `id` of `tenant`,
+/// while it is in the write log (see [`WriteLog::pending`]).
+pub fn pending_key(tenant: &TenantId, id: &str) -> String {
+    format!("engram:log:id:{}:{id}", tenant.as_str())
 }
 
 /// What became of one appended write.
@@ -392,14 +425,16 @@ impl WriteLog {
         invocation
             .key(self.stream(partition))
             .arg(max_backlog)
-            .arg(writes.len());
+            .arg(writes.len())
+            .arg(partition);
         for w in writes {
             invocation
                 .arg(&w.key_reservation)
                 .arg(&w.content_reservation)
                 .arg(&w.id)
                 .arg(&w.payload)
-                .arg(if w.force { "1" } else { "0" });
+                .arg(if w.force { "1" } else { "0" })
+                .arg(&w.pending_key);
         }
         let reply: Vec<String> = match self
             .run(|mut conn| async move { invocation.invoke_async(&mut conn).await })
@@ -464,6 +499,36 @@ impl WriteLog {
             Some(applied) if applied >= entry => WriteState::Indexed,
             _ => WriteState::Pending,
         })
+    }
+
+    /// For each of `ids`, the partition and entry of its write if it is in the log (not yet
+    /// indexed, or indexed in the last couple of minutes).
+    pub async fn pending(
+        &self,
+        tenant: &TenantId,
+        ids: &[MemoryId],
+    ) -> Result<Vec<Option<(u32, EntryId)>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| pending_key(tenant, &id.to_string()))
+            .collect();
+        let found: Vec<Option<String>> =
+            self.run(|mut conn| async move {
+                redis::cmd("MGET").arg(&keys).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(found
+            .into_iter()
+            .map(|held| {
+                let (partition, entry) = held.as_deref()?.split_once(' ')?;
+                let partition: u32 = partition.parse().ok()?;
+                (partition < self.partitions).then_some(())?;
+                Some((partition, EntryId::parse(entry)?))
+            })
+            .collect())
     }
 
     /// How many memories the Forget at `entry` deleted, once it is applied.

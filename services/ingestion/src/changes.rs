@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use engram_domain::Result;
 use engram_domain::api::{
-    ForgetOutcome, ForgetTarget, LogOp, UpdateCommand, UpdateOutcome, WriteToken,
+    ForgetOutcome, ForgetTarget, LogOp, UpdateCommand, UpdateOutcome, WriteState, WriteToken,
 };
 use engram_domain::model::{Memory, MemoryId, Scope, TenantId};
+use engram_domain::{Error, Result};
 use engram_writelog::{AppendError, WriteLog};
 
 use crate::Pipeline;
@@ -31,13 +31,24 @@ fn by_partition(log: &WriteLog, tenant: &TenantId, found: &[Memory]) -> Vec<(u32
         .collect()
 }
 
+/// Why an Update or Forget is refused while the write log is unreachable. Applied directly, it
+/// could be overtaken by the user's older writes still in the log (a Forget followed by the
+/// write it forgot), so unlike a Remember it waits for the log; the caller retries.
+fn needs_the_log(reason: &str) -> Error {
+    // What Redis said stays in the service's log: it may name hosts the caller need not see.
+    tracing::warn!(%reason, "Update or Forget refused: the write log is unreachable");
+    Error::Unavailable {
+        reason: "the write log is unreachable; Update and Forget wait for it, because the user's earlier writes in it must be applied first: retry shortly".into(),
+        retry_after: Some(std::time::Duration::from_secs(1)),
+    }
+}
+
 /// What the parts of a Forget came to.
 #[derive(Default)]
 struct Forgotten {
     count: u64,
-    /// The last part's token, if every part went through the log.
+    /// The last part's token.
     token: Option<WriteToken>,
-    logged: bool,
 }
 
 impl Pipeline {
@@ -55,8 +66,15 @@ impl Pipeline {
         }
         if let Some(logs) = &self.logs {
             // The memory's user decides the partition, so the update follows the user's
-            // earlier writes.
-            let stored = self.stored(tenant, command.id).await?;
+            // earlier writes (after the memory's own, if it is still in the log).
+            let stored = match self.stored(tenant, command.id).await {
+                Err(Error::NotFound(_))
+                    if self.after_pending(logs, tenant, &[command.id]).await? =>
+                {
+                    self.stored(tenant, command.id).await?
+                }
+                stored => stored?,
+            };
             let partition = logs.write.partition_of(tenant, &stored.scope);
             match self
                 .log_change(logs, tenant, partition, LogOp::Update(command.clone()))
@@ -75,7 +93,7 @@ impl Pipeline {
                     });
                 }
                 Err(AppendError::Lag { backlog }) => return Err(lag_error(backlog)),
-                Err(AppendError::Unavailable(reason)) => self.degraded(&reason)?,
+                Err(AppendError::Unavailable(reason)) => return Err(needs_the_log(&reason)),
             }
         }
         let memory = self.apply_update(tenant, command, None).await?;
@@ -105,7 +123,16 @@ impl Pipeline {
                 Vec::new(),
             ),
             ForgetTarget::Ids(ids) => {
-                let found = self.stored_of(tenant, ids.clone()).await?;
+                let mut found = self.stored_of(tenant, ids.clone()).await?;
+                let missing: Vec<MemoryId> = ids
+                    .iter()
+                    .filter(|id| !found.iter().any(|m| m.id == **id))
+                    .copied()
+                    .collect();
+                // Memories still in the log are forgotten once their writes are indexed.
+                if self.after_pending(logs, tenant, &missing).await? {
+                    found.extend(self.stored_of(tenant, missing).await?);
+                }
                 (
                     by_partition(&logs.write, tenant, &found),
                     found.into_iter().map(|m| m.scope).collect(),
@@ -123,11 +150,37 @@ impl Pipeline {
         let forgotten = forgotten?;
         Ok(ForgetOutcome {
             forgotten: forgotten.count,
-            write_token: match (forgotten.logged, forgotten.token) {
-                (true, Some(token)) => token,
-                _ => WriteToken::Indexed,
-            },
+            write_token: forgotten.token.unwrap_or(WriteToken::Indexed),
         })
+    }
+
+    /// Wait until the writes of those of `ids` still in the write log are indexed; whether
+    /// there were any. Without the log's answer nobody can say whether they exist: UNAVAILABLE.
+    async fn after_pending(
+        &self,
+        logs: &Logs,
+        tenant: &TenantId,
+        ids: &[MemoryId],
+    ) -> Result<bool> {
+        if ids.is_empty() {
+            return Ok(false);
+        }
+        let pending = logs
+            .write
+            .pending(tenant, ids)
+            .await
+            .map_err(|e| needs_the_log(&e.to_string()))?;
+        let mut any = false;
+        for (partition, entry) in pending.into_iter().flatten() {
+            let token = WriteToken::Logged { partition, entry };
+            match self.wait(logs, token).await {
+                Ok(()) => any = true,
+                // A write that failed left nothing to change.
+                Err(_) if matches!(logs.write.status(token).await, Ok(WriteState::Failed(_))) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(any)
     }
 
     /// Log each part of a forget and wait for it (or, while the log is away, apply it).
@@ -137,13 +190,10 @@ impl Pipeline {
         tenant: &TenantId,
         parts: Vec<(u32, ForgetTarget)>,
     ) -> Result<Forgotten> {
-        let mut forgotten = Forgotten {
-            logged: true,
-            ..Forgotten::default()
-        };
+        let mut forgotten = Forgotten::default();
         for (partition, part) in parts {
             match self
-                .log_change(logs, tenant, partition, LogOp::Forget(part.clone()))
+                .log_change(logs, tenant, partition, LogOp::Forget(part))
                 .await
             {
                 Ok(token) => {
@@ -154,11 +204,7 @@ impl Pipeline {
                     forgotten.token = Some(token);
                 }
                 Err(AppendError::Lag { backlog }) => return Err(lag_error(backlog)),
-                Err(AppendError::Unavailable(reason)) => {
-                    self.degraded(&reason)?;
-                    forgotten.count += self.apply_forget(tenant, part, None).await?;
-                    forgotten.logged = false;
-                }
+                Err(AppendError::Unavailable(reason)) => return Err(needs_the_log(&reason)),
             }
         }
         Ok(forgotten)

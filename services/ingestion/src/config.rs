@@ -114,8 +114,18 @@ pub struct IngestionArgs {
     pub chat: ChatModelArgs,
 }
 
+/// Most entries a worker indexes in one step (the write log's finish script acknowledges them
+/// in one call).
+const MAX_INDEX_BATCH: usize = 4096;
+
 impl engram_runtime::server::CheckArgs for IngestionArgs {
     fn check(&self) -> Result<()> {
+        if self.log.batch_max == 0 || self.log.batch_max > MAX_INDEX_BATCH {
+            return Err(Error::invalid(
+                "ENGRAM_INDEX_BATCH_MAX",
+                format!("must be between 1 and {MAX_INDEX_BATCH}"),
+            ));
+        }
         let most = engram_domain::limits::fixed::MAX_LOG_PARTITIONS;
         if self.log.partitions == 0 || self.log.partitions > most {
             return Err(Error::invalid(

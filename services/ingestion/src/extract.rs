@@ -17,9 +17,9 @@
 
 use std::collections::BTreeMap;
 
-use engram_domain::api::{Fence, RecallQuery};
+use engram_domain::api::{Derivation, RecallQuery, RememberBatch, WriteStatus};
 use engram_domain::model::{
-    Filter, Kind, Memory, MemoryId, NewMemory, Scope, SearchMode, TenantId, Timestamp,
+    Filter, Kind, Memory, MemoryId, NewMemory, Scope, SearchMode, TenantId, WriteMode,
 };
 use engram_domain::{Error, Result, privacy};
 use engram_models::{ChatMessage, ChatRequest};
@@ -95,12 +95,7 @@ fn fact_key(source: MemoryId, fact: &str) -> String {
 
 impl Pipeline {
     /// Extract the facts of `source` and store the new ones; how many were stored.
-    pub(crate) async fn extract_facts(
-        &self,
-        tenant: &TenantId,
-        source: &Memory,
-        fence: Option<Fence>,
-    ) -> Result<u64> {
+    pub(crate) async fn extract_facts(&self, tenant: &TenantId, source: &Memory) -> Result<u64> {
         let Some(chat) = &self.chat else {
             return Err(Error::FailedPrecondition(
                 "fact extraction needs a chat model: set ENGRAM_CHAT_BASE_URL on the ingestion service".into(),
@@ -159,8 +154,7 @@ impl Pipeline {
             agent_id: source.scope.agent_id.clone(),
             session_id: String::new(),
         };
-        let now = Timestamp::now();
-        let mut memories = Vec::new();
+        let mut inputs = Vec::new();
         for (fact, key) in kept.into_iter().zip(keys) {
             if stored.iter().any(|d| d.idempotency_key == key) {
                 continue;
@@ -172,7 +166,7 @@ impl Pipeline {
                 ("source_id".to_string(), source.id.to_string()),
                 ("extracted_by".to_string(), chat.model().to_string()),
             ]);
-            let input = NewMemory {
+            inputs.push(NewMemory {
                 text: fact,
                 kind: Kind::Fact,
                 role: String::new(),
@@ -181,16 +175,58 @@ impl Pipeline {
                 event_time: Some(source.event_time),
                 importance: None,
                 idempotency_key: key,
-            };
-            memories.push(Memory::from_input(
-                MemoryId::new_time_ordered(),
-                tenant.clone(),
-                source.scope.clone(),
-                input,
-                now,
-            ));
+            });
         }
-        self.embed_and_apply(tenant, memories, fence).await
+        self.store_facts(tenant, source, inputs).await
+    }
+
+    /// Store facts extracted from `source` through its user's partition of the write log,
+    /// behind the source's own write and any Update or Forget of it logged before them: the
+    /// worker that applies them stores them only if the source still stands as it was read
+    /// (see [`Derivation`]), so facts of a forgotten or changed memory are never stored. (The
+    /// source may not be indexed yet here, so it is not checked before that.)
+    async fn store_facts(
+        &self,
+        tenant: &TenantId,
+        source: &Memory,
+        facts: Vec<NewMemory>,
+    ) -> Result<u64> {
+        let Some(logs) = &self.logs else {
+            return Err(Error::FailedPrecondition(
+                "fact extraction needs the write log".into(),
+            ));
+        };
+        if facts.is_empty() {
+            return Ok(0);
+        }
+        let derived_from = Derivation {
+            source: source.id,
+            source_hash: source.content_hash.clone(),
+        };
+        let batch = RememberBatch {
+            scope: source.scope.clone(),
+            memories: facts,
+            mode: WriteMode::Async,
+            extract: false,
+            privacy: None,
+        };
+        let resolved = self.resolve(tenant, batch, Some(derived_from)).await?;
+        let outcome = self.remember_logged(logs, resolved).await?;
+        Ok(outcome
+            .results
+            .iter()
+            .filter(|r| r.status == WriteStatus::Created)
+            .count() as u64)
+    }
+
+    /// Whether the source of a derived write is still stored as it was read (not forgotten,
+    /// its text unchanged).
+    pub(crate) async fn stands(&self, tenant: &TenantId, derived: &Derivation) -> Result<bool> {
+        match self.stored(tenant, derived.source).await {
+            Ok(now) => Ok(now.content_hash == derived.source_hash),
+            Err(Error::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Whether a fact of the scope says (nearly) the same already.

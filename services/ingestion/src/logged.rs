@@ -56,16 +56,18 @@ pub(crate) fn plan(resolved: &Resolved, now: Timestamp, traceparent: &str) -> Pl
             input.clone(),
             now,
         );
+        let pending_key = engram_writelog::pending_key(tenant, &resolved.ids[i].to_string());
         let write = LoggedWrite {
             tenant: tenant.clone(),
             op: LogOp::Remember(Box::new(memory.clone())),
             submitted_unix_ms: now.as_micros() / 1000,
-            reservations: [&key_reservation, &content_reservation]
+            reservations: [&key_reservation, &content_reservation, &pending_key]
                 .into_iter()
                 .filter(|k| !k.is_empty())
                 .cloned()
                 .collect(),
             traceparent: traceparent.to_string(),
+            derived_from: resolved.derived_from.clone(),
         };
         planned.appends.push(Append {
             key_reservation,
@@ -73,6 +75,7 @@ pub(crate) fn plan(resolved: &Resolved, now: Timestamp, traceparent: &str) -> Pl
             id: resolved.ids[i].to_string(),
             payload: write.encode(),
             force: false,
+            pending_key,
         });
         planned.inputs.push(i);
         planned.memories.push(memory);
@@ -115,6 +118,13 @@ impl Pipeline {
                     metrics.refused.inc();
                 }
                 return Err(lag_error(backlog));
+            }
+            // Derived facts are checked against their source only on the log's path: without
+            // it their extraction waits.
+            Err(AppendError::Unavailable(reason)) if resolved.derived_from.is_some() => {
+                return Err(Error::unavailable(format!(
+                    "the write log is unavailable ({reason}); extracted facts wait for it"
+                )));
             }
             Err(AppendError::Unavailable(reason)) => {
                 self.degraded(&reason)?;
@@ -267,9 +277,11 @@ impl Pipeline {
                     submitted_unix_ms: submitted,
                     reservations: Vec::new(),
                     traceparent: traceparent.to_string(),
+                    derived_from: None,
                 }
                 .encode(),
                 force: false,
+                pending_key: String::new(),
             })
             .collect();
         if let Err(e) = logs.extraction.append(partition, &appends, u64::MAX).await {
@@ -294,6 +306,7 @@ impl Pipeline {
             submitted_unix_ms: Timestamp::now().as_micros() / 1000,
             reservations: Vec::new(),
             traceparent: engram_telemetry::trace::current_traceparent(),
+            derived_from: None,
         };
         let appended = logs
             .write
@@ -305,6 +318,7 @@ impl Pipeline {
                     id: String::new(),
                     payload: write.encode(),
                     force: false,
+                    pending_key: String::new(),
                 }],
                 u64::MAX,
             )
@@ -357,6 +371,7 @@ mod tests {
             ids: ids.clone(),
             mode: WriteMode::Async,
             extract: false,
+            derived_from: None,
         };
         let planned = plan(&resolved, Timestamp::now(), "");
         assert_eq!(planned.inputs, vec![0, 2]);
@@ -366,8 +381,22 @@ mod tests {
         assert!(planned.appends[0].key_reservation.is_empty());
         assert!(planned.appends[1].content_reservation.ends_with(":h:h2"));
         assert!(planned.appends[1].key_reservation.ends_with(":k:k1"));
+        // Each records where its write is, for an Update or Forget by id while it is pending.
+        assert!(
+            planned.appends[0]
+                .pending_key
+                .ends_with(&ids[0].to_string())
+        );
         let entry = LoggedWrite::decode(&planned.appends[1].payload, &Default::default()).unwrap();
-        assert_eq!(entry.reservations.len(), 2);
+        // Released with the reservations once the write is indexed.
+        assert_eq!(
+            entry.reservations,
+            [
+                planned.appends[1].key_reservation.clone(),
+                planned.appends[1].content_reservation.clone(),
+                planned.appends[1].pending_key.clone(),
+            ]
+        );
         assert!(matches!(entry.op, LogOp::Remember(m) if m.id == ids[2]));
     }
 }

@@ -2,7 +2,7 @@
 //! hashes, de-duplication against the scope's stored memories and the batch itself, ids, then
 //! the write log ([`crate::logged`]) or, without one, the index directly ([`crate::direct`]).
 
-use engram_domain::api::{RememberBatch, RememberOutcome, WriteResult, WriteStatus};
+use engram_domain::api::{Derivation, RememberBatch, RememberOutcome, WriteResult, WriteStatus};
 use engram_domain::model::{MemoryId, NewMemory, Scope, TenantId, WriteMode, content_hash};
 use engram_domain::{Error, Result};
 
@@ -20,6 +20,8 @@ pub(crate) struct Resolved {
     pub ids: Vec<MemoryId>,
     pub mode: WriteMode,
     pub extract: bool,
+    /// For extracted facts: the memory they come from (see [`Derivation`]).
+    pub derived_from: Option<Derivation>,
 }
 
 impl Resolved {
@@ -65,6 +67,21 @@ impl Pipeline {
         tenant: &TenantId,
         batch: RememberBatch,
     ) -> Result<RememberOutcome> {
+        let resolved = self.resolve(tenant, batch, None).await?;
+        match &self.logs {
+            Some(logs) => self.remember_logged(logs, resolved).await,
+            None => self.remember_directly(resolved).await,
+        }
+    }
+
+    /// The guard, content hashes and de-duplication of a Remember (of facts `derived_from` a
+    /// memory, for extraction).
+    pub(crate) async fn resolve(
+        &self,
+        tenant: &TenantId,
+        batch: RememberBatch,
+        derived_from: Option<Derivation>,
+    ) -> Result<Resolved> {
         let RememberBatch {
             scope,
             mut memories,
@@ -97,7 +114,7 @@ impl Pipeline {
             .find_duplicates(tenant, &scope, wanted_hashes, wanted_keys)
             .await?;
         let resolutions = dedup::resolve(&memories, &hashes, &existing);
-        let resolved = Resolved {
+        Ok(Resolved {
             tenant: tenant.clone(),
             scope,
             ids: resolutions
@@ -109,11 +126,8 @@ impl Pipeline {
             resolutions,
             mode,
             extract,
-        };
-        match &self.logs {
-            Some(logs) => self.remember_logged(logs, resolved).await,
-            None => self.remember_directly(resolved).await,
-        }
+            derived_from,
+        })
     }
 
     /// Extraction needs a chat model and the extraction log.
@@ -156,6 +170,7 @@ mod tests {
                 Resolution::DuplicateOfInput(0, "same content earlier in this batch"),
             ],
             ids: ids.clone(),
+            derived_from: None,
             mode: WriteMode::Async,
             extract: false,
         };

@@ -10,6 +10,7 @@
 //! right after a passing probe is charged with the failure, and after `max_deliveries` charges
 //! it goes to the dead-letter stream too.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument as _;
@@ -17,7 +18,7 @@ use tracing::Instrument as _;
 use engram_domain::api::{Fence, LogKind, LogOp, LoggedWrite, WriteFailure};
 use engram_domain::error::Code;
 use engram_domain::limits::Limits;
-use engram_domain::model::Timestamp;
+use engram_domain::model::{Memory, MemoryId, TenantId, Timestamp};
 use engram_domain::{Error, Result};
 use engram_telemetry::Metrics;
 use engram_writelog::{Done, Entry, Read, WriteLog};
@@ -312,16 +313,25 @@ impl PartitionWorker {
                 Pace::Careful
             };
             let lease = Lease { epoch, tenure };
-            pause = match self.step(lease_ttl / 3, pace, lease).await {
+            // The lease is renewed while the step runs; a step that loses it stops at once.
+            let step = tokio::select! {
+                step = self.step(lease_ttl / 3, pace, lease) => step,
+                lost = self.keep(epoch, lease_ttl) => Err(lost),
+            };
+            pause = match step {
                 Ok(true) => Duration::ZERO,
                 // Try again later, backing off while it keeps failing.
                 Ok(false) => (pause * 2).clamp(RETRY_MIN, RETRY_MAX),
                 Err(Error::Aborted(reason)) => {
-                    // Stalled past the lease: a newer worker has the partition and its entries.
+                    // Fenced: a newer worker has the partition and its entries (or the index
+                    // has seen a newer epoch than the log's). Giving the lease up makes the
+                    // next holder, maybe this worker, take it under a newer epoch.
                     tracing::warn!(partition = p, log = self.kind.as_str(), %reason, "indexing step abandoned: the partition's lease moved on");
                     self.metrics.fenced.inc();
-                    owned = None;
-                    Duration::ZERO
+                    if owned.take().is_some() {
+                        let _ = self.log.release(p, &self.owner).await;
+                    }
+                    RETRY_MIN
                 }
                 Err(e) => {
                     tracing::warn!(partition = p, log = self.kind.as_str(), error = %e, "indexing from the write log");
@@ -335,6 +345,25 @@ impl PartitionWorker {
         }
         if owned.is_some() {
             let _ = self.log.release(p, &self.owner).await;
+        }
+    }
+
+    /// Renew the lease held under `epoch` every third of `ttl`, for as long as it is this
+    /// worker's; the error that ends the step when it is not.
+    async fn keep(&self, epoch: u64, ttl: Duration) -> Error {
+        loop {
+            tokio::time::sleep(ttl / 3).await;
+            match self.log.lease(self.partition, &self.owner, ttl).await {
+                Ok(Some(held)) if held == epoch => {}
+                Ok(_) => {
+                    return Error::Aborted(format!(
+                        "the lease of partition {} lapsed during a step (epoch {epoch})",
+                        self.partition
+                    ));
+                }
+                // Redis is away: the step's own calls will say so.
+                Err(_) => {}
+            }
         }
     }
 
@@ -535,6 +564,34 @@ impl PartitionWorker {
             .await
     }
 
+    /// The memories of a run of Remembers that stand: all but derived facts whose source was
+    /// forgotten or changed since they were extracted (by a change logged before them).
+    async fn standing(&self, tenant: &TenantId, writes: &[&LoggedWrite]) -> Result<Vec<Memory>> {
+        let mut sources: HashMap<MemoryId, bool> = HashMap::new();
+        let mut memories = Vec::new();
+        for write in writes {
+            let LogOp::Remember(memory) = &write.op else {
+                continue;
+            };
+            if let Some(derived) = &write.derived_from {
+                let stands = match sources.get(&derived.source) {
+                    Some(stands) => *stands,
+                    None => {
+                        let stands = self.pipeline.stands(tenant, derived).await?;
+                        sources.insert(derived.source, stands);
+                        stands
+                    }
+                };
+                if !stands {
+                    tracing::debug!(memory = %memory.id, source = %derived.source, "a fact whose source is gone or changed is not stored");
+                    continue;
+                }
+            }
+            memories.push((**memory).clone());
+        }
+        Ok(memories)
+    }
+
     /// Apply a run of entries (a run of one tenant's Remembers, or one entry of any kind).
     async fn apply_run(&self, run: &[Result<LoggedWrite>], fence: Fence) -> Result<Vec<Done>> {
         let fence = Some(fence);
@@ -561,19 +618,13 @@ impl PartitionWorker {
                 Ok(vec![Done::Forgot(n)])
             }
             (LogOp::Extract(memory), 1) => {
-                let stored = self.pipeline.extract_facts(tenant, memory, fence).await?;
+                let stored = self.pipeline.extract_facts(tenant, memory).await?;
                 tracing::debug!(source = %memory.id, facts = stored, "facts extracted");
                 Ok(vec![Done::Applied])
             }
             _ => {
-                let memories = writes
-                    .iter()
-                    .filter_map(|w| match &w.op {
-                        LogOp::Remember(m) => Some((**m).clone()),
-                        _ => None,
-                    })
-                    .collect::<Vec<_>>();
-                let n = memories.len();
+                let n = writes.len();
+                let memories = self.standing(tenant, &writes).await?;
                 self.pipeline
                     .embed_and_apply(tenant, memories, fence)
                     .await?;
@@ -596,6 +647,7 @@ mod tests {
             submitted_unix_ms: 0,
             reservations: Vec::new(),
             traceparent: String::new(),
+            derived_from: None,
         })
     }
 

@@ -323,12 +323,21 @@ impl Index for Retrieval {
     async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> Result<ApplyOutcome> {
         // A worker's writes wait for their partition's turn, and one that lost its lease is
         // refused (see `fences`).
-        let _turn = match writes.fence {
+        let turn = match writes.fence {
             Some(fence) => Some(self.fences.admit(fence).await?),
             None => None,
         };
         let touched = ResultCache::touched(tenant, &writes);
-        let applied = self.store.apply(tenant, writes).await;
+        // The write runs to its end holding the partition's turn even if the caller goes away
+        // meanwhile (its deadline), so the next holder's writes cannot overtake it.
+        let (store, tenant) = (Arc::clone(&self.store), tenant.clone());
+        let applied = tokio::spawn(async move {
+            let applied = store.apply(&tenant, writes).await;
+            drop(turn);
+            applied
+        })
+        .await
+        .map_err(|e| Error::internal(format!("the index write stopped: {e}")))?;
         // Even a failed apply may have changed part of the index.
         if let Some(cache) = &self.results {
             cache.invalidate(&touched).await;

@@ -953,3 +953,93 @@ async fn a_relevance_floor_leaves_unrelated_memories_out_of_the_context() {
     assert!(!built.context.contains("Relevant memories"), "{built:?}");
     sandbox.stop().await;
 }
+
+/// A message forgotten while its fact extraction waits for the chat model (down during the
+/// Forget, up after) leaves no facts behind: the extraction finds its source gone before it
+/// stores anything, and facts already on their way are dropped by the worker that would
+/// apply them after the Forget.
+#[tokio::test]
+async fn facts_of_a_message_forgotten_while_extraction_lags_are_never_stored() {
+    let fake = FakeProvider::start(8).await;
+    let sandbox = Sandbox::start_with(None, Options::with_chat(&fake, fast_policy())).await;
+    let mut client = sandbox.client().await;
+    fake.set_chat_default(ChatBehavior::Status {
+        status: 503,
+        retry_after: None,
+    });
+    let written = client
+        .remember(pb::RememberRequest {
+            scope: scope("hal", "s"),
+            memories: vec![turn("user", "I moved to Lisbon with my dog Rex.")],
+            mode: pb::WriteMode::Sync.into(),
+            extract: true,
+            privacy: 0,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("remember: {s:?}"))
+        .into_inner();
+    assert_eq!(written.results[0].status(), pb::WriteStatus::Created);
+    eventually("an extraction attempt during the outage", || async {
+        (!fake.chat_requests().is_empty()).then_some(())
+    })
+    .await;
+
+    let forgotten = client
+        .forget(pb::ForgetRequest {
+            target: Some(pb::forget_request::Target::Scope(pb::Scope {
+                user_id: "hal".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("forget: {s:?}"))
+        .into_inner();
+    assert_eq!(forgotten.forgotten, 1);
+
+    // The model comes back with facts from the forgotten message.
+    let asked = fake.chat_requests().len();
+    fake.set_chat_default(ChatBehavior::Text(
+        r#"{"facts": ["Hal lives in Lisbon.", "Hal has a dog named Rex."]}"#.into(),
+    ));
+    eventually("the extraction retried with the model up", || async {
+        (fake.chat_requests().len() > asked).then_some(())
+    })
+    .await;
+    let extraction = sandbox.write_log().with_prefix("engram:extract");
+    eventually("the extraction log drained", || {
+        let extraction = extraction.clone();
+        async move {
+            for p in 0..extraction.partitions() {
+                if extraction.depth(p).await.ok()?.backlog > 0 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let writes = sandbox.write_log();
+    eventually("the write log drained", || {
+        let writes = writes.clone();
+        async move {
+            for p in 0..writes.partitions() {
+                if writes.depth(p).await.ok()?.backlog > 0 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let left = client
+        .list(pb::ListRequest {
+            scope: scope("hal", ""),
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|s| panic!("list: {s:?}"))
+        .into_inner()
+        .memories;
+    assert!(left.is_empty(), "forgotten: {left:?}");
+    sandbox.stop().await;
+}

@@ -685,7 +685,7 @@ async fn a_worker_whose_lease_moved_on_can_neither_apply_nor_finish() {
     let mut options = Options::with_fake(&fake, DIM, fast_policy());
     // The test plays both workers itself.
     options.write_log.workers = false;
-    let sandbox = Sandbox::start_with(None, options).await;
+    let mut sandbox = Sandbox::start_with(None, options).await;
     let log = sandbox.write_log();
     let index = sandbox.index();
     let tenant = TenantId::parse("default").unwrap();
@@ -713,6 +713,7 @@ async fn a_worker_whose_lease_moved_on_can_neither_apply_nor_finish() {
         id: id.to_string(),
         payload: b"entry".to_vec(),
         force: false,
+        pending_key: String::new(),
     };
     let entry = match log.append(0, &[append("first")], 1000).await.unwrap()[..] {
         [Appended::Logged(entry)] => entry,
@@ -811,5 +812,159 @@ async fn a_worker_whose_lease_moved_on_can_neither_apply_nor_finish() {
         entry: later,
     };
     assert_eq!(log.status(later_token).await.unwrap(), WriteState::Indexed);
+
+    // Redis restarts without its data (no persistence here): the partition's next epoch is
+    // still newer than any retrieval has applied, so the next worker is not refused.
+    sandbox.redis().kill().await;
+    sandbox.redis().restart().await.unwrap();
+    let third = eventually("the lease of a Redis that lost its data", || {
+        let log = log.clone();
+        async move {
+            log.lease(0, "worker-c", Duration::from_secs(60))
+                .await
+                .ok()
+                .flatten()
+        }
+    })
+    .await;
+    assert!(
+        third > second,
+        "epochs grow across the loss: {second} then {third}"
+    );
+    index.apply(&tenant, upsert(third)).await.unwrap();
+    sandbox.stop().await;
+}
+
+fn forget_ids(ids: &[String]) -> pb::ForgetRequest {
+    pb::ForgetRequest {
+        target: Some(pb::forget_request::Target::Ids(pb::MemoryIds {
+            ids: ids.to_vec(),
+        })),
+    }
+}
+
+fn new_text(id: &str, text: &str) -> pb::UpdateRequest {
+    pb::UpdateRequest {
+        id: id.into(),
+        memory: Some(pb::MemoryInput {
+            text: text.into(),
+            ..Default::default()
+        }),
+        update_mask: Some(engram_proto::prost_types::FieldMask {
+            paths: vec!["text".into()],
+        }),
+        ..Default::default()
+    }
+}
+
+/// An Update or Forget by id of a memory whose write is still in the log is applied after
+/// that write, instead of finding nothing (NOT_FOUND, `forgotten: 0`) and letting the memory
+/// appear later.
+#[tokio::test]
+async fn update_and_forget_by_id_reach_a_memory_still_in_the_log() {
+    let fake = FakeProvider::start(DIM).await;
+    let mut options = Options::with_fake(&fake, DIM, fast_policy());
+    options.write_log.workers = false;
+    let sandbox = Sandbox::start_with(None, options).await;
+    let mut client = sandbox.client().await;
+    let written = remember(
+        &mut client,
+        "ida",
+        &["kept, then changed".into(), "soon forgotten".into()],
+    )
+    .await;
+    let ids = created(&written);
+    let (kept, forgotten) = (ids[0].clone(), ids[1].clone());
+
+    // Both calls wait for their writes, which no worker has indexed yet.
+    let update = {
+        let mut client = sandbox.client().await;
+        let request = new_text(&kept, "changed while in the log");
+        tokio::spawn(async move { client.update(request).await })
+    };
+    let forget = {
+        let mut client = sandbox.client().await;
+        let request = forget_ids(std::slice::from_ref(&forgotten));
+        tokio::spawn(async move { client.forget(request).await })
+    };
+    let workers = engram_ingestion::start_workers(
+        &sandbox.ingestion_config(LogArgs::default()),
+        &Metrics::new(),
+    )
+    .unwrap()
+    .expect("the sandbox has Redis");
+    let updated = update.await.unwrap().unwrap().into_inner();
+    assert_eq!(
+        updated.memory.map(|m| m.text).as_deref(),
+        Some("changed while in the log")
+    );
+    let answer = forget.await.unwrap().unwrap().into_inner();
+    assert_eq!(answer.forgotten, 1, "{answer:?}");
+    let stored = listed(&mut client, "ida", &answer.write_token).await;
+    let texts: Vec<&str> = stored.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, vec!["changed while in the log"]);
+
+    // An id the log never had is still not found.
+    let unknown = engram_domain::model::MemoryId::new_time_ordered().to_string();
+    let missing = client
+        .update(new_text(&unknown, "nothing"))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    workers.stop().await;
+    sandbox.stop().await;
+}
+
+/// While Redis is unreachable, Update and Forget are refused (UNAVAILABLE, retryable) instead
+/// of being applied directly ahead of the user's older writes still in the log, which would
+/// then bring forgotten memories back.
+#[tokio::test]
+async fn forget_waits_for_the_log_while_redis_is_down_so_older_writes_cannot_overtake_it() {
+    let fake = FakeProvider::start(DIM).await;
+    let mut options = Options::with_fake(&fake, DIM, fast_policy());
+    options.write_log.workers = false;
+    options.persistent_redis = true;
+    let mut sandbox = Sandbox::start_with(None, options).await;
+    let mut client = sandbox.client().await;
+    let written = remember(&mut client, "ole", &["written before the outage".into()]).await;
+    let id = created(&written).remove(0);
+
+    sandbox.redis().kill().await;
+    let forget_all = pb::ForgetRequest {
+        target: Some(pb::forget_request::Target::Scope(pb::Scope {
+            user_id: "ole".into(),
+            ..Default::default()
+        })),
+    };
+    let refused = client.forget(forget_all.clone()).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.metadata().get("retry-after-ms").is_some());
+    let refused = client
+        .update(new_text(&id, "changed during the outage"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    // Redis returns, the workers index the older write; the retried Forget comes after it.
+    sandbox.redis().restart().await.unwrap();
+    let workers = engram_ingestion::start_workers(
+        &sandbox.ingestion_config(LogArgs::default()),
+        &Metrics::new(),
+    )
+    .unwrap()
+    .expect("the sandbox has Redis");
+    let answer = eventually("the Forget accepted once Redis is back", || {
+        let mut client = client.clone();
+        let request = forget_all.clone();
+        async move { client.forget(request).await.ok().map(|r| r.into_inner()) }
+    })
+    .await;
+    assert_eq!(answer.forgotten, 1, "{answer:?}");
+    assert!(
+        listed(&mut client, "ole", &answer.write_token)
+            .await
+            .is_empty()
+    );
+    workers.stop().await;
     sandbox.stop().await;
 }
