@@ -223,6 +223,45 @@ async fn a_recall_and_a_remember_are_each_one_trace_across_the_services() {
         "indexing is its own trace, linked"
     );
 
+    // A public caller's sampled trace context is not continued: the gateway's call is a trace
+    // of its own (sampled by the ratio), linked to the caller's.
+    let callers_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut request = tonic::Request::new(pb::RecallRequest {
+        scope: Some(pb::Scope {
+            user_id: "traced".into(),
+            ..Default::default()
+        }),
+        query: "bees again, from a caller with its own trace".into(),
+        top_k: 5,
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{callers_trace}-00f067aa0ba902b7-01")
+            .parse()
+            .unwrap(),
+    );
+    client.recall(request).await.unwrap();
+    let callers: Vec<u8> = (0..callers_trace.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&callers_trace[i..i + 2], 16).unwrap())
+        .collect();
+    let linked = wait_for(&receiver, &tracing, |spans| {
+        spans
+            .iter()
+            .find(|s| {
+                attribute(s, "engram.service") == Some("gateway")
+                    && s.links.iter().any(|l| l.trace_id == callers)
+            })
+            .cloned()
+    })
+    .await;
+    assert_ne!(
+        linked.trace_id, callers,
+        "the caller's trace is not continued"
+    );
+    assert!(linked.parent_span_id.is_empty(), "{linked:?}");
+
     sandbox.stop().await;
     tracing.shutdown().await;
 }

@@ -114,17 +114,18 @@ impl Generations {
     }
 
     /// Start new generations of `keys`: values cached under the old ones are unreachable
-    /// from now on. A bump Redis does not take is owed (see the module docs).
-    pub async fn bump(&self, keys: &[String]) {
+    /// from now on. A bump Redis does not take is owed (see the module docs); whether none is
+    /// owed any more.
+    pub async fn bump(&self, keys: &[String]) -> bool {
         if keys.is_empty() {
-            return;
+            return true;
         }
         let Some(redis) = &self.redis else {
             let mut local = self.local.lock();
             for key in keys {
                 *local.entry(key.clone()).or_insert(0) += 1;
             }
-            return;
+            return true;
         };
         {
             let mut owed = self.owed.lock();
@@ -132,7 +133,7 @@ impl Generations {
                 owed.insert(key.clone(), self.counter.fetch_add(1, Ordering::Relaxed));
             }
         }
-        self.pay_owed(redis).await;
+        self.pay_owed(redis).await
     }
 
     /// Write the owed bumps; whether none is left owing.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use engram_proto::tonic::service::Routes;
 use engram_proto::tonic::transport::Server;
 use engram_proto::tonic::transport::server::TcpIncoming;
-use engram_telemetry::{GrpcMetricsLayer, Health, Metrics, TraceLayer};
+use engram_telemetry::{CallerTraces, GrpcMetricsLayer, Health, Metrics, TraceLayer};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 pub use tokio_util::task::TaskTracker;
@@ -73,6 +73,8 @@ pub struct ServiceRuntime {
     /// remembering of a turn): [`Self::serve`] waits for it before it returns, within the same
     /// drain grace as the requests.
     tasks: TaskTracker,
+    /// Whether the served calls continue their callers' traces (see [`Self::link_caller_traces`]).
+    caller_traces: CallerTraces,
 }
 
 impl ServiceRuntime {
@@ -105,7 +107,15 @@ impl ServiceRuntime {
             admin_stop,
             admin_task,
             tasks: TaskTracker::new(),
+            caller_traces: CallerTraces::Continue,
         }
+    }
+
+    /// Serve calls from outside the cluster: each starts a trace of its own, sampled by this
+    /// service's ratio and linked to the caller's, instead of continuing the caller's (and
+    /// being sampled because the caller said so).
+    pub fn link_caller_traces(&mut self) {
+        self.caller_traces = CallerTraces::Link;
     }
 
     /// Where to spawn work that outlives its request; see the field.
@@ -186,7 +196,7 @@ impl ServiceRuntime {
         let server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .layer(GrpcMetricsLayer::new(&self.metrics, methods(services)?))
-            .layer(TraceLayer::new(self.name))
+            .layer(TraceLayer::new(self.name, self.caller_traces))
             .layer(crate::deadline::DeadlineLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal);

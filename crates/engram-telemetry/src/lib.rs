@@ -18,4 +18,4 @@ pub use metrics::{
     GrpcClient, GrpcClientLayer, GrpcMetricsLayer, Metrics, code_name, latency_buckets, status_name,
 };
 pub use prometheus_client;
-pub use trace::{TraceConfig, TraceLayer, Tracing};
+pub use trace::{CallerTraces, TraceConfig, TraceLayer, Tracing};

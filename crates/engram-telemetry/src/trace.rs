@@ -225,12 +225,22 @@ pub(crate) fn header_status(headers: &http::HeaderMap) -> Option<usize> {
         .and_then(|v| v.parse::<usize>().ok())
 }
 
+/// What a server makes of the trace context its caller sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerTraces {
+    /// Continue the caller's trace, sampled as the caller decided (engram's own services).
+    Continue,
+    /// Start a trace of its own, sampled by `ENGRAM_TRACE_SAMPLE_RATIO`, linked to the
+    /// caller's: a public caller cannot make every one of its calls traced.
+    Link,
+}
+
 /// Which end of an RPC a [`TraceLayer`] wraps.
 #[derive(Debug, Clone, Copy)]
 enum Side {
-    /// The span continues the caller's trace; the engram service serving is recorded as
-    /// `engram.service` so services sharing one process stay distinguishable.
-    Server(&'static str),
+    /// The span continues (or links to) the caller's trace; the engram service serving is
+    /// recorded as `engram.service` so services sharing one process stay distinguishable.
+    Server(&'static str, CallerTraces),
     /// The span's context goes to the peer as `traceparent`.
     Client,
 }
@@ -244,9 +254,9 @@ pub struct TraceLayer {
 
 impl TraceLayer {
     /// For the server of `service` (gateway, retrieval, ...).
-    pub fn new(service: &'static str) -> Self {
+    pub fn new(service: &'static str, callers: CallerTraces) -> Self {
         Self {
-            side: Side::Server(service),
+            side: Side::Server(service, callers),
         }
     }
 
@@ -289,7 +299,7 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let (service, method) = split_path(request.uri().path());
         let span = match self.side {
-            Side::Server(engram_service) => {
+            Side::Server(engram_service, callers) => {
                 let span = tracing::info_span!(
                     "grpc.server",
                     otel.name = %format_args!("{service}/{method}"),
@@ -301,8 +311,14 @@ where
                     rpc.grpc.status_code = tracing::field::Empty,
                 );
                 let parent = extract(request.headers());
-                if parent.span().span_context().is_valid() {
-                    let _ = span.set_parent(parent);
+                let context = parent.span().span_context().clone();
+                if context.is_valid() {
+                    match callers {
+                        CallerTraces::Continue => {
+                            let _ = span.set_parent(parent);
+                        }
+                        CallerTraces::Link => span.add_link(context),
+                    }
                 }
                 span
             }

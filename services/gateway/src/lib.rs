@@ -157,6 +157,16 @@ pub struct EdgeArgs {
         default_value_t = context::MIN_RELEVANCE
     )]
     pub context_min_relevance: f32,
+    /// Continue the traces public callers send (`traceparent`), sampled as they say. Off: each
+    /// call starts a trace of its own, sampled by ENGRAM_TRACE_SAMPLE_RATIO and linked to the
+    /// caller's, so a caller cannot have every call traced. Turn on when the callers are your
+    /// own services and share your tracing backend.
+    #[arg(
+        long = "trace-trust-callers",
+        env = "ENGRAM_TRACE_TRUST_CALLERS",
+        default_value_t = false
+    )]
+    pub trust_caller_traces: bool,
 }
 
 impl Default for EdgeArgs {
@@ -358,7 +368,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let edge = config.edge.build()?;
-    let runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
+    let mut runtime = ServiceRuntime::start(SERVICE_NAME, listeners.admin);
+    if !config.edge.trust_caller_traces {
+        runtime.link_caller_traces();
+    }
     let peers = runtime.peers(&config.common);
     let index: Arc<dyn Index> = Arc::new(rpc::IndexClient::connect(
         &peers,

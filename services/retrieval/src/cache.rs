@@ -121,8 +121,10 @@ impl ResultCache {
 
     /// Make every result that depends on the `touched` generations ([`Self::touched`])
     /// unreachable: called once the writes are visible in the index.
-    pub async fn invalidate(&self, touched: &[String]) {
-        self.generations.bump(touched).await;
+    /// Make results cached before a write unreachable; false while Redis owes the bump
+    /// (other replicas could still serve those results from Redis until it is paid).
+    pub async fn invalidate(&self, touched: &[String]) -> bool {
+        self.generations.bump(touched).await
     }
 
     /// The generations `writes` change: the users of upserted memories and forgotten scopes,

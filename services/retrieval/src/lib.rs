@@ -328,6 +328,24 @@ impl Index for Retrieval {
             None => None,
         };
         let touched = ResultCache::touched(tenant, &writes);
+        // A deletion is not done while results cached before it can still be served, so it
+        // waits for Redis to take the bump: before (nothing is deleted while it cannot) and
+        // after. The caller (a worker) tries again, and the Forget waits, until it is paid.
+        let deletes = writes
+            .ops
+            .iter()
+            .any(|op| !matches!(op, engram_domain::api::IndexOp::Upsert(_)));
+        let stale = || {
+            Error::unavailable(
+                "results cached before this deletion cannot be invalidated yet (Redis unreachable); retry",
+            )
+        };
+        if let Some(cache) = &self.results
+            && deletes
+            && !cache.invalidate(&touched).await
+        {
+            return Err(stale());
+        }
         // The write runs to its end holding the partition's turn even if the caller goes away
         // meanwhile (its deadline), so the next holder's writes cannot overtake it.
         let (store, tenant) = (Arc::clone(&self.store), tenant.clone());
@@ -339,10 +357,15 @@ impl Index for Retrieval {
         .await
         .map_err(|e| Error::internal(format!("the index write stopped: {e}")))?;
         // Even a failed apply may have changed part of the index.
-        if let Some(cache) = &self.results {
-            cache.invalidate(&touched).await;
+        let invalidated = match &self.results {
+            Some(cache) => cache.invalidate(&touched).await,
+            None => true,
+        };
+        let applied = applied?;
+        if deletes && !invalidated {
+            return Err(stale());
         }
-        Ok(applied?)
+        Ok(applied)
     }
 
     async fn find_duplicates(
