@@ -11,6 +11,9 @@
 //!   mistaken for the whole history, and trimmed to `max_turns`;
 //! - deleted when a Forget or an Update touches the scope, so the next reader rebuilds it
 //!   (each user has a set naming their cached lists, so forgetting a whole user finds them).
+//!   Each deletion also moves the user's epoch on, and a reader fills a list only if the epoch
+//!   is still the one it saw before it read the index: turns read before a Forget are never
+//!   cached after it.
 //!
 //! A filled list starts with an empty marker entry, so a session without turns is known to be
 //! empty. Redis being away makes every read a miss: callers then read the index.
@@ -61,6 +64,26 @@ fn sessions_key(tenant: &TenantId, user_id: &str) -> String {
     format!("{}sessions", user_prefix(tenant, user_id))
 }
 
+/// The user's epoch: moved on by every invalidation of their lists.
+fn epoch_key(tenant: &TenantId, user_id: &str) -> String {
+    format!("{}epoch", user_prefix(tenant, user_id))
+}
+
+/// What a user's epoch reads as before any invalidation (or after it expired).
+const NO_EPOCH: &str = "0";
+
+/// Fill a session's list if the user's epoch is still the one the filler saw. KEYS: list,
+/// sessions set, epoch. ARGV: epoch seen, ttl seconds, then the entries. Returns 1 if filled.
+const FILL: &str = r"
+if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('SADD', KEYS[2], KEYS[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+";
+
 /// A session's list: one per (tenant, user, session), whichever agents spoke in it.
 fn key(tenant: &TenantId, scope: &Scope) -> String {
     format!(
@@ -107,13 +130,28 @@ impl History {
         Some(turns)
     }
 
-    /// Cache `turns` (oldest first, from the index) as the whole recent history of `scope`.
-    pub async fn fill(&self, tenant: &TenantId, scope: &Scope, turns: &[Memory]) {
+    /// The user's epoch, to read before reading the index for [`Self::fill`]; `None` when
+    /// Redis is away (there is then nothing to fill).
+    pub async fn epoch(&self, tenant: &TenantId, user_id: &str) -> Option<String> {
+        let redis = self.redis.as_ref()?;
+        let key = epoch_key(tenant, user_id);
+        let epoch: Option<String> = redis
+            .best_effort("history.epoch", |mut conn| async move {
+                redis::cmd("GET").arg(&key).query_async(&mut conn).await
+            })
+            .await?;
+        Some(epoch.unwrap_or_else(|| NO_EPOCH.to_string()))
+    }
+
+    /// Cache `turns` (oldest first, read from the index after [`Self::epoch`] gave `epoch`) as
+    /// the whole recent history of `scope`, unless the user's lists were invalidated since.
+    pub async fn fill(&self, tenant: &TenantId, scope: &Scope, turns: &[Memory], epoch: &str) {
         let Some(redis) = &self.redis else {
             return;
         };
         let key = key(tenant, scope);
         let sessions = sessions_key(tenant, &scope.user_id);
+        let epoch_key = epoch_key(tenant, &scope.user_id);
         let mut values: Vec<Vec<u8>> = vec![Vec::new()];
         let skip = turns.len().saturating_sub(MAX_TURNS);
         values.extend(
@@ -122,24 +160,28 @@ impl History {
                 .map(|m| convert::memory(m).encode_to_vec()),
         );
         let ttl = self.ttl.as_secs().max(1);
-        let _: Option<()> = redis
+        let epoch = epoch.to_string();
+        let _: Option<i64> = redis
             .best_effort("history.fill", |mut conn| async move {
-                redis::pipe()
-                    .atomic()
-                    .del(&key)
-                    .ignore()
-                    .rpush(&key, values)
-                    .ignore()
-                    .expire(&key, ttl as i64)
-                    .ignore()
-                    .sadd(&sessions, &key)
-                    .ignore()
-                    .expire(&sessions, ttl as i64)
-                    .ignore()
-                    .query_async(&mut conn)
-                    .await
+                let script = redis::Script::new(FILL);
+                let mut fill = script.prepare_invoke();
+                fill.key(&key)
+                    .key(&sessions)
+                    .key(&epoch_key)
+                    .arg(epoch)
+                    .arg(ttl);
+                for value in &values {
+                    fill.arg(value);
+                }
+                fill.invoke_async(&mut conn).await
             })
             .await;
+    }
+
+    /// How long a user's epoch outlives its last move: longer than any fill takes, so a
+    /// filler never sees it come back to a value it read before.
+    fn epoch_ttl(&self) -> i64 {
+        self.ttl.as_secs().max(3600) as i64
     }
 
     /// Append newly acknowledged turns to the lists of their sessions that are cached.
@@ -180,9 +222,17 @@ impl History {
         if keys.is_empty() {
             return;
         }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for scope in scopes {
+            let epoch = epoch_key(tenant, &scope.user_id);
+            pipe.incr(&epoch, 1).ignore();
+            pipe.expire(&epoch, self.epoch_ttl()).ignore();
+        }
+        pipe.del(keys).ignore();
         let done: Option<()> = redis
             .best_effort("history.invalidate", |mut conn| async move {
-                redis::cmd("DEL").arg(keys).query_async(&mut conn).await
+                pipe.query_async(&mut conn).await
             })
             .await;
         if done.is_none() {
@@ -199,8 +249,17 @@ impl History {
             return;
         };
         let sessions = sessions_key(tenant, user_id);
+        let epoch = epoch_key(tenant, user_id);
+        let epoch_ttl = self.epoch_ttl();
         let done: Option<()> = redis
             .best_effort("history.invalidate", |mut conn| async move {
+                redis::pipe()
+                    .incr(&epoch, 1)
+                    .ignore()
+                    .expire(&epoch, epoch_ttl)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await?;
                 let mut keys: Vec<String> = redis::cmd("SMEMBERS")
                     .arg(&sessions)
                     .query_async(&mut conn)

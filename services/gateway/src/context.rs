@@ -257,6 +257,8 @@ impl ContextBuilder {
             return Ok(of_agent(turns));
         }
         let session = engram_runtime::session::session_of(scope);
+        // Read before the index: a Forget between the two keeps these turns out of the cache.
+        let epoch = self.history.epoch(tenant, &scope.user_id).await;
         let turns = engram_runtime::session::turns_before(
             &*self.index,
             tenant,
@@ -265,7 +267,9 @@ impl ContextBuilder {
             engram_cache::history::MAX_TURNS,
         )
         .await?;
-        self.history.fill(tenant, &session, &turns).await;
+        if let Some(epoch) = epoch {
+            self.history.fill(tenant, &session, &turns, &epoch).await;
+        }
         Ok(of_agent(turns))
     }
 }

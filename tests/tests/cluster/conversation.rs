@@ -1043,3 +1043,57 @@ async fn facts_of_a_message_forgotten_while_extraction_lags_are_never_stored() {
     assert!(left.is_empty(), "forgotten: {left:?}");
     sandbox.stop().await;
 }
+
+/// A reader that rebuilt a session's history from the index just before a Forget cannot cache
+/// those turns after it: the Forget moves the user's epoch on, and the fill is refused.
+#[tokio::test]
+async fn a_history_read_before_a_forget_is_not_cached_after_it() {
+    use engram_cache::history::History;
+    use engram_domain::model::{Memory, MemoryId, NewMemory, Scope, TenantId, Timestamp};
+
+    let sandbox = Sandbox::start().await;
+    let redis = engram_cache::Redis::connect(
+        engram_cache::RedisConfig::new(sandbox.redis_url()),
+        &engram_telemetry::Metrics::new(),
+    )
+    .unwrap();
+    let history = History::new(Some(redis), Duration::from_secs(600));
+    let tenant = TenantId::parse("default").unwrap();
+    let session = Scope {
+        user_id: "ivy".into(),
+        session_id: "s".into(),
+        ..Scope::default()
+    };
+    let turn = Memory::from_input(
+        MemoryId::new_time_ordered(),
+        tenant.clone(),
+        session.clone(),
+        NewMemory {
+            kind: engram_domain::model::Kind::Message,
+            role: "user".into(),
+            ..NewMemory::text("a turn about to be forgotten")
+        },
+        Timestamp::now(),
+    );
+
+    // The reader sees the epoch, reads the index (the turn is still there), and is slow.
+    let seen = history.epoch(&tenant, "ivy").await.expect("Redis is up");
+    let read = vec![turn.clone()];
+    // Meanwhile the user is forgotten.
+    history.invalidate_user(&tenant, "ivy").await;
+    history.fill(&tenant, &session, &read, &seen).await;
+    assert!(
+        history.recent(&tenant, &session, 10).await.is_none(),
+        "turns read before the Forget were cached after it"
+    );
+
+    // A reader after the Forget fills as usual.
+    let now = history.epoch(&tenant, "ivy").await.expect("Redis is up");
+    assert_ne!(now, seen);
+    history.fill(&tenant, &session, &[], &now).await;
+    assert_eq!(
+        history.recent(&tenant, &session, 10).await,
+        Some(Vec::new())
+    );
+    sandbox.stop().await;
+}
