@@ -228,6 +228,31 @@ impl TwoLevelCache {
         self.put_many(vec![(key, value)]).await;
     }
 
+    /// Drop entries from both levels; how many Redis held. Unlike `put`, a Redis failure is
+    /// an error: an erasure must not pass for done.
+    pub async fn remove_many(&self, keys: &[String]) -> Result<u64, String> {
+        for key in keys {
+            self.local.invalidate(key).await;
+        }
+        self.report_size();
+        let Some(redis) = &self.redis else {
+            return Ok(0);
+        };
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let prefixed: Vec<String> = keys.iter().map(|k| format!("{}{k}", self.prefix)).collect();
+        redis
+            .best_effort("del", |mut conn| async move {
+                ::redis::cmd("DEL")
+                    .arg(prefixed)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await
+            .ok_or_else(|| "Redis did not take the deletion".to_string())
+    }
+
     /// Forget everything in the in-process level (Redis keeps its entries).
     pub async fn clear_local(&self) {
         self.local.invalidate_all();

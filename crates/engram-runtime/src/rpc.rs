@@ -141,6 +141,26 @@ pub struct EmbedderGrpc {
     limits: Limits,
 }
 
+/// An Embed or Forget request's texts: at least one, at most a batch, none over the limit.
+fn texts_in_bounds(texts: &[String], limits: &Limits) -> Result<()> {
+    if texts.is_empty() {
+        return Err(Error::invalid("texts", "at least one text is required"));
+    }
+    if texts.len() > limits.max_batch {
+        return Err(Error::invalid(
+            "texts",
+            format!("at most {} texts per request", limits.max_batch),
+        ));
+    }
+    if let Some(i) = texts.iter().position(|t| t.len() > limits.max_text_bytes) {
+        return Err(Error::invalid(
+            format!("texts[{i}]"),
+            format!("over the limit of {} bytes", limits.max_text_bytes),
+        ));
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl ipb::embedder_server::Embedder for EmbedderGrpc {
     async fn embed(
@@ -149,27 +169,7 @@ impl ipb::embedder_server::Embedder for EmbedderGrpc {
     ) -> Result<Response<ipb::EmbedResponse>, Status> {
         let request = request.into_inner();
         let purpose = purpose_from_pb(request.purpose)?;
-        if request.texts.is_empty() {
-            return Err(Error::invalid("texts", "at least one text is required").into());
-        }
-        if request.texts.len() > self.limits.max_batch {
-            return Err(Error::invalid(
-                "texts",
-                format!("at most {} texts per request", self.limits.max_batch),
-            )
-            .into());
-        }
-        if let Some(i) = request
-            .texts
-            .iter()
-            .position(|t| t.len() > self.limits.max_text_bytes)
-        {
-            return Err(Error::invalid(
-                format!("texts[{i}]"),
-                format!("over the limit of {} bytes", self.limits.max_text_bytes),
-            )
-            .into());
-        }
+        texts_in_bounds(&request.texts, &self.limits)?;
         let embeddings = self.inner.embed(request.texts, purpose).await?;
         Ok(Response::new(ipb::EmbedResponse {
             embeddings: embeddings
@@ -180,6 +180,17 @@ impl ipb::embedder_server::Embedder for EmbedderGrpc {
             model: embeddings.model,
             dimension: u32::try_from(embeddings.dimension).unwrap_or(u32::MAX),
         }))
+    }
+
+    async fn forget(
+        &self,
+        request: Request<ipb::EmbedRequest>,
+    ) -> Result<Response<ipb::ForgetEmbeddingsResponse>, Status> {
+        let request = request.into_inner();
+        let purpose = purpose_from_pb(request.purpose)?;
+        texts_in_bounds(&request.texts, &self.limits)?;
+        let removed = self.inner.forget(request.texts, purpose).await?;
+        Ok(Response::new(ipb::ForgetEmbeddingsResponse { removed }))
     }
 }
 
@@ -232,6 +243,19 @@ impl Embedder for EmbedderClient {
             dimension,
             vectors: response.embeddings.into_iter().map(|e| e.values).collect(),
         })
+    }
+
+    async fn forget(&self, texts: Vec<String>, purpose: Purpose) -> Result<u64> {
+        let response = self
+            .client
+            .clone()
+            .forget(ipb::EmbedRequest {
+                texts,
+                purpose: purpose_to_pb(purpose).into(),
+            })
+            .await?
+            .into_inner();
+        Ok(response.removed)
     }
 }
 

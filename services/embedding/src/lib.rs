@@ -472,6 +472,17 @@ impl Embedder for EmbeddingService {
             vectors: vectors.into_iter().flatten().collect(),
         })
     }
+
+    async fn forget(&self, texts: Vec<String>, purpose: Purpose) -> Result<u64> {
+        let keys: Vec<String> = texts.iter().map(|t| self.cache_key(purpose, t)).collect();
+        self.cache
+            .remove_many(&keys)
+            .await
+            .map_err(|reason| Error::Unavailable {
+                reason: format!("the embedding cache could not drop forgotten texts: {reason}"),
+                retry_after: None,
+            })
+    }
 }
 
 /// Every embedding setting is checked as it is parsed; the provider's key is read at start-up.

@@ -6,9 +6,9 @@
 use std::collections::HashSet;
 
 use engram_domain::api::{
-    Fence, ForgetTarget, IndexOp, IndexWrites, IndexedMemory, Purpose, UpdateCommand,
+    Fence, ForgetTarget, IndexOp, IndexWrites, IndexedMemory, ListQuery, Purpose, UpdateCommand,
 };
-use engram_domain::model::{Memory, MemoryId, TenantId, Timestamp};
+use engram_domain::model::{Filter, Memory, MemoryId, Scope, TenantId, Timestamp};
 use engram_domain::{Error, Result};
 
 use crate::Pipeline;
@@ -117,13 +117,14 @@ impl Pipeline {
         let ops = match target {
             ForgetTarget::Ids(ids) => {
                 let removed: HashSet<MemoryId> = ids.iter().copied().collect();
-                let changed: Vec<(Memory, Option<String>)> = self
-                    .stored_of(tenant, ids.clone())
-                    .await?
-                    .into_iter()
-                    .map(|m| (m, None))
-                    .collect();
+                let mut forgotten = self.stored_of(tenant, ids.clone()).await?;
+                forgotten.sort_by_key(|m| m.id);
+                let changed: Vec<(Memory, Option<String>)> =
+                    forgotten.iter().map(|m| (m.clone(), None)).collect();
                 let following = turns::following(&*self.index, tenant, &changed, &removed).await?;
+                let followers: Vec<Memory> = following.iter().map(|f| f.turn.clone()).collect();
+                self.forget_embeddings(tenant, &forgotten, &followers)
+                    .await?;
                 let mut ops = self
                     .upserts(
                         following
@@ -135,9 +136,88 @@ impl Pipeline {
                 ops.push(IndexOp::DeleteIds(ids));
                 ops
             }
-            ForgetTarget::Scope(scope) => vec![IndexOp::DeleteScope(scope)],
+            ForgetTarget::Scope(scope) => {
+                let forgotten = self.listed(tenant, &scope).await?;
+                self.forget_embeddings(tenant, &forgotten, &[]).await?;
+                vec![IndexOp::DeleteScope(scope)]
+            }
         };
         let outcome = self.index.apply(tenant, IndexWrites { ops, fence }).await?;
         Ok(outcome.deleted)
+    }
+
+    /// Every memory of `scope` (empty agent or session: any), oldest first.
+    async fn listed(&self, tenant: &TenantId, scope: &Scope) -> Result<Vec<Memory>> {
+        let mut memories = Vec::new();
+        let mut page_token = None;
+        loop {
+            let page = self
+                .index
+                .list(
+                    tenant,
+                    ListQuery {
+                        scope: scope.clone(),
+                        filter: Filter::default(),
+                        page_size: self.limits.max_page_size,
+                        page_token,
+                        after_write_token: None,
+                    },
+                )
+                .await?;
+            memories.extend(page.memories);
+            match page.next_page_token {
+                Some(next) => page_token = Some(next),
+                None => break,
+            }
+        }
+        memories.sort_by_key(|m| m.id);
+        Ok(memories)
+    }
+
+    /// Drop from the embedding cache every text the memories about to be forgotten were
+    /// embedded as (alone and, for a turn, with the turn before it), and the texts `followers`
+    /// (the turns after them, embedded with them as context) were embedded as. Before the
+    /// deletion, while the index still knows the turns before them; an error stops the Forget,
+    /// to be tried again.
+    async fn forget_embeddings(
+        &self,
+        tenant: &TenantId,
+        forgotten: &[Memory],
+        followers: &[Memory],
+    ) -> Result<()> {
+        let previous = turns::previous_texts(&*self.index, tenant, forgotten).await?;
+        let mut texts: Vec<String> = Vec::new();
+        for (memory, previous) in forgotten.iter().zip(previous) {
+            texts.push(memory.text.clone());
+            if let Some(previous) = previous {
+                texts.push(turns::in_context(&previous, &memory.text));
+            }
+        }
+        for follower in followers {
+            let before =
+                turns::previous_texts(&*self.index, tenant, std::slice::from_ref(follower))
+                    .await?
+                    .pop()
+                    .flatten();
+            if let Some(before) = before {
+                texts.push(turns::in_context(&before, &follower.text));
+            }
+        }
+        texts.retain(|t| t.len() <= self.limits.max_text_bytes);
+        texts.sort();
+        texts.dedup();
+        let mut removed = 0;
+        for chunk in texts.chunks(self.limits.max_batch.max(1)) {
+            removed += self
+                .embedder
+                .forget(chunk.to_vec(), Purpose::Document)
+                .await?;
+        }
+        tracing::debug!(
+            texts = texts.len(),
+            removed,
+            "forgotten texts dropped from the embedding cache"
+        );
+        Ok(())
     }
 }

@@ -968,3 +968,113 @@ async fn forget_waits_for_the_log_while_redis_is_down_so_older_writes_cannot_ove
     workers.stop().await;
     sandbox.stop().await;
 }
+
+/// The hex digest the embedding cache names a text's entry by.
+fn cache_hash(text: &str) -> String {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(text.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The embedding cache's keys in the sandbox's Redis.
+async fn embedding_cache_keys(sandbox: &Sandbox) -> Vec<String> {
+    let client = redis::Client::open(sandbox.redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("KEYS")
+        .arg("engram:embeddings:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A Forget drops the vectors of what it forgets from the embedding cache: each forgotten
+/// turn's text, its text with the turn before it, and the text of the turn after it embedded
+/// with it; other users' entries stay.
+#[tokio::test]
+async fn forget_drops_the_forgotten_texts_from_the_embedding_cache() {
+    let fake = FakeProvider::start(DIM).await;
+    let sandbox = Sandbox::start_with(None, Options::with_fake(&fake, DIM, fast_policy())).await;
+    let mut client = sandbox.client().await;
+    let turns = [
+        "we sailed to the lake",
+        "the boat was green",
+        "then it rained",
+    ];
+    let mut ids = Vec::new();
+    for (user, text) in [
+        ("uma", turns[0]),
+        ("uma", turns[1]),
+        ("uma", turns[2]),
+        ("vic", "vic's own turn"),
+    ] {
+        let written = client
+            .remember(pb::RememberRequest {
+                scope: Some(pb::Scope {
+                    user_id: user.into(),
+                    session_id: "s".into(),
+                    ..Default::default()
+                }),
+                memories: vec![pb::MemoryInput {
+                    text: text.into(),
+                    kind: pb::Kind::Message.into(),
+                    role: "user".into(),
+                    ..Default::default()
+                }],
+                mode: pb::WriteMode::Sync.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(written.results[0].id.clone());
+    }
+    let cached = |keys: &[String], text: &str| keys.iter().any(|k| k.ends_with(&cache_hash(text)));
+    let keys = embedding_cache_keys(&sandbox).await;
+    for text in [
+        turns[0],
+        turns[1],
+        &format!("{}\n{}", turns[0], turns[1]),
+        &format!("{}\n{}", turns[1], turns[2]),
+        "vic's own turn",
+    ] {
+        assert!(cached(&keys, text), "{text:?} is not cached: {keys:?}");
+    }
+
+    // Forgetting the middle turn: its texts and the next turn's text with it are dropped.
+    let forgotten = client
+        .forget(forget_ids(std::slice::from_ref(&ids[1])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forgotten.forgotten, 1);
+    let keys = embedding_cache_keys(&sandbox).await;
+    for text in [
+        turns[1],
+        &format!("{}\n{}", turns[0], turns[1]),
+        &format!("{}\n{}", turns[1], turns[2]),
+    ] {
+        assert!(!cached(&keys, text), "{text:?} is still cached");
+    }
+    assert!(cached(&keys, turns[0]));
+    // The turn after it was embedded again with the turn now before it.
+    assert!(cached(&keys, &format!("{}\n{}", turns[0], turns[2])));
+
+    // Forgetting the user drops the rest of theirs; another user's entries stay.
+    client
+        .forget(pb::ForgetRequest {
+            target: Some(pb::forget_request::Target::Scope(pb::Scope {
+                user_id: "uma".into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap();
+    let keys = embedding_cache_keys(&sandbox).await;
+    for text in [turns[0], turns[2], &format!("{}\n{}", turns[0], turns[2])] {
+        assert!(!cached(&keys, text), "{text:?} is still cached");
+    }
+    assert!(cached(&keys, "vic's own turn"));
+    sandbox.stop().await;
+}
