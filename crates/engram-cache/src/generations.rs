@@ -114,8 +114,8 @@ impl Generations {
     }
 
     /// Start new generations of `keys`: values cached under the old ones are unreachable
-    /// from now on. A bump Redis does not take is owed (see the module docs); whether none is
-    /// owed any more.
+    /// from now on. A bump Redis does not take is owed (see the module docs); whether these
+    /// keys' bumps are paid.
     pub async fn bump(&self, keys: &[String]) -> bool {
         if keys.is_empty() {
             return true;
@@ -133,7 +133,11 @@ impl Generations {
                 owed.insert(key.clone(), self.counter.fetch_add(1, Ordering::Relaxed));
             }
         }
-        self.pay_owed(redis).await
+        self.pay_owed(redis).await;
+        // Paid unless one of these keys still owes (other keys owing, from concurrent bumps,
+        // are not this caller's concern).
+        let owed = self.owed.lock();
+        keys.iter().all(|key| !owed.contains_key(key))
     }
 
     /// Write the owed bumps; whether none is left owing.

@@ -72,11 +72,12 @@ fn epoch_key(tenant: &TenantId, user_id: &str) -> String {
 /// What a user's epoch reads as before any invalidation (or after it expired).
 const NO_EPOCH: &str = "0";
 
-/// Fill a session's list if the user's epoch is still the one the filler saw. KEYS: list,
-/// sessions set, epoch. ARGV: epoch seen, ttl seconds, then the entries. Returns 1 if filled.
+/// Fill a session's list if the user's epoch is still the one the filler saw and no other
+/// filler got there first (its list may have appended turns since). KEYS: list, sessions set,
+/// epoch. ARGV: epoch seen, ttl seconds, then the entries. Returns 1 if filled.
 const FILL: &str = r"
 if (redis.call('GET', KEYS[3]) or '0') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 for i = 3, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[2], KEYS[1])
@@ -197,6 +198,7 @@ impl History {
         let mut pipe = redis::pipe();
         for memory in turns {
             let key = key(tenant, &memory.scope);
+            let sessions = sessions_key(tenant, &memory.scope.user_id);
             pipe.cmd("RPUSHX")
                 .arg(&key)
                 .arg(convert::memory(memory).encode_to_vec())
@@ -204,6 +206,10 @@ impl History {
                 .ltrim(&key, -(MAX_TURNS as isize) - 1, -1)
                 .ignore()
                 .expire(&key, ttl)
+                .ignore()
+                // The user's set of lists lives as long as any of them, so forgetting the
+                // user finds every one.
+                .expire(&sessions, ttl)
                 .ignore();
         }
         let _: Option<()> = redis

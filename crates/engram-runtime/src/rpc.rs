@@ -253,7 +253,15 @@ impl Embedder for EmbedderClient {
                 texts,
                 purpose: purpose_to_pb(purpose).into(),
             })
-            .await?
+            .await
+            .map_err(|status| match status.code() {
+                // An embedding service older than this one (a rolling upgrade): the erasure
+                // waits for it to be upgraded.
+                Code::Unimplemented => Error::unavailable(
+                    "the embedding service cannot drop cached vectors yet (an older release); upgrade it",
+                ),
+                _ => Error::from(status),
+            })?
             .into_inner();
         Ok(response.removed)
     }

@@ -531,6 +531,16 @@ impl WriteLog {
             .collect())
     }
 
+    /// Delete keys the log holds for writes (de-duplication reservations, pending keys) of
+    /// memories being forgotten; how many there were.
+    pub async fn drop_keys(&self, keys: Vec<String>) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.run(|mut conn| async move { redis::cmd("DEL").arg(keys).query_async(&mut conn).await })
+            .await
+    }
+
     /// How many memories the Forget at `entry` deleted, once it is applied.
     pub async fn forgot(&self, partition: u32, entry: EntryId) -> Result<u64> {
         let outcome: Option<Vec<u8>> = self

@@ -101,6 +101,11 @@ impl Pipeline {
                 "fact extraction needs a chat model: set ENGRAM_CHAT_BASE_URL on the ingestion service".into(),
             ));
         };
+        // A source forgotten (or changed) before its turn came is not sent to the model.
+        if !self.may_stand(tenant, source).await? {
+            tracing::debug!(source = %source.id, "extraction skipped: its memory is gone or changed");
+            return Ok(0);
+        }
         let speaker = if source.role.is_empty() {
             String::new()
         } else {
@@ -217,6 +222,26 @@ impl Pipeline {
             .iter()
             .filter(|r| r.status == WriteStatus::Created)
             .count() as u64)
+    }
+
+    /// Whether `source` may still stand as it was read: stored unchanged, or its write still in
+    /// the log (not indexed yet). When the log cannot say, it may.
+    async fn may_stand(&self, tenant: &TenantId, source: &Memory) -> Result<bool> {
+        let derived = Derivation {
+            source: source.id,
+            source_hash: source.content_hash.clone(),
+        };
+        if self.stands(tenant, &derived).await? {
+            return Ok(true);
+        }
+        let Some(logs) = &self.logs else {
+            return Ok(false);
+        };
+        Ok(logs
+            .write
+            .pending(tenant, &[source.id])
+            .await
+            .map_or(true, |found| found.first().is_some_and(Option::is_some)))
     }
 
     /// Whether the source of a derived write is still stored as it was read (not forgotten,

@@ -78,6 +78,7 @@ impl Pipeline {
         fence: Option<Fence>,
     ) -> Result<Memory> {
         let stored = self.stored(tenant, command.id).await?;
+        let stored_scope = stored.scope.clone();
         let mut memory = stored.clone();
         memory.apply_patch(command.patch, Timestamp::now());
         let moved = memory.scope != stored.scope || memory.kind != stored.kind;
@@ -103,6 +104,9 @@ impl Pipeline {
         upserts.extend(following.into_iter().map(|f| (f.turn, f.previous)));
         let ops = self.upserts(upserts).await?;
         self.index.apply(tenant, IndexWrites { ops, fence }).await?;
+        self.history
+            .invalidate(tenant, &[stored_scope, memory.scope.clone()])
+            .await;
         Ok(memory)
     }
 
@@ -114,6 +118,9 @@ impl Pipeline {
         target: ForgetTarget,
         fence: Option<Fence>,
     ) -> Result<u64> {
+        // Whose cached session histories held what is forgotten.
+        let mut sessions: Vec<Scope> = Vec::new();
+        let mut user = None;
         let ops = match target {
             ForgetTarget::Ids(ids) => {
                 let removed: HashSet<MemoryId> = ids.iter().copied().collect();
@@ -123,8 +130,9 @@ impl Pipeline {
                     forgotten.iter().map(|m| (m.clone(), None)).collect();
                 let following = turns::following(&*self.index, tenant, &changed, &removed).await?;
                 let followers: Vec<Memory> = following.iter().map(|f| f.turn.clone()).collect();
-                self.forget_embeddings(tenant, &forgotten, &followers)
+                self.forget_embeddings(tenant, &forgotten, &followers, false)
                     .await?;
+                sessions = forgotten.iter().map(|m| m.scope.clone()).collect();
                 let mut ops = self
                     .upserts(
                         following
@@ -138,12 +146,53 @@ impl Pipeline {
             }
             ForgetTarget::Scope(scope) => {
                 let forgotten = self.listed(tenant, &scope).await?;
-                self.forget_embeddings(tenant, &forgotten, &[]).await?;
+                // Whole sessions when no agent is named: each turn's previous turn is listed too.
+                let whole_sessions = scope.agent_id.is_empty();
+                self.forget_embeddings(tenant, &forgotten, &[], whole_sessions)
+                    .await?;
+                user = Some(scope.user_id.clone());
                 vec![IndexOp::DeleteScope(scope)]
             }
         };
         let outcome = self.index.apply(tenant, IndexWrites { ops, fence }).await?;
+        // Here, where the deletion is done (the caller's wait may have given up before it): a
+        // history rebuilt from the index before the deletion is not cached after it.
+        match user {
+            Some(user) => self.history.invalidate_user(tenant, &user).await,
+            None => self.history.invalidate(tenant, &sessions).await,
+        }
         Ok(outcome.deleted)
+    }
+
+    /// Drop what the write log still holds about memories being forgotten: their
+    /// de-duplication reservations (named by their content hash or idempotency key) and where
+    /// their writes were (their pending keys), which would otherwise live a little longer.
+    async fn forget_log_keys(&self, tenant: &TenantId, forgotten: &[Memory]) -> Result<()> {
+        let Some(logs) = &self.logs else {
+            return Ok(());
+        };
+        let mut keys = Vec::new();
+        for memory in forgotten {
+            keys.push(engram_writelog::pending_key(tenant, &memory.id.to_string()));
+            keys.push(crate::logged::reservation(
+                tenant,
+                &memory.scope,
+                "h",
+                &memory.content_hash,
+            ));
+            if !memory.idempotency_key.is_empty() {
+                keys.push(crate::logged::reservation(
+                    tenant,
+                    &memory.scope,
+                    "k",
+                    &memory.idempotency_key,
+                ));
+            }
+        }
+        for chunk in keys.chunks(1000) {
+            logs.write.drop_keys(chunk.to_vec()).await?;
+        }
+        Ok(())
     }
 
     /// Every memory of `scope` (empty agent or session: any), oldest first.
@@ -179,45 +228,66 @@ impl Pipeline {
     /// (the turns after them, embedded with them as context) were embedded as. Before the
     /// deletion, while the index still knows the turns before them; an error stops the Forget,
     /// to be tried again.
+    /// `whole_sessions`: `forgotten` holds every turn of their sessions, oldest first, so each
+    /// turn's previous one is the one before it there; otherwise each is looked up.
     async fn forget_embeddings(
         &self,
         tenant: &TenantId,
         forgotten: &[Memory],
         followers: &[Memory],
+        whole_sessions: bool,
     ) -> Result<()> {
-        let previous = turns::previous_texts(&*self.index, tenant, forgotten).await?;
-        let mut texts: Vec<String> = Vec::new();
+        let previous = if whole_sessions {
+            turns::previous_texts(&*self.index, tenant, forgotten).await?
+        } else {
+            self.previous_each(tenant, forgotten).await?
+        };
+        let mut documents: Vec<String> = Vec::new();
         for (memory, previous) in forgotten.iter().zip(previous) {
-            texts.push(memory.text.clone());
+            documents.push(memory.text.clone());
             if let Some(previous) = previous {
-                texts.push(turns::in_context(&previous, &memory.text));
+                documents.push(turns::in_context(&previous, &memory.text));
             }
         }
-        for follower in followers {
-            let before =
-                turns::previous_texts(&*self.index, tenant, std::slice::from_ref(follower))
+        for (follower, before) in followers
+            .iter()
+            .zip(self.previous_each(tenant, followers).await?)
+        {
+            if let Some(before) = before {
+                documents.push(turns::in_context(&before, &follower.text));
+            }
+        }
+        // A memory's own text may have been a query too (a Converse message, a fact's check).
+        let queries: Vec<String> = forgotten.iter().map(|m| m.text.clone()).collect();
+        self.forget_log_keys(tenant, forgotten).await?;
+        let mut removed = 0;
+        for (purpose, mut texts) in [(Purpose::Document, documents), (Purpose::Query, queries)] {
+            texts.retain(|t| t.len() <= self.limits.max_text_bytes);
+            texts.sort();
+            texts.dedup();
+            for chunk in texts.chunks(self.limits.max_batch.max(1)) {
+                removed += self.embedder.forget(chunk.to_vec(), purpose).await?;
+            }
+        }
+        tracing::debug!(removed, "forgotten texts dropped from the embedding cache");
+        Ok(())
+    }
+
+    /// For each memory, the text of the turn before it in the index, looked up alone.
+    async fn previous_each(
+        &self,
+        tenant: &TenantId,
+        memories: &[Memory],
+    ) -> Result<Vec<Option<String>>> {
+        let mut previous = Vec::with_capacity(memories.len());
+        for memory in memories {
+            previous.push(
+                turns::previous_texts(&*self.index, tenant, std::slice::from_ref(memory))
                     .await?
                     .pop()
-                    .flatten();
-            if let Some(before) = before {
-                texts.push(turns::in_context(&before, &follower.text));
-            }
+                    .flatten(),
+            );
         }
-        texts.retain(|t| t.len() <= self.limits.max_text_bytes);
-        texts.sort();
-        texts.dedup();
-        let mut removed = 0;
-        for chunk in texts.chunks(self.limits.max_batch.max(1)) {
-            removed += self
-                .embedder
-                .forget(chunk.to_vec(), Purpose::Document)
-                .await?;
-        }
-        tracing::debug!(
-            texts = texts.len(),
-            removed,
-            "forgotten texts dropped from the embedding cache"
-        );
-        Ok(())
+        Ok(previous)
     }
 }

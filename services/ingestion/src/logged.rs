@@ -15,7 +15,7 @@ use crate::remember::Resolved;
 
 /// A de-duplication reservation's key: by idempotency key (`k`) or content hash (`h`) within
 /// the exact scope.
-fn reservation(tenant: &TenantId, scope: &Scope, by: &str, value: &str) -> String {
+pub(crate) fn reservation(tenant: &TenantId, scope: &Scope, by: &str, value: &str) -> String {
     format!(
         "engram:dedup:{}:{}:{by}:{value}",
         tenant.as_str(),

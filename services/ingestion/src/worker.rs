@@ -203,6 +203,21 @@ fn permanent(e: &Error) -> bool {
     )
 }
 
+/// Whether a failure of an entry is a wait rather than its fault: an Update, a Forget or an
+/// extraction that met an outage (UNAVAILABLE: a cache's Redis, a provider) or backpressure
+/// (RESOURCE_EXHAUSTED: the write log behind) is tried again later, never charged towards the
+/// dead-letter stream — an erasure must not be dropped because Redis hiccuped.
+fn waits(decoded: &Result<LoggedWrite>, e: &Error) -> bool {
+    let change = matches!(
+        decoded,
+        Ok(LoggedWrite {
+            op: LogOp::Update(_) | LogOp::Forget(_) | LogOp::Extract(_),
+            ..
+        })
+    );
+    change && matches!(e.code(), Code::Unavailable | Code::ResourceExhausted)
+}
+
 /// How a step works through its entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pace {
@@ -511,6 +526,10 @@ impl PartitionWorker {
         epoch: u64,
     ) -> Result<AfterFailure> {
         let p = self.partition;
+        if waits(decoded, e) {
+            tracing::info!(partition = p, entry = %entry.id, error = %e, "a change or an extraction waits for a dependency; will retry");
+            return Ok(AfterFailure::Stop);
+        }
         let failures = if permanent(e) {
             None
         } else if pace == Pace::Careful {
@@ -568,6 +587,12 @@ impl PartitionWorker {
     /// forgotten or changed since they were extracted (by a change logged before them).
     async fn standing(&self, tenant: &TenantId, writes: &[&LoggedWrite]) -> Result<Vec<Memory>> {
         let mut sources: HashMap<MemoryId, bool> = HashMap::new();
+        // A source written earlier in this run is not in the index yet, but stands.
+        for write in writes {
+            if let LogOp::Remember(memory) = &write.op {
+                sources.insert(memory.id, true);
+            }
+        }
         let mut memories = Vec::new();
         for write in writes {
             let LogOp::Remember(memory) = &write.op else {
