@@ -656,8 +656,7 @@ impl VectorStore for EdgeStore {
         if content_hashes.is_empty() && idempotency_keys.is_empty() {
             return Ok(Vec::new());
         }
-        // Each hash or key can match at most a few memories; bound the scan generously.
-        let limit = (content_hashes.len() + idempotency_keys.len()) * 4;
+        let limit = filter::duplicates_limit(&content_hashes, &idempotency_keys);
         let filter =
             filter::duplicates(tenant, scope, &content_hashes, &idempotency_keys).to_edge();
         self.read("find_duplicates", move |inner| {

@@ -113,6 +113,11 @@ pub fn scope(tenant_id: &TenantId, scope: &Scope) -> Conditions {
     all(scope_conditions(tenant_id, scope))
 }
 
+/// How many memories a duplicate look-up reads at most: each hash or key can match a few.
+pub fn duplicates_limit(content_hashes: &[String], idempotency_keys: &[String]) -> usize {
+    (content_hashes.len() + idempotency_keys.len()) * 4
+}
+
 /// Memories of exactly this scope with one of these hashes or keys.
 pub fn duplicates(
     tenant_id: &TenantId,

@@ -454,7 +454,7 @@ impl VectorStore for RemoteStore {
         if content_hashes.is_empty() && idempotency_keys.is_empty() {
             return Ok(Vec::new());
         }
-        let limit = (content_hashes.len() + idempotency_keys.len()) * 4;
+        let limit = filter::duplicates_limit(&content_hashes, &idempotency_keys);
         let conditions = filter::duplicates(tenant, scope, &content_hashes, &idempotency_keys);
         let (memories, _) = self.scroll(&conditions, limit, None).await?;
         Ok(memories

@@ -154,6 +154,11 @@ const MONTHS: [&str; 12] = [
     "december",
 ];
 
+/// Whether `word` (lower case) is a month's full name.
+pub fn is_month_name(word: &str) -> bool {
+    MONTHS.contains(&word)
+}
+
 /// The month a name or its three-letter abbreviation ("may", "Sept", "dec.") names.
 pub fn month(word: &str) -> Option<u32> {
     let word = word.trim_end_matches('.').to_ascii_lowercase();

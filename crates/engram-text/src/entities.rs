@@ -167,25 +167,6 @@ const COMMON: &[&str] = &[
     "your",
     "yours",
     "yup",
-    "monday",
-    "tuesday",
-    "wednesday",
-    "thursday",
-    "friday",
-    "saturday",
-    "sunday",
-    "january",
-    "february",
-    "march",
-    "april",
-    "may",
-    "june",
-    "july",
-    "august",
-    "september",
-    "october",
-    "november",
-    "december",
     "today",
     "tomorrow",
     "yesterday",
@@ -260,9 +241,12 @@ const UNITS: &[&str] = &[
     "kwh", "w", "kw", "mph", "kmh", "l", "ml", "am", "pm",
 ];
 
+/// A word too common to be an entity: a stop word, a weekday or a month name.
 fn is_common(word: &str) -> bool {
     let lower = word.to_lowercase();
     COMMON.contains(&lower.as_str())
+        || crate::calendar::weekday(&lower).is_some()
+        || crate::calendar::is_month_name(&lower)
 }
 
 /// Punctuation trimmed off both ends of a word before it is judged.
@@ -407,6 +391,17 @@ pub fn extract(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weekdays_and_month_names_are_too_common_to_be_entities() {
+        for word in ["Monday", "sunday", "March", "December", "today"] {
+            assert!(is_common(word), "{word}");
+        }
+        // Abbreviations may be names ("Jan"); other words are not common.
+        for word in ["Jan", "Caroline", "Porto"] {
+            assert!(!is_common(word), "{word}");
+        }
+    }
 
     #[test]
     fn finds_each_kind_of_entity() {
