@@ -954,6 +954,22 @@ async fn a_relevance_floor_leaves_unrelated_memories_out_of_the_context() {
     sandbox.stop().await;
 }
 
+/// Wait until every partition of `log` has nothing left to index.
+async fn drained(what: &str, log: engram_writelog::WriteLog) {
+    eventually(what, || {
+        let log = log.clone();
+        async move {
+            for p in 0..log.partitions() {
+                if log.depth(p).await.ok()?.backlog > 0 {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+}
+
 /// A message forgotten while its fact extraction waits for the chat model (down during the
 /// Forget, up after) leaves no facts behind: the extraction finds its source gone before it
 /// asks the model again, and facts already on their way are dropped by the worker that would
@@ -1000,32 +1016,12 @@ async fn facts_of_a_message_forgotten_while_extraction_lags_are_never_stored() {
     fake.set_chat_default(ChatBehavior::Text(
         r#"{"facts": ["Hal lives in Lisbon.", "Hal has a dog named Rex."]}"#.into(),
     ));
-    let extraction = sandbox.write_log().with_prefix("engram:extract");
-    eventually("the extraction log drained", || {
-        let extraction = extraction.clone();
-        async move {
-            for p in 0..extraction.partitions() {
-                if extraction.depth(p).await.ok()?.backlog > 0 {
-                    return None;
-                }
-            }
-            Some(())
-        }
-    })
+    drained(
+        "the extraction log",
+        sandbox.write_log().with_prefix("engram:extract"),
+    )
     .await;
-    let writes = sandbox.write_log();
-    eventually("the write log drained", || {
-        let writes = writes.clone();
-        async move {
-            for p in 0..writes.partitions() {
-                if writes.depth(p).await.ok()?.backlog > 0 {
-                    return None;
-                }
-            }
-            Some(())
-        }
-    })
-    .await;
+    drained("the write log", sandbox.write_log()).await;
     let left = client
         .list(pb::ListRequest {
             scope: scope("hal", ""),
