@@ -1,14 +1,14 @@
 //! Update and Forget. With the write log, each travels the partition of the user whose
 //! memories it changes, behind that user's earlier writes, and is waited for; without it (or
 //! while it is away) it is applied directly. Changed or forgotten turns drop their session's
-//! cached history.
+//! cached history where the change is applied ([`crate::index`]).
 
 use std::collections::BTreeMap;
 
 use engram_domain::api::{
     ForgetOutcome, ForgetTarget, LogOp, UpdateCommand, UpdateOutcome, WriteState, WriteToken,
 };
-use engram_domain::model::{Memory, MemoryId, Scope, TenantId};
+use engram_domain::model::{Memory, MemoryId, TenantId};
 use engram_domain::{Error, Result};
 use engram_writelog::{AppendError, WriteLog};
 
@@ -83,10 +83,6 @@ impl Pipeline {
                 Ok(token) => {
                     self.wait(logs, token).await?;
                     let memory = self.stored(tenant, command.id).await?;
-                    // A changed turn: the session's cached history is rebuilt from the index.
-                    self.history
-                        .invalidate(tenant, &[stored.scope.clone(), memory.scope.clone()])
-                        .await;
                     return Ok(UpdateOutcome {
                         memory,
                         write_token: token,
@@ -117,11 +113,10 @@ impl Pipeline {
         };
         // Forgetting a scope goes to its user's partition; forgetting ids goes to the
         // partitions of the memories' users.
-        let (parts, touched): (Vec<(u32, ForgetTarget)>, Vec<Scope>) = match &target {
-            ForgetTarget::Scope(scope) => (
-                vec![(logs.write.partition_of(tenant, scope), target.clone())],
-                Vec::new(),
-            ),
+        let parts: Vec<(u32, ForgetTarget)> = match &target {
+            ForgetTarget::Scope(scope) => {
+                vec![(logs.write.partition_of(tenant, scope), target.clone())]
+            }
             ForgetTarget::Ids(ids) => {
                 let mut found = self.stored_of(tenant, ids.clone()).await?;
                 let missing: Vec<MemoryId> = ids
@@ -133,21 +128,10 @@ impl Pipeline {
                 if self.after_pending(logs, tenant, &missing).await? {
                     found.extend(self.stored_of(tenant, missing).await?);
                 }
-                (
-                    by_partition(&logs.write, tenant, &found),
-                    found.into_iter().map(|m| m.scope).collect(),
-                )
+                by_partition(&logs.write, tenant, &found)
             }
         };
-        let forgotten = self.forget_parts(logs, tenant, parts).await;
-        // Forgotten turns must not linger in a cached history.
-        match &target {
-            ForgetTarget::Scope(scope) => {
-                self.history.invalidate_user(tenant, &scope.user_id).await;
-            }
-            ForgetTarget::Ids(_) => self.history.invalidate(tenant, &touched).await,
-        }
-        let forgotten = forgotten?;
+        let forgotten = self.forget_parts(logs, tenant, parts).await?;
         Ok(ForgetOutcome {
             forgotten: forgotten.count,
             write_token: forgotten.token.unwrap_or(WriteToken::Indexed),
