@@ -34,15 +34,7 @@ fn main() -> ExitCode {
                 .collect(),
         );
         let sandbox = Sandbox::start().await;
-        let channel = engram_proto::tonic::transport::Endpoint::from_shared(format!(
-            "http://{}",
-            sandbox.addrs.embedding
-        ))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-        let client = EmbedderClient::new(channel);
+        let client = EmbedderClient::new(sandbox.internal_channel(sandbox.addrs.embedding).await);
         println!(
             "Embed RPC, one text per call; {} cores",
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -140,12 +132,13 @@ fn next_fresh(sentences: &[String], fresh: &AtomicUsize) -> String {
     format!("{} (note {n})", sentences[n % sentences.len()])
 }
 
-async fn embed(client: &EmbedderClient<engram_proto::tonic::transport::Channel>, text: String) {
+async fn embed(client: &EmbedderClient<engram_tests::InternalChannel>, text: String) {
     let response = client
         .clone()
         .embed(EmbedRequest {
             texts: vec![text],
             purpose: Purpose::Query as i32,
+            tenant: "bench".into(),
         })
         .await
         .unwrap();

@@ -66,10 +66,9 @@ fn main() -> ExitCode {
             top_k: 10,
             ..Default::default()
         };
-        let mut direct =
-            ipb::index_client::IndexClient::connect(format!("http://{}", sandbox.addrs.retrieval))
-                .await
-                .unwrap();
+        let mut direct = ipb::index_client::IndexClient::new(
+            sandbox.internal_channel(sandbox.addrs.retrieval).await,
+        );
         let search = ipb::SearchRequest {
             tenant: tenant.to_string(),
             recall: Some(recall.clone()),

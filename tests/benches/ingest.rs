@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use engram_domain::api::{WriteState, WriteToken};
+use engram_domain::api::WriteState;
 use engram_ingestion::LogArgs;
 use engram_telemetry::Metrics;
 use engram_tests::bench::ms;
@@ -110,7 +110,7 @@ fn main() -> ExitCode {
         let log = sandbox.write_log();
         for token in &last_tokens {
             let state = sandbox
-                .settled(WriteToken::decode(token).unwrap(), Duration::from_secs(600))
+                .settled(sandbox.write_token(token), Duration::from_secs(600))
                 .await
                 .unwrap();
             assert_eq!(state, WriteState::Indexed);
@@ -131,10 +131,11 @@ fn main() -> ExitCode {
         for n in 0..writes {
             tokio::time::sleep_until(begin + interval * n as u32).await;
             let (client, log, text) = (client.clone(), log.clone(), texts.next(1));
+            let seal = sandbox.token_seal();
             tasks.push(tokio::spawn(async move {
                 let sent = Instant::now();
                 let written = remember(&client, &format!("user-{}", n % USERS), text).await;
-                let token = WriteToken::decode(&written.write_token).unwrap();
+                let token = engram_tests::open_token(&seal, &written.write_token);
                 loop {
                     match log.status(token).await.unwrap() {
                         WriteState::Pending => tokio::time::sleep(Duration::from_millis(2)).await,

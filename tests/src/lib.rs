@@ -30,6 +30,23 @@ pub type ChatClient = engram_proto::v1::chat_service_client::ChatServiceClient<
     >,
 >;
 
+/// A channel to an internal port carrying the cluster's credential.
+pub type InternalChannel = engram_proto::tonic::service::interceptor::InterceptedService<
+    Channel,
+    engram_runtime::cluster_auth::Outgoing,
+>;
+
+/// The write behind a token the gateway (signing with `seal`) gave the tenant `default`.
+pub fn open_token(
+    seal: &engram_gateway::tokens::TokenSeal,
+    public: &str,
+) -> engram_domain::api::WriteToken {
+    let tenant = engram_domain::model::TenantId::default_tenant();
+    seal.open(&tenant, "write_token", public)
+        .and_then(|internal| engram_domain::api::WriteToken::decode(&internal))
+        .unwrap_or_else(|e| panic!("write token {public}: {e}"))
+}
+
 /// Helpers the benchmarks share.
 pub mod bench {
     /// Microseconds as milliseconds with two decimals.
@@ -184,6 +201,13 @@ impl Sandbox {
             .map(Path::to_path_buf)
             .unwrap_or_default();
         let mut common = options.common;
+        // Kept in the data directory, as `engram up` keeps it: a restarted sandbox accepts the
+        // write tokens its predecessor gave.
+        std::fs::create_dir_all(&data_dir).unwrap_or_else(|e| panic!("the data directory: {e}"));
+        common.cluster_secret = Some(
+            engram_cli::cluster::stored_secret(&data_dir)
+                .unwrap_or_else(|e| panic!("the cluster secret: {e}")),
+        );
         let redis = if options.redis {
             let persistence = if options.persistent_redis {
                 Persistence::AppendOnly
@@ -245,11 +269,34 @@ impl Sandbox {
         }
     }
 
+    /// How the sandbox's services reach each other: clients made with these carry the
+    /// cluster's credential.
+    pub fn peers(&self) -> engram_runtime::rpc::Peers {
+        engram_runtime::rpc::Peers::standalone(
+            Duration::from_secs(30),
+            self.common.cluster_secret.as_ref(),
+        )
+        .unwrap_or_else(|e| panic!("peers: {e}"))
+    }
+
+    /// A channel to one of the sandbox's internal ports whose calls carry the cluster's
+    /// credential, for the generated clients.
+    pub async fn internal_channel(&self, addr: SocketAddr) -> InternalChannel {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap_or_else(|e| panic!("address: {e}"))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {addr}: {e}"));
+        let outgoing =
+            engram_runtime::cluster_auth::Outgoing::new(self.common.cluster_secret.as_ref())
+                .unwrap_or_else(|e| panic!("credential: {e}"));
+        engram_proto::tonic::service::interceptor::InterceptedService::new(channel, outgoing)
+    }
+
     /// A client of the sandbox's retrieval service, as the other services have one.
     pub fn index(&self) -> engram_runtime::rpc::IndexClient {
-        let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
         engram_runtime::rpc::IndexClient::connect(
-            &peers,
+            &self.peers(),
             "retrieval",
             &format!("http://{}", self.addrs.retrieval),
         )
@@ -270,13 +317,30 @@ impl Sandbox {
         within: Duration,
     ) -> engram_domain::Result<engram_domain::api::WriteState> {
         use engram_domain::api::Ingestion as _;
-        let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
         let ingestion = engram_runtime::rpc::IngestionClient::connect(
-            &peers,
+            &self.peers(),
             "ingestion",
             &format!("http://{}", self.addrs.ingestion),
         )?;
         engram_runtime::writes::settled(token, within, |t| ingestion.status(t)).await
+    }
+
+    /// What the gateway signs write tokens with.
+    pub fn token_seal(&self) -> engram_gateway::tokens::TokenSeal {
+        let secret = self.common.cluster_secret.as_ref();
+        let secret =
+            secret.unwrap_or_else(|| unreachable!("a sandbox always has a cluster secret"));
+        engram_gateway::tokens::TokenSeal::new(secret)
+    }
+
+    /// The write behind a token the gateway gave the tenant `default`.
+    pub fn write_token(&self, public: &str) -> engram_domain::api::WriteToken {
+        open_token(&self.token_seal(), public)
+    }
+
+    /// The settings every service of the sandbox shares (its Redis, its cluster secret).
+    pub fn common(&self) -> &CommonArgs {
+        &self.common
     }
 
     pub fn data_dir(&self) -> &Path {

@@ -7,6 +7,7 @@
 //! service it calls already gone.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -270,4 +271,36 @@ async fn wait_serving(name: &str, addr: SocketAddr) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The cluster secret kept in the data directory (readable by its owner only), made on the
+/// first start: write tokens stay valid across restarts.
+pub fn stored_secret(dir: &Path) -> Result<engram_domain::ClusterSecret> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join("cluster.secret");
+    let unreadable = |e: String| {
+        Error::invalid(
+            engram_domain::settings::env::CLUSTER_SECRET,
+            format!("{}: {e}", path.display()),
+        )
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => return text.trim().parse().map_err(unreadable),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(unreadable(e.to_string()));
+        }
+        Err(_) => {}
+    }
+    let secret = engram_runtime::config::new_cluster_secret();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| unreadable(e.to_string()))?;
+    file.write_all(secret.expose().as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| unreadable(e.to_string()))?;
+    Ok(secret)
 }

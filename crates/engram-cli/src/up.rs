@@ -67,6 +67,9 @@ async fn start(args: UpArgs, mut common: CommonArgs) -> Result<()> {
     })?;
     // Before anything touches the directory's Redis or index.
     let _lock = lock_data_dir(&data_dir)?;
+    if common.cluster_secret.is_none() {
+        common.cluster_secret = Some(engram_cli::cluster::stored_secret(&data_dir)?);
+    }
     let mut redis = match &common.redis_url {
         Some(_) => None,
         None => {

@@ -43,10 +43,16 @@ pub struct Embeddings {
 
 #[async_trait]
 pub trait Embedder: Send + Sync + 'static {
-    async fn embed(&self, texts: Vec<String>, purpose: Purpose) -> Result<Embeddings>;
-    /// Drop the cached vectors of `texts` from every level of the embedding cache; how many
-    /// entries the shared level held.
-    async fn forget(&self, texts: Vec<String>, purpose: Purpose) -> Result<u64>;
+    /// Vectors of `tenant`'s `texts`, in order (cached per tenant).
+    async fn embed(
+        &self,
+        tenant: &TenantId,
+        texts: Vec<String>,
+        purpose: Purpose,
+    ) -> Result<Embeddings>;
+    /// Drop the cached vectors of `tenant`'s `texts` from every level of the embedding cache;
+    /// how many entries the shared level held.
+    async fn forget(&self, tenant: &TenantId, texts: Vec<String>, purpose: Purpose) -> Result<u64>;
 }
 
 /// A Redis Stream entry id: milliseconds and a sequence number, ordered as a pair.

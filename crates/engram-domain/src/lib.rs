@@ -20,7 +20,7 @@ pub mod validate;
 
 pub use error::{Error, Result};
 pub use limits::Limits;
-pub use secret::SecretUrl;
+pub use secret::{ClusterSecret, SecretUrl};
 
 /// Durations like `250ms`, `30s` or `5m` (the form of every duration setting).
 pub fn parse_duration(value: &str) -> std::result::Result<std::time::Duration, String> {

@@ -39,6 +39,8 @@ pub mod fixed {
     pub const MAX_METADATA_ENTRIES: usize = 64;
     pub const MAX_METADATA_KEY_BYTES: usize = 128;
     pub const MAX_METADATA_VALUE_BYTES: usize = 2048;
+    /// Most bytes of metadata keys and values of one memory, all entries together.
+    pub const MAX_METADATA_BYTES: usize = 16 * 1024;
     pub const MAX_TAGS: usize = 64;
     pub const MAX_TAG_BYTES: usize = 128;
     pub const MAX_FILTER_VALUES: usize = 64;

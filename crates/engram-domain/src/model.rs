@@ -190,6 +190,24 @@ pub struct Memory {
 }
 
 impl Memory {
+    /// About how many bytes this memory takes in an answer: its text, role, metadata, tags and
+    /// entities, and a fixed amount for the rest.
+    pub fn weight(&self) -> usize {
+        let strings = |v: &[String]| v.iter().map(|s| s.len() + 2).sum::<usize>();
+        self.text.len()
+            + self.role.len()
+            + self
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>()
+            + strings(&self.tags)
+            + strings(&self.entities)
+            + self.content_hash.len()
+            + self.idempotency_key.len()
+            + 200
+    }
+
     /// Whether this is a turn of a conversation: a message with a session.
     pub fn is_turn(&self) -> bool {
         self.kind == Kind::Message && !self.scope.session_id.is_empty()

@@ -111,9 +111,128 @@ pub fn redact_url(text: &str) -> String {
     }
 }
 
+/// The secret every service of one cluster shares (`ENGRAM_CLUSTER_SECRET`, at least
+/// [`ClusterSecret::MIN_LEN`] characters). Nothing uses it as it is: each use derives a key of
+/// its own from it ([`ClusterSecret::derive`]), so the credential internal calls carry on the
+/// wire reveals neither the secret nor the key that signs write tokens. `Display` and `Debug`
+/// print `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterSecret(String);
+
+impl ClusterSecret {
+    /// Shortest secret accepted: 32 characters (`openssl rand -hex 32` gives 64).
+    pub const MIN_LEN: usize = 32;
+
+    /// A key for one `purpose` (a fixed label such as `"internal-call"`), derived from the
+    /// secret.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        hmac_sha256(self.0.as_bytes(), &[b"engram/v1/", purpose.as_bytes()])
+    }
+
+    /// The secret itself, for the one place that stores it (`engram up`'s data directory).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The value internal calls carry to show they come from this cluster.
+    pub fn call_credential(&self) -> String {
+        hex::encode(self.derive("internal-call"))
+    }
+}
+
+impl std::str::FromStr for ClusterSecret {
+    type Err = String;
+
+    /// The error never quotes the value.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        if value.chars().count() < Self::MIN_LEN {
+            return Err(format!(
+                "must be at least {} characters (`openssl rand -hex 32` makes one)",
+                Self::MIN_LEN
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err("must not hold control characters".into());
+        }
+        Ok(Self(value.to_string()))
+    }
+}
+
+impl fmt::Display for ClusterSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterSecret(***)")
+    }
+}
+
+/// HMAC-SHA-256 (RFC 2104) of the concatenation of `parts` under `key`.
+pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    const BLOCK: usize = 64;
+    let mut block = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| block.map(|b| b ^ byte);
+    let mut inner = Sha256::new();
+    inner.update(pad(0x36));
+    for part in parts {
+        inner.update(part);
+    }
+    let mut outer = Sha256::new();
+    outer.update(pad(0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().into()
+}
+
+/// Whether `a` and `b` are equal, in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        // Test cases 2 and 6 (a key longer than the block).
+        assert_eq!(
+            hex::encode(hmac_sha256(
+                b"Jefe",
+                &[b"what do ya want ", b"for nothing?"]
+            )),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        assert_eq!(
+            hex::encode(hmac_sha256(
+                &[0xaa; 131],
+                &[b"Test Using Larger Than Block-Size Key - Hash Key First"]
+            )),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn a_cluster_secret_is_long_enough_and_never_prints() {
+        let short: Result<ClusterSecret, _> = "hunter2".parse();
+        assert!(!short.unwrap_err().contains("hunter2"));
+        let secret: ClusterSecret = "hunter2-hunter2-hunter2-hunter2-hunter2".parse().unwrap();
+        assert!(!format!("{secret} {secret:?} {:?}", Some(&secret)).contains("hunter2"));
+        assert_ne!(secret.derive("a"), secret.derive("b"));
+        assert_eq!(secret.call_credential().len(), 64);
+        assert!(!secret.call_credential().contains("hunter2"));
+    }
 
     #[test]
     fn credentials_never_print() {

@@ -23,6 +23,7 @@ pub mod env {
     pub const RETRIEVAL_URL: &str = "ENGRAM_RETRIEVAL_URL";
     pub const EMBEDDING_URL: &str = "ENGRAM_EMBEDDING_URL";
     pub const INGESTION_URL: &str = "ENGRAM_INGESTION_URL";
+    pub const CLUSTER_SECRET: &str = "ENGRAM_CLUSTER_SECRET";
 }
 
 #[cfg(test)]

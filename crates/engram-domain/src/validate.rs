@@ -520,6 +520,16 @@ fn metadata(field: &str, map: BTreeMap<String, String>) -> Result<BTreeMap<Strin
             format!("at most {} entries", fixed::MAX_METADATA_ENTRIES),
         ));
     }
+    let total: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > fixed::MAX_METADATA_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "at most {} bytes of keys and values in all",
+                fixed::MAX_METADATA_BYTES
+            ),
+        ));
+    }
     for (key, value) in &map {
         if key.is_empty() || key.len() > fixed::MAX_METADATA_KEY_BYTES {
             return Err(Error::invalid(
@@ -745,6 +755,16 @@ mod tests {
                     ..remember_request(vec![input("a")])
                 },
                 "mode",
+            ),
+            (
+                // Each entry within its bounds, too many bytes together.
+                remember_request(vec![pb::MemoryInput {
+                    metadata: (0..fixed::MAX_METADATA_ENTRIES)
+                        .map(|i| (format!("k{i}"), "v".repeat(fixed::MAX_METADATA_VALUE_BYTES)))
+                        .collect(),
+                    ..input("a")
+                }]),
+                "memories[0].metadata",
             ),
         ];
         for (request, field) in cases {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use engram_domain::privacy::{PrivacyMode, PrivacyPolicy};
-use engram_domain::{Error, Limits, Result};
+use engram_domain::{ClusterSecret, Error, Limits, Result};
 
 use engram_domain::parse_duration;
 
@@ -40,6 +40,13 @@ pub struct CommonArgs {
     /// holds them for good).
     #[arg(long, env = "ENGRAM_HISTORY_TTL", default_value = "24h", value_parser = parse_duration)]
     pub history_ttl: Duration,
+    /// The secret every service of the cluster shares, at least 32 characters (`openssl rand
+    /// -hex 32`): internal calls carry a credential derived from it and the internal ports
+    /// refuse calls without it; the gateway signs write tokens with another key derived from
+    /// it. Every service binary needs it (set the variable rather than the flag, which `ps`
+    /// shows); `engram up` makes one and keeps it in its data directory. Never printed.
+    #[arg(long, env = env::CLUSTER_SECRET, hide_env_values = true)]
+    pub cluster_secret: Option<ClusterSecret>,
 }
 
 impl CommonArgs {
@@ -54,7 +61,21 @@ impl CommonArgs {
             vector_dimension: 384,
             privacy: PrivacyArgs::default(),
             history_ttl: Duration::from_secs(24 * 3600),
+            cluster_secret: Some(new_cluster_secret()),
         }
+    }
+
+    /// What a service binary needs beyond [`Self::check`]: the cluster secret. (`engram up`
+    /// and tests run the services in one process and make their own.)
+    pub fn check_service(&self) -> Result<()> {
+        self.check()?;
+        if self.cluster_secret.is_none() {
+            return Err(Error::invalid(
+                env::CLUSTER_SECRET,
+                "not set: every service of a cluster needs the same secret of at least 32 characters (`openssl rand -hex 32` makes one); see the README's Security section",
+            ));
+        }
+        Ok(())
     }
 
     pub fn check(&self) -> Result<()> {
@@ -74,6 +95,14 @@ impl CommonArgs {
         }
         Ok(())
     }
+}
+
+/// A new random cluster secret (256 bits, hex).
+pub fn new_cluster_secret() -> ClusterSecret {
+    let bytes: [u8; 32] = rand::random();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    hex.parse()
+        .unwrap_or_else(|e| unreachable!("64 hex digits make a valid secret: {e}"))
 }
 
 /// The privacy settings every service reads (flattened into `CommonArgs`).

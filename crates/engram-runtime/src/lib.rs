@@ -7,6 +7,7 @@
 //! is an [`rpc::IndexClient`] over a [`peers`] channel; the peer's [`rpc`] server adapter
 //! validates the request again, calls its implementation, and converts the answer back.
 
+pub mod cluster_auth;
 pub mod config;
 pub mod deadline;
 pub mod peers;

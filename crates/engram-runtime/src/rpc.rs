@@ -15,8 +15,10 @@ use engram_proto::tonic::{Code, Request, Response, Status};
 use engram_telemetry::{GrpcClient, GrpcClientLayer, Metrics};
 use tower::Layer as _;
 
+use crate::cluster_auth::Outgoing;
 use crate::config::CommonArgs;
 use crate::peers::{Balanced, PeerSettings, RetryBudget};
+use engram_domain::ClusterSecret;
 use engram_domain::api::{
     ApplyOutcome, DuplicateMatch, Embedder, Embeddings, FailureKind, ForgetOutcome, ForgetTarget,
     GetQuery, GetResult, Index, IndexOp, IndexStats, IndexWrites, IndexedMemory, Ingestion,
@@ -41,41 +43,44 @@ pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 128 * 1024 * 1024;
 pub struct Peers {
     settings: PeerSettings,
     layer: GrpcClientLayer,
+    outgoing: Outgoing,
 }
 
 impl Peers {
     /// Clients reporting into `metrics` (the service's registry: create one `Peers` per
     /// service, since each registers the `grpc_client_*` series).
-    pub fn new(common: &CommonArgs, metrics: &Metrics) -> Self {
-        Self {
+    pub fn new(common: &CommonArgs, metrics: &Metrics) -> Result<Self> {
+        Ok(Self {
             settings: PeerSettings::new(common.internal_timeout, common.discovery_interval),
             layer: GrpcClientLayer::new(metrics),
-        }
+            outgoing: Outgoing::new(common.cluster_secret.as_ref())?,
+        })
     }
 
-    /// For tools and tests: clients with their own unexported metrics.
-    pub fn standalone(request_timeout: Duration) -> Self {
-        Self {
+    /// For tools and tests: clients with their own unexported metrics, carrying the
+    /// credential of the cluster whose secret is `secret`.
+    pub fn standalone(request_timeout: Duration, secret: Option<&ClusterSecret>) -> Result<Self> {
+        Ok(Self {
             settings: PeerSettings::new(request_timeout, Duration::from_secs(5)),
             layer: GrpcClientLayer::new(&Metrics::new()),
-        }
+            outgoing: Outgoing::new(secret)?,
+        })
     }
 
     /// A channel to the peers `urls` lists (`setting` names where they came from), whose
-    /// calls carry the caller's remaining deadline and trace context.
+    /// calls carry the caller's remaining deadline, trace context and the cluster's credential.
     fn connect(&self, setting: &str, urls: &str) -> Result<Peer> {
         let balanced = Balanced::new(setting, urls, self.settings)?;
         Ok(InterceptedService::new(
             self.layer.layer(balanced),
-            crate::deadline::propagate as Propagate,
+            self.outgoing.clone(),
         ))
     }
 }
 
-type Propagate = fn(Request<()>) -> std::result::Result<Request<()>, Status>;
-
-/// A balanced channel to a peer's replicas whose calls carry the caller's remaining deadline.
-type Peer = InterceptedService<GrpcClient<Balanced>, Propagate>;
+/// A balanced channel to a peer's replicas whose calls carry the caller's remaining deadline
+/// and the cluster's credential.
+type Peer = InterceptedService<GrpcClient<Balanced>, Outgoing>;
 
 /// Run an idempotent read, once more on another endpoint if it failed as UNAVAILABLE and the
 /// budget allows.
@@ -168,9 +173,10 @@ impl ipb::embedder_server::Embedder for EmbedderGrpc {
         request: Request<ipb::EmbedRequest>,
     ) -> Result<Response<ipb::EmbedResponse>, Status> {
         let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
         let purpose = purpose_from_pb(request.purpose)?;
         texts_in_bounds(&request.texts, &self.limits)?;
-        let embeddings = self.inner.embed(request.texts, purpose).await?;
+        let embeddings = self.inner.embed(&tenant, request.texts, purpose).await?;
         Ok(Response::new(ipb::EmbedResponse {
             embeddings: embeddings
                 .vectors
@@ -187,9 +193,10 @@ impl ipb::embedder_server::Embedder for EmbedderGrpc {
         request: Request<ipb::EmbedRequest>,
     ) -> Result<Response<ipb::ForgetEmbeddingsResponse>, Status> {
         let request = request.into_inner();
+        let tenant = tenant(&request.tenant)?;
         let purpose = purpose_from_pb(request.purpose)?;
         texts_in_bounds(&request.texts, &self.limits)?;
-        let removed = self.inner.forget(request.texts, purpose).await?;
+        let removed = self.inner.forget(&tenant, request.texts, purpose).await?;
         Ok(Response::new(ipb::ForgetEmbeddingsResponse { removed }))
     }
 }
@@ -214,7 +221,12 @@ impl EmbedderClient {
 
 #[async_trait]
 impl Embedder for EmbedderClient {
-    async fn embed(&self, texts: Vec<String>, purpose: Purpose) -> Result<Embeddings> {
+    async fn embed(
+        &self,
+        tenant: &TenantId,
+        texts: Vec<String>,
+        purpose: Purpose,
+    ) -> Result<Embeddings> {
         let expected = texts.len();
         let response = self
             .client
@@ -222,6 +234,7 @@ impl Embedder for EmbedderClient {
             .embed(ipb::EmbedRequest {
                 texts,
                 purpose: purpose_to_pb(purpose).into(),
+                tenant: tenant.to_string(),
             })
             .await?
             .into_inner();
@@ -245,13 +258,14 @@ impl Embedder for EmbedderClient {
         })
     }
 
-    async fn forget(&self, texts: Vec<String>, purpose: Purpose) -> Result<u64> {
+    async fn forget(&self, tenant: &TenantId, texts: Vec<String>, purpose: Purpose) -> Result<u64> {
         let response = self
             .client
             .clone()
             .forget(ipb::EmbedRequest {
                 texts,
                 purpose: purpose_to_pb(purpose).into(),
+                tenant: tenant.to_string(),
             })
             .await
             .map_err(|status| match status.code() {

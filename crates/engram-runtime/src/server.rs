@@ -132,22 +132,32 @@ impl ServiceRuntime {
     }
 
     /// How this service reaches its peers, reporting into its metrics.
-    pub fn peers(&self, common: &crate::config::CommonArgs) -> crate::rpc::Peers {
+    pub fn peers(&self, common: &crate::config::CommonArgs) -> Result<crate::rpc::Peers> {
         crate::rpc::Peers::new(common, &self.metrics)
     }
 
     /// Serve `routes` (plus health and reflection) on `listener` until `shutdown` completes,
-    /// then stop accepting, let in-flight requests finish for up to `drain_grace`, and stop the
-    /// admin server. `services` names every gRPC service `routes` holds: the health service
-    /// reports each, and reflection lists exactly these (with health and reflection itself).
+    /// then stop accepting, let in-flight requests finish for up to the drain grace, and stop
+    /// the admin server. `services` names every gRPC service `routes` holds: the health service
+    /// reports each, and reflection lists exactly these (with health and reflection itself). A
+    /// port serving internal services refuses calls without the cluster's credential
+    /// ([`crate::cluster_auth`]).
     pub async fn serve(
         mut self,
         routes: Routes,
         services: &[&'static str],
         listener: TcpListener,
-        drain_grace: Duration,
+        common: &crate::config::CommonArgs,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
+        let drain_grace = common.drain_grace;
+        let methods = methods(services)?;
+        let public = !services.is_empty() && services.iter().all(|s| s.starts_with(PUBLIC_PACKAGE));
+        let cluster_auth = crate::cluster_auth::ClusterAuthLayer::new(if public {
+            None
+        } else {
+            common.cluster_secret.as_ref()
+        });
         let (reporter, health_service) = tonic_health::server::health_reporter();
         let (reflection_v1, reflection_v1alpha) = reflection(services)?;
         let routes = routes
@@ -195,8 +205,9 @@ impl ServiceRuntime {
         };
         let server = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .layer(GrpcMetricsLayer::new(&self.metrics, methods(services)?))
-            .layer(TraceLayer::new(self.name, self.caller_traces))
+            .layer(GrpcMetricsLayer::new(&self.metrics, methods.clone()))
+            .layer(cluster_auth)
+            .layer(TraceLayer::new(self.name, self.caller_traces, &methods))
             .layer(crate::deadline::DeadlineLayer)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, signal);
@@ -270,7 +281,7 @@ fn reflection(
     >,
 )> {
     // A public port's files say nothing of the internal API.
-    let engram = if services.iter().all(|s| s.starts_with("engram.v1.")) {
+    let engram = if services.iter().all(|s| s.starts_with(PUBLIC_PACKAGE)) {
         engram_proto::PUBLIC_FILE_DESCRIPTOR_SET
     } else {
         engram_proto::FILE_DESCRIPTOR_SET
@@ -324,6 +335,9 @@ fn methods(services: &[&'static str]) -> Result<Vec<(String, String)>> {
     }
     Ok(methods)
 }
+
+/// The package of the public API: a port serving only its services is the public one.
+const PUBLIC_PACKAGE: &str = "engram.v1.";
 
 /// What every port serves beside its own services.
 const ALWAYS_SERVED: [&str; 3] = [
@@ -406,7 +420,7 @@ where
         check_config,
     } = cli;
     if check_config {
-        return match common.check().and_then(|()| args.check()) {
+        return match common.check_service().and_then(|()| args.check()) {
             Ok(()) => {
                 println!("{name}: the configuration is valid");
                 std::process::ExitCode::SUCCESS
@@ -416,6 +430,10 @@ where
                 std::process::ExitCode::from(2)
             }
         };
+    }
+    if let Err(e) = common.check_service() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::from(2);
     }
     run_main(name, &log, common, |common| async move {
         let listeners = listen.bind().await?;

@@ -43,6 +43,23 @@ pub fn upsert(memory: &Memory, axis: usize) -> IndexOp {
     }))
 }
 
+/// The texts of a search's candidates, best first, read with `get` as retrieval reads the few
+/// it keeps.
+pub async fn texts_of(
+    store: &dyn VectorStore,
+    tenant_id: &TenantId,
+    hits: &[crate::Candidate],
+) -> Vec<String> {
+    let ids: Vec<MemoryId> = hits.iter().map(|h| h.id).collect();
+    let memories = store.get(tenant_id, &ids).await.unwrap();
+    ids.iter()
+        .map(|id| {
+            let found = memories.iter().find(|m| m.id == *id);
+            found.map(|m| m.text.clone()).unwrap_or_default()
+        })
+        .collect()
+}
+
 pub fn selection(tenant_id: &TenantId, user: &str) -> Selection {
     Selection {
         tenant: tenant_id.clone(),
@@ -141,11 +158,15 @@ pub async fn search_is_confined_to_tenant_and_user(store: &dyn VectorStore) {
         .unwrap();
     assert_eq!(hits.len(), 1);
     assert_eq!(
-        hits[0].memory,
-        Memory {
+        (hits[0].id, hits[0].event_time, hits[0].importance),
+        (mine.id, mine.event_time, mine.importance)
+    );
+    assert_eq!(
+        store.get(&a, &[hits[0].id]).await.unwrap(),
+        vec![Memory {
             state: engram_domain::model::MemoryState::Indexed,
             ..mine.clone()
-        }
+        }]
     );
     // Ids of another tenant are invisible, and cannot be deleted from here.
     assert!(store.get(&a, &[other_tenant.id]).await.unwrap().is_empty());
@@ -220,7 +241,7 @@ pub async fn filters_select_by_kind_tags_and_time(store: &dyn VectorStore) {
             let hits = store
                 .search(
                     &Selection {
-                        tenant: t,
+                        tenant: t.clone(),
                         scope: Scope::user("u"),
                         filter,
                     },
@@ -229,7 +250,7 @@ pub async fn filters_select_by_kind_tags_and_time(store: &dyn VectorStore) {
                 )
                 .await
                 .unwrap();
-            let mut texts: Vec<String> = hits.into_iter().map(|h| h.memory.text).collect();
+            let mut texts = texts_of(*store, &t, &hits).await;
             texts.sort();
             texts
         }
@@ -305,14 +326,10 @@ pub async fn keyword_search_ranks_rare_shared_terms_first(store: &dyn VectorStor
         let query = StoreQuery::Keywords(keywords.query(text));
         let store = &store;
         let selection = selection(&t, "u");
+        let t = t.clone();
         async move {
-            store
-                .search(&selection, query, 10)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|h| h.memory.text)
-                .collect::<Vec<_>>()
+            let hits = store.search(&selection, query, 10).await.unwrap();
+            texts_of(*store, &t, &hits).await
         }
     };
     let found = search("nutmeg weather").await;

@@ -36,7 +36,7 @@ use tokio::sync::{Semaphore, oneshot};
 
 use crate::error::{StoreError, StoreResult};
 use crate::{
-    DENSE, KEYWORDS, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, check_dimension,
+    Candidate, DENSE, KEYWORDS, Selection, StoreInfo, StoreQuery, VectorStore, check_dimension,
     check_point, filter, payload,
 };
 
@@ -298,16 +298,18 @@ impl EdgeStore {
         }
     }
 
-    async fn run_query(&self, query: QueryRequest) -> StoreResult<Vec<ScoredMemory>> {
+    async fn run_query(&self, query: QueryRequest) -> StoreResult<Vec<Candidate>> {
         self.read("search", move |inner| {
             let points = inner.shard()?.query(query).map_err(engine("search"))?;
             points
                 .into_iter()
                 .map(|p| {
-                    Ok(ScoredMemory {
-                        memory: record_memory(p.id, p.payload.as_ref())?,
-                        score: p.score,
-                    })
+                    let id = memory_id(p.id)?.as_uuid();
+                    let payload = p.payload.ok_or_else(|| StoreError::CorruptPayload {
+                        id: id.to_string(),
+                        reason: "no payload".into(),
+                    })?;
+                    payload::candidate(id, p.score, &payload.0)
                 })
                 .collect()
         })
@@ -590,7 +592,7 @@ impl VectorStore for EdgeStore {
         selection: &Selection,
         query: StoreQuery,
         limit: usize,
-    ) -> StoreResult<Vec<ScoredMemory>> {
+    ) -> StoreResult<Vec<Candidate>> {
         let Some((vector, using)) = self.vector(query)? else {
             // Nothing but stop words: no memory matches by keyword.
             return Ok(Vec::new());
@@ -607,7 +609,12 @@ impl VectorStore for EdgeStore {
             offset: 0,
             params: None,
             with_vector: WithVector::Bool(false),
-            with_payload: WithPayloadInterface::Bool(true),
+            with_payload: WithPayloadInterface::Fields(
+                payload::CANDIDATE_FIELDS
+                    .iter()
+                    .map(|&field| filter::path(field))
+                    .collect(),
+            ),
         })
         .await
     }

@@ -152,7 +152,7 @@ pub fn point_id(id: MemoryId) -> PointId {
     PointId::Uuid(id.as_uuid())
 }
 
-fn path(field: &'static str) -> JsonPath {
+pub(crate) fn path(field: &'static str) -> JsonPath {
     field
         .parse()
         .unwrap_or_else(|_| unreachable!("payload field {field:?} is a constant, valid JSON path"))

@@ -22,7 +22,7 @@ mod remote;
 
 use async_trait::async_trait;
 use engram_domain::api::{ApplyOutcome, DuplicateMatch, IndexWrites, IndexedMemory};
-use engram_domain::model::{Filter, Memory, MemoryId, Scope, TenantId};
+use engram_domain::model::{Filter, Memory, MemoryId, Scope, TenantId, Timestamp};
 
 pub use edge::{EdgeStore, EdgeStoreConfig};
 pub use error::{StoreError, StoreResult};
@@ -78,10 +78,15 @@ pub struct Selection {
     pub filter: Filter,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct ScoredMemory {
-    pub memory: Memory,
+/// A memory a search found, without its text, metadata or anything else ranking does not
+/// need: a search holds many candidates and keeps few, so only the few are read whole
+/// ([`VectorStore::get`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub id: MemoryId,
     pub score: f32,
+    pub event_time: Timestamp,
+    pub importance: f32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -99,13 +104,14 @@ pub trait VectorStore: Send + Sync + 'static {
     /// Apply writes in order; when this returns they are on disk and visible to reads.
     async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> StoreResult<ApplyOutcome>;
 
-    /// The `limit` memories of `selection` that score best for `query`, best first.
+    /// The `limit` memories of `selection` that score best for `query`, best first, as
+    /// [`Candidate`]s (their payloads are not read).
     async fn search(
         &self,
         selection: &Selection,
         query: StoreQuery,
         limit: usize,
-    ) -> StoreResult<Vec<ScoredMemory>>;
+    ) -> StoreResult<Vec<Candidate>>;
 
     /// Memories of `tenant` with these ids (in no particular order; missing ones are absent).
     async fn get(&self, tenant: &TenantId, ids: &[MemoryId]) -> StoreResult<Vec<Memory>>;

@@ -30,6 +30,34 @@ pub const IMPORTANCE: &str = "importance";
 pub const CONTENT_HASH: &str = "content_hash";
 pub const IDEMPOTENCY_KEY: &str = "idempotency_key";
 
+/// The payload fields a search reads of each candidate (see [`candidate`]).
+pub const CANDIDATE_FIELDS: [&str; 2] = [EVENT_TIME, IMPORTANCE];
+
+/// A search result from the [`CANDIDATE_FIELDS`] of its payload.
+pub fn candidate(
+    id: Uuid,
+    score: f32,
+    map: &Map<String, Value>,
+) -> Result<crate::Candidate, StoreError> {
+    let corrupt = |reason: &str| StoreError::CorruptPayload {
+        id: id.to_string(),
+        reason: reason.to_string(),
+    };
+    Ok(crate::Candidate {
+        id: MemoryId::from_uuid(id),
+        score,
+        event_time: map
+            .get(EVENT_TIME)
+            .and_then(Value::as_i64)
+            .map(Timestamp::from_micros)
+            .ok_or_else(|| corrupt("event_time is missing or not an integer"))?,
+        importance: map
+            .get(IMPORTANCE)
+            .and_then(Value::as_f64)
+            .ok_or_else(|| corrupt("importance is missing"))? as f32,
+    })
+}
+
 /// How a payload field is indexed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IndexKind {
@@ -200,5 +228,12 @@ mod tests {
         memory.state = MemoryState::Indexed;
         let back = from_payload(memory.id.as_uuid(), &to_payload(&memory)).unwrap();
         assert_eq!(back, memory);
+        let mut fields = to_payload(&memory);
+        fields.retain(|k, _| CANDIDATE_FIELDS.contains(&k.as_str()));
+        let found = candidate(memory.id.as_uuid(), 0.5, &fields).unwrap();
+        assert_eq!(
+            (found.id, found.event_time, found.importance),
+            (memory.id, memory.event_time, memory.importance)
+        );
     }
 }

@@ -29,7 +29,7 @@ use qdrant_client::{Payload, Qdrant};
 use crate::error::{StoreError, StoreResult};
 use crate::filter::{Cond, Conditions};
 use crate::{
-    DENSE, KEYWORDS, ScoredMemory, Selection, StoreInfo, StoreQuery, VectorStore, check_dimension,
+    Candidate, DENSE, KEYWORDS, Selection, StoreInfo, StoreQuery, VectorStore, check_dimension,
     check_point, filter, payload,
 };
 
@@ -131,22 +131,25 @@ fn memory(
     payload: HashMap<String, qdrant::Value>,
 ) -> StoreResult<Memory> {
     let id = memory_id(id)?;
-    let map: serde_json::Map<String, serde_json::Value> = payload
-        .into_iter()
-        .map(|(k, v)| (k, v.into_json()))
-        .collect();
-    payload::from_payload(id.as_uuid(), &map)
+    payload::from_payload(id.as_uuid(), &json_payload(payload))
 }
 
-/// Memories and scores of a query's answer.
-fn scored(points: Vec<qdrant::ScoredPoint>) -> StoreResult<Vec<ScoredMemory>> {
+fn json_payload(
+    payload: HashMap<String, qdrant::Value>,
+) -> serde_json::Map<String, serde_json::Value> {
+    payload
+        .into_iter()
+        .map(|(k, v)| (k, v.into_json()))
+        .collect()
+}
+
+/// The candidates of a query's answer (read with [`payload::CANDIDATE_FIELDS`] only).
+fn scored(points: Vec<qdrant::ScoredPoint>) -> StoreResult<Vec<Candidate>> {
     points
         .into_iter()
         .map(|p| {
-            Ok(ScoredMemory {
-                memory: memory(p.id.as_ref(), p.payload)?,
-                score: p.score,
-            })
+            let id = memory_id(p.id.as_ref())?;
+            payload::candidate(id.as_uuid(), p.score, &json_payload(p.payload))
         })
         .collect()
 }
@@ -405,7 +408,7 @@ impl VectorStore for RemoteStore {
         selection: &Selection,
         query: StoreQuery,
         limit: usize,
-    ) -> StoreResult<Vec<ScoredMemory>> {
+    ) -> StoreResult<Vec<Candidate>> {
         let Some((input, using)) = self.input(query)? else {
             return Ok(Vec::new());
         };
@@ -417,7 +420,9 @@ impl VectorStore for RemoteStore {
                     .using(using)
                     .filter(to_filter(&filter::selection(selection)))
                     .limit(limit as u64)
-                    .with_payload(true),
+                    .with_payload(qdrant::PayloadIncludeSelector {
+                        fields: payload::CANDIDATE_FIELDS.map(String::from).to_vec(),
+                    }),
             )
             .await
             .map_err(remote("search"))?;

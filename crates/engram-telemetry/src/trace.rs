@@ -247,22 +247,35 @@ enum Side {
 
 /// One span per RPC: on a server, child of the trace context the caller sent; on a client,
 /// sent to the peer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TraceLayer {
     side: Side,
+    /// On a server, the paths it serves: a span of any other is named `unknown/unknown`, so
+    /// what a caller sends never names a span.
+    known: Option<std::sync::Arc<std::collections::HashSet<String>>>,
 }
 
 impl TraceLayer {
-    /// For the server of `service` (gateway, retrieval, ...).
-    pub fn new(service: &'static str, callers: CallerTraces) -> Self {
+    /// For the server of `service` (gateway, retrieval, ...) serving `methods`, the (service,
+    /// method) full names of what it serves.
+    pub fn new(service: &'static str, callers: CallerTraces, methods: &[(String, String)]) -> Self {
         Self {
             side: Side::Server(service, callers),
+            known: Some(std::sync::Arc::new(
+                methods
+                    .iter()
+                    .map(|(service, method)| format!("/{service}/{method}"))
+                    .collect(),
+            )),
         }
     }
 
     /// For a client (see [`crate::GrpcClientLayer`], which adds the client metrics).
     pub fn client() -> Self {
-        Self { side: Side::Client }
+        Self {
+            side: Side::Client,
+            known: None,
+        }
     }
 }
 
@@ -273,6 +286,7 @@ impl<S> tower::Layer<S> for TraceLayer {
         Traced {
             inner,
             side: self.side,
+            known: self.known.clone(),
         }
     }
 }
@@ -281,6 +295,7 @@ impl<S> tower::Layer<S> for TraceLayer {
 pub struct Traced<S> {
     inner: S,
     side: Side,
+    known: Option<std::sync::Arc<std::collections::HashSet<String>>>,
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for Traced<S>
@@ -297,7 +312,14 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let (service, method) = split_path(request.uri().path());
+        let path = request.uri().path();
+        let (service, method) = match &self.known {
+            Some(known) if !known.contains(path) => (
+                crate::metrics::UNKNOWN_METHOD,
+                crate::metrics::UNKNOWN_METHOD,
+            ),
+            _ => split_path(path),
+        };
         let span = match self.side {
             Side::Server(engram_service, callers) => {
                 let span = tracing::info_span!(

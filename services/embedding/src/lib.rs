@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use engram_cache::{CacheConfig, CacheMetrics, Redis, RedisConfig, TwoLevelCache};
 use engram_domain::api::{Embedder, Embeddings, Purpose};
+use engram_domain::model::TenantId;
 use engram_domain::parse_duration;
 use engram_domain::{Error, Result};
 use engram_models::{
@@ -354,7 +355,7 @@ async fn serve_runtime(
             routes,
             &[engram_proto::internal::v1::embedder_server::SERVICE_NAME],
             listener,
-            config.common.drain_grace,
+            &config.common,
             shutdown,
         )
         .await
@@ -407,15 +408,27 @@ impl EmbeddingService {
         self.cache.clear_local().await;
     }
 
-    fn cache_key(&self, purpose: Purpose, text: &str) -> String {
-        let digest = Sha256::digest(text.as_bytes());
+    /// A text's cache key: its model, purpose and [`text_digest`].
+    fn cache_key(&self, tenant: &TenantId, purpose: Purpose, text: &str) -> String {
         format!(
             "{}:{}:{}",
             self.provider.model_id(),
             purpose.as_str(),
-            hex::encode(&digest[..16])
+            text_digest(tenant, text)
         )
     }
+}
+
+/// What names a tenant's text in the embedding cache: a hash of the tenant with the text, so
+/// each tenant's vectors are cached apart (a tenant cannot tell from an answer's speed whether
+/// another embedded the same text) and the key names neither.
+pub fn text_digest(tenant: &TenantId, text: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(tenant.as_str().as_bytes())
+        .chain_update([0])
+        .chain_update(text.as_bytes())
+        .finalize();
+    hex::encode(&digest[..16])
 }
 
 fn encode(vector: &[f32]) -> Bytes {
@@ -436,9 +449,16 @@ fn decode(bytes: &[u8], dimension: usize) -> Option<Vec<f32>> {
 
 #[async_trait]
 impl Embedder for EmbeddingService {
-    async fn embed(&self, texts: Vec<String>, purpose: Purpose) -> Result<Embeddings> {
+    async fn embed(
+        &self,
+        tenant: &TenantId,
+        texts: Vec<String>,
+        purpose: Purpose,
+    ) -> Result<Embeddings> {
         let dimension = self.provider.dimension();
-        let keys: Vec<String> = texts.iter().map(|t| self.cache_key(purpose, t)).collect();
+        let keys: Vec<String> = (texts.iter())
+            .map(|t| self.cache_key(tenant, purpose, t))
+            .collect();
         let mut vectors: Vec<Option<Vec<f32>>> = self
             .cache
             .get_many(&keys)
@@ -473,8 +493,10 @@ impl Embedder for EmbeddingService {
         })
     }
 
-    async fn forget(&self, texts: Vec<String>, purpose: Purpose) -> Result<u64> {
-        let keys: Vec<String> = texts.iter().map(|t| self.cache_key(purpose, t)).collect();
+    async fn forget(&self, tenant: &TenantId, texts: Vec<String>, purpose: Purpose) -> Result<u64> {
+        let keys: Vec<String> = (texts.iter())
+            .map(|t| self.cache_key(tenant, purpose, t))
+            .collect();
         self.cache
             .remove_many(&keys)
             .await

@@ -41,8 +41,9 @@ pub fn memory_bytes(limits: &Limits) -> usize {
     let framed = |len: usize| len + 4;
     framed(limits.max_text_bytes)
         + framed(fixed::MAX_ROLE_BYTES)
-        + fixed::MAX_METADATA_ENTRIES
-            * (framed(fixed::MAX_METADATA_KEY_BYTES) + framed(fixed::MAX_METADATA_VALUE_BYTES) + 4)
+        // Each entry: its key and value, framed, in a framed map entry.
+        + fixed::MAX_METADATA_BYTES
+        + fixed::MAX_METADATA_ENTRIES * (framed(0) * 2 + 4)
         + fixed::MAX_TAGS * framed(fixed::MAX_TAG_BYTES)
         + ENVELOPE_BYTES
 }
@@ -185,12 +186,14 @@ fn varint(bytes: &mut &[u8]) -> Option<u64> {
 }
 
 /// The message of a unary request's body, which must be exactly one gRPC frame, inflated
-/// within `limit` if the frame is compressed. Anything else is refused here: the server's
+/// within `limit` if the frame is compressed, calling `hold(n)` before each `n` bytes it
+/// inflates (an error from it ends the inflating). Anything else is refused here: the server's
 /// decoder would otherwise read past what was checked (a second frame is decoded too).
 fn message<'a>(
     frame: &'a [u8],
     encoding: Option<&str>,
     limit: usize,
+    hold: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<std::borrow::Cow<'a, [u8]>> {
     let not_one = || {
         Error::invalid(
@@ -223,15 +226,111 @@ fn message<'a>(
             ));
         }
     };
+    let mut reader = reader.take(limit as u64 + 1);
     let mut inflated = Vec::new();
-    match reader.take(limit as u64 + 1).read_to_end(&mut inflated) {
-        Ok(_) if inflated.len() > limit => Err(Error::ResourceExhausted {
-            reason: format!("the request inflates past its limit of {limit} bytes"),
-            retry_after: None,
-        }),
-        Ok(_) => Ok(std::borrow::Cow::Owned(inflated)),
-        Err(_) => Err(unreadable()),
+    loop {
+        hold(INFLATE_STEP)?;
+        match (&mut reader)
+            .take(INFLATE_STEP as u64)
+            .read_to_end(&mut inflated)
+        {
+            Ok(_) if inflated.len() > limit => {
+                return Err(Error::ResourceExhausted {
+                    reason: format!("the request inflates past its limit of {limit} bytes"),
+                    retry_after: None,
+                });
+            }
+            // Less than a step: the end.
+            Ok(read) if read < INFLATE_STEP => break,
+            Ok(_) => {}
+            Err(_) => return Err(unreadable()),
+        }
     }
+    Ok(std::borrow::Cow::Owned(inflated))
+}
+
+/// Bytes inflated between two calls of `hold`.
+const INFLATE_STEP: usize = 64 * 1024;
+
+/// The request bytes the gateway may hold at once, across calls (`ENGRAM_MAX_REQUEST_BYTES`):
+/// a call holds its message's length from the moment the length prefix arrives (and more as a
+/// compressed message inflates) until its handler has answered. A call whose bytes do not fit
+/// is refused at once (RESOURCE_EXHAUSTED), so concurrent maximal requests cannot together
+/// outgrow the process's memory.
+#[derive(Clone)]
+pub struct RequestBytes {
+    budget: Arc<tokio::sync::Semaphore>,
+    total: usize,
+}
+
+impl RequestBytes {
+    pub fn new(total: usize) -> Self {
+        let permits = total.min(tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            budget: Arc::new(tokio::sync::Semaphore::new(permits)),
+            total: permits,
+        }
+    }
+
+    /// Bytes held now by calls in flight.
+    pub fn held(&self) -> usize {
+        self.total - self.budget.available_permits()
+    }
+
+    /// Add `n` bytes to what `held` holds, or refuse.
+    fn hold(&self, held: &mut Option<tokio::sync::OwnedSemaphorePermit>, n: usize) -> Result<()> {
+        let refused = || {
+            Error::ResourceExhausted {
+            reason: "the gateway holds as many request bytes as it may (ENGRAM_MAX_REQUEST_BYTES); retry shortly".into(),
+            retry_after: Some(std::time::Duration::from_millis(100)),
+        }
+        };
+        let n = u32::try_from(n).map_err(|_| refused())?;
+        let permit = Arc::clone(&self.budget)
+            .try_acquire_many_owned(n)
+            .map_err(|_| refused())?;
+        match held {
+            Some(held) => held.merge(permit),
+            None => *held = Some(permit),
+        }
+        Ok(())
+    }
+}
+
+/// A unary request's body: at most one frame header and `limit` bytes, its message's length
+/// held in `bytes` as soon as the length prefix has arrived, before the rest is read.
+async fn read_frame(
+    body: Body,
+    limit: usize,
+    bytes: &RequestBytes,
+    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+) -> std::result::Result<Bytes, Status> {
+    let too_large = || {
+        Status::out_of_range(format!(
+            "the request is larger than its limit of {limit} bytes"
+        ))
+    };
+    let mut body = http_body_util::Limited::new(body, limit + 5);
+    let mut buffer = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large()),
+            Err(e) => return Err(Status::cancelled(format!("the request broke off: {e}"))),
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        buffer.extend_from_slice(&data);
+        if held.is_none() && buffer.len() >= 5 {
+            let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
+            if length > limit {
+                return Err(too_large());
+            }
+            bytes.hold(held, length + 5).map_err(Status::from)?;
+        }
+    }
+    Ok(buffer.freeze())
 }
 
 /// One service served by instances that differ only in their decoding limit: each call goes
@@ -245,6 +344,7 @@ pub struct ByMethod<S> {
     fallback: usize,
     checks: Arc<HashMap<&'static str, WireCheck>>,
     limits: Arc<Limits>,
+    bytes: RequestBytes,
 }
 
 impl<S> ByMethod<S> {
@@ -254,8 +354,16 @@ impl<S> ByMethod<S> {
         limits: &HashMap<&'static str, usize>,
         fallback: usize,
         make: impl Fn(usize) -> S,
+        bytes: RequestBytes,
     ) -> Self {
-        Self::checked(limits, fallback, make, HashMap::new(), Limits::default())
+        Self::checked(
+            limits,
+            fallback,
+            make,
+            HashMap::new(),
+            Limits::default(),
+            bytes,
+        )
     }
 
     /// [`ByMethod::new`] with `checks` run, against `request_limits`, before their methods.
@@ -265,6 +373,7 @@ impl<S> ByMethod<S> {
         make: impl Fn(usize) -> S,
         checks: HashMap<&'static str, WireCheck>,
         request_limits: Limits,
+        bytes: RequestBytes,
     ) -> Self {
         let mut distinct: Vec<usize> = limits.values().copied().chain([fallback]).collect();
         distinct.sort_unstable();
@@ -283,6 +392,7 @@ impl<S> ByMethod<S> {
             fallback: index(fallback),
             checks: Arc::new(checks),
             limits: Arc::new(request_limits),
+            bytes,
         }
     }
 
@@ -323,42 +433,50 @@ where
         Poll::Ready(Ok(()))
     }
 
+    /// Every call's request is read whole here, its bytes held in [`RequestBytes`] until its
+    /// handler answers; a compressed one is inflated here (within its limit, its bytes held as
+    /// they grow) and handed on uncompressed; then the method's [`WireCheck`] runs, if it has
+    /// one.
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let (limit, instance) = self.instance(request.uri().path()).clone();
-        let Some(check) = self.checks.get(Self::method(request.uri().path())).copied() else {
-            return Box::pin(instance.clone().call(request));
-        };
+        let check = self.checks.get(Self::method(request.uri().path())).copied();
         let limits = Arc::clone(&self.limits);
+        let bytes = self.bytes.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            // At most one frame header and `limit` bytes; more is the decoder's to refuse.
-            let collected = http_body_util::Limited::new(body, limit + 5)
-                .collect()
-                .await;
-            let frame: Bytes = match collected {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    let refused = Status::out_of_range(format!(
-                        "the request is larger than its limit of {limit} bytes"
-                    ));
-                    return Ok(refused.into_http());
-                }
-                Err(e) => {
-                    let refused = Status::cancelled(format!("the request broke off: {e}"));
-                    return Ok(refused.into_http());
-                }
+            let mut held = None;
+            let frame = match read_frame(body, limit, &bytes, &mut held).await {
+                Ok(frame) => frame,
+                Err(refused) => return Ok(refused.into_http()),
             };
             let encoding = parts
                 .headers
                 .get("grpc-encoding")
                 .and_then(|v| v.to_str().ok());
-            let checked = message(&frame, encoding, limit).and_then(|m| check(&m[..], &limits));
-            if let Err(refused) = checked {
-                return Ok(Status::from(refused).into_http());
-            }
+            let message = message(&frame, encoding, limit, &mut |n| bytes.hold(&mut held, n))
+                .and_then(|m| match check {
+                    Some(check) => check(&m[..], &limits).map(|()| m),
+                    None => Ok(m),
+                });
+            let frame = match message {
+                Err(refused) => return Ok(Status::from(refused).into_http()),
+                Ok(std::borrow::Cow::Borrowed(_)) => frame.clone(),
+                // Handed on as an uncompressed frame (its flag says so; the encoding header
+                // only names what the client may send).
+                Ok(std::borrow::Cow::Owned(inflated)) => {
+                    let length = u32::try_from(inflated.len()).unwrap_or(u32::MAX);
+                    let mut framed = Vec::with_capacity(inflated.len() + 5);
+                    framed.push(0);
+                    framed.extend_from_slice(&length.to_be_bytes());
+                    framed.extend_from_slice(&inflated);
+                    Bytes::from(framed)
+                }
+            };
             let request =
                 http::Request::from_parts(parts, Body::new(http_body_util::Full::new(frame)));
-            instance.clone().call(request).await
+            let response = instance.clone().call(request).await;
+            drop(held);
+            response
         })
     }
 }
@@ -386,7 +504,7 @@ mod tests {
     #[test]
     fn calls_go_to_the_instance_of_their_method() {
         let table: HashMap<&'static str, usize> = [("Get", 10), ("Remember", 1000)].into();
-        let by = ByMethod::new(&table, 100, |limit| limit);
+        let by = ByMethod::new(&table, 100, |limit| limit, RequestBytes::new(1000));
         assert_eq!(by.instance("/engram.v1.MemoryService/Get").1, 10);
         assert_eq!(by.instance("/engram.v1.MemoryService/Remember").1, 1000);
         assert_eq!(by.instance("/engram.v1.MemoryService/Recall").1, 100);
@@ -477,17 +595,34 @@ mod tests {
             [&[flag][..], &(payload.len() as u32).to_be_bytes(), payload].concat()
         };
         let compressed_frame = frame(1, &compressed);
-        let inflated = message(&compressed_frame, Some("gzip"), 1 << 20).unwrap();
+        let free = &mut |_| Ok(());
+        let inflated = message(&compressed_frame, Some("gzip"), 1 << 20, free).unwrap();
         assert_eq!(&*inflated, &raw[..]);
-        assert!(message(&frame(1, &compressed), Some("gzip"), 1000).is_err());
+        assert!(message(&frame(1, &compressed), Some("gzip"), 1000, free).is_err());
         let plain = frame(0, &raw);
-        assert_eq!(&*message(&plain, None, 1 << 20).unwrap(), &raw[..]);
+        assert_eq!(&*message(&plain, None, 1 << 20, free).unwrap(), &raw[..]);
         // Only exactly one frame: not a truncated one, nor one followed by more.
-        assert!(message(b"\x00\x00", None, 100).is_err());
+        assert!(message(b"\x00\x00", None, 100, free).is_err());
         let two = [frame(0, &raw), frame(0, &raw)].concat();
-        assert!(message(&two, None, 1 << 20).is_err());
-        assert!(message(&[frame(0, &raw), vec![0]].concat(), None, 1 << 20).is_err());
+        assert!(message(&two, None, 1 << 20, free).is_err());
+        assert!(message(&[frame(0, &raw), vec![0]].concat(), None, 1 << 20, free).is_err());
         // Compressed without a known encoding.
-        assert!(message(&frame(1, &compressed), None, 1 << 20).is_err());
+        assert!(message(&frame(1, &compressed), None, 1 << 20, free).is_err());
+        // Inflating holds its bytes as they grow, and stops when they cannot be held.
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gzip.write_all(&[0x12, 0x00].repeat(150_000)).unwrap();
+        let large = frame(1, &gzip.finish().unwrap());
+        let bytes = RequestBytes::new(100 * 1024);
+        let mut held = None;
+        let refused = message(&large, Some("gzip"), 1 << 20, &mut |n| {
+            bytes.hold(&mut held, n)
+        });
+        assert!(
+            matches!(refused, Err(Error::ResourceExhausted { .. })),
+            "{refused:?}"
+        );
+        assert_eq!(bytes.held(), INFLATE_STEP);
+        drop(held);
+        assert_eq!(bytes.held(), 0);
     }
 }

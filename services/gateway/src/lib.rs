@@ -11,6 +11,7 @@ pub mod bounds;
 pub mod context;
 pub mod conversation;
 mod edge;
+pub mod tokens;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +37,7 @@ use engram_runtime::server::{Listeners, ServiceRuntime};
 use crate::bounds::ByMethod;
 use crate::context::ContextBuilder;
 use crate::conversation::{Chat, ChatEndpoint};
+use crate::tokens::TokenSeal;
 
 pub use auth::{Caller, KeySource, KeyStore, Keys, Rate, Role, new_key};
 pub use edge::{Deadlines, Edge, EdgeConfig};
@@ -43,7 +45,7 @@ pub use edge::{Deadlines, Edge, EdgeConfig};
 pub const SERVICE_NAME: &str = "gateway";
 
 /// Largest request (a Remember batch) the public API accepts by default. A batch of
-/// full-size memories (about 180 KiB each at the limits) fits 90 to a request; other methods
+/// full-size memories (about 62 KiB each at the limits) fits 270 to a request; other methods
 /// have their own, smaller bounds (see [`bounds`]).
 pub const MAX_PUBLIC_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -136,6 +138,12 @@ pub struct EdgeArgs {
     /// this if larger.
     #[arg(long = "max-message-bytes", env = "ENGRAM_MAX_MESSAGE_BYTES", default_value_t = MAX_PUBLIC_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// Bytes of requests the gateway holds at once, across calls: a call holds its message's
+    /// length (inflated, if compressed) from the moment its length prefix arrives until its
+    /// handler answers; one that does not fit is refused at once (RESOURCE_EXHAUSTED). At
+    /// least ENGRAM_MAX_MESSAGE_BYTES.
+    #[arg(long = "max-request-bytes", env = "ENGRAM_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub max_request_bytes: usize,
     /// Converse streams one tenant may have open at once; more are refused
     /// (RESOURCE_EXHAUSTED), so one tenant cannot hold every chat slot.
     #[arg(
@@ -265,6 +273,12 @@ impl EdgeArgs {
         if self.max_in_flight == 0 {
             return Err(Error::invalid("ENGRAM_MAX_IN_FLIGHT", "must be at least 1"));
         }
+        if self.max_request_bytes < self.max_message_bytes {
+            return Err(Error::invalid(
+                "ENGRAM_MAX_REQUEST_BYTES",
+                "must be at least ENGRAM_MAX_MESSAGE_BYTES (one largest request must fit)",
+            ));
+        }
         if self.converse_max_streams == 0 {
             return Err(Error::invalid(
                 "ENGRAM_CONVERSE_MAX_STREAMS",
@@ -372,7 +386,7 @@ pub async fn serve(
     if !config.edge.trust_caller_traces {
         runtime.link_caller_traces();
     }
-    let peers = runtime.peers(&config.common);
+    let peers = runtime.peers(&config.common)?;
     let index: Arc<dyn Index> = Arc::new(rpc::IndexClient::connect(
         &peers,
         engram_domain::settings::env::RETRIEVAL_URL,
@@ -435,11 +449,14 @@ pub async fn serve(
         max_duration: config.edge.converse_max_duration,
         tasks: runtime.tasks().clone(),
     });
+    let secret = (config.common.cluster_secret.clone())
+        .unwrap_or_else(engram_runtime::config::new_cluster_secret);
     let gateway = Gateway {
         index,
         ingestion,
         context,
         limits: config.common.limits.clone(),
+        tokens: TokenSeal::new(&secret),
     };
     let max = config.edge.max_message_bytes;
     let method_limits = bounds::method_limits(&config.common.limits, max);
@@ -459,17 +476,22 @@ pub async fn serve(
         };
     }
     let gateway = Arc::new(gateway);
+    let request_bytes = bounds::RequestBytes::new(config.edge.max_request_bytes);
     let service = ByMethod::checked(
         &method_limits,
         other_methods,
         |limit| public!(MemoryServiceServer::from_arc(Arc::clone(&gateway)), limit),
         bounds::wire_checks(),
         config.common.limits.clone(),
+        request_bytes.clone(),
     );
     let chat = Arc::new(ChatEndpoint(chat));
-    let chat_service = ByMethod::new(&method_limits, other_methods, |limit| {
-        public!(ChatServiceServer::from_arc(Arc::clone(&chat)), limit)
-    });
+    let chat_service = ByMethod::new(
+        &method_limits,
+        other_methods,
+        |limit| public!(ChatServiceServer::from_arc(Arc::clone(&chat)), limit),
+        request_bytes,
+    );
     let edge = Edge::new(service, edge, runtime.metrics());
     let chat_edge = edge.also(chat_service);
     let routes = Routes::new(edge).add_service(chat_edge);
@@ -481,7 +503,7 @@ pub async fn serve(
                 engram_proto::v1::chat_service_server::SERVICE_NAME,
             ],
             listeners.grpc,
-            config.common.drain_grace,
+            &config.common,
             shutdown,
         )
         .await
@@ -493,6 +515,8 @@ pub struct Gateway {
     ingestion: Arc<dyn Ingestion>,
     context: Arc<ContextBuilder>,
     limits: Limits,
+    /// Write tokens bound to the tenant they were issued to.
+    tokens: TokenSeal,
 }
 
 /// The tenant a request acts for: always the one its credential names (the edge put it
@@ -516,6 +540,12 @@ impl Gateway {
         caller_tenant(request)
     }
 
+    /// The internal form of a write token a caller sent back, checked to be one this cluster
+    /// issued to `tenant` before anything looks it up.
+    fn open(&self, tenant: &TenantId, token: &str) -> Result<String, Status> {
+        Ok(self.tokens.open(tenant, "after_write_token", token)?)
+    }
+
     /// Read-your-writes: wait until the write behind a read's `after_write_token` is indexed
     /// (asking ingestion, which owns the write log), then read without it.
     async fn after(&self, token: &mut Option<WriteToken>) -> Result<(), Status> {
@@ -537,7 +567,9 @@ impl MemoryService for Gateway {
         let tenant = self.tenant(&request)?;
         let batch = validate::remember(request.into_inner(), &self.limits)?;
         let outcome = self.ingestion.submit(&tenant, batch).await?;
-        Ok(Response::new(convert::remember_response(&outcome)))
+        let mut response = convert::remember_response(&outcome);
+        response.write_token = self.tokens.seal(&tenant, &response.write_token);
+        Ok(Response::new(response))
     }
 
     async fn recall(
@@ -545,7 +577,9 @@ impl MemoryService for Gateway {
         request: Request<pb::RecallRequest>,
     ) -> Result<Response<pb::RecallResponse>, Status> {
         let tenant = self.tenant(&request)?;
-        let mut query = validate::recall(request.into_inner(), &self.limits)?;
+        let mut request = request.into_inner();
+        request.after_write_token = self.open(&tenant, &request.after_write_token)?;
+        let mut query = validate::recall(request, &self.limits)?;
         self.after(&mut query.after_write_token).await?;
         let result = self.index.search(&tenant, query).await?;
         Ok(Response::new(convert::recall_response(&result)))
@@ -556,7 +590,9 @@ impl MemoryService for Gateway {
         request: Request<pb::GetRequest>,
     ) -> Result<Response<pb::GetResponse>, Status> {
         let tenant = self.tenant(&request)?;
-        let mut query = validate::get(request.into_inner(), &self.limits)?;
+        let mut request = request.into_inner();
+        request.after_write_token = self.open(&tenant, &request.after_write_token)?;
+        let mut query = validate::get(request, &self.limits)?;
         self.after(&mut query.after_write_token).await?;
         let result = self.index.get(&tenant, query).await?;
         Ok(Response::new(convert::get_response(&result)))
@@ -567,7 +603,9 @@ impl MemoryService for Gateway {
         request: Request<pb::ListRequest>,
     ) -> Result<Response<pb::ListResponse>, Status> {
         let tenant = self.tenant(&request)?;
-        let mut query = validate::list(request.into_inner(), &self.limits)?;
+        let mut request = request.into_inner();
+        request.after_write_token = self.open(&tenant, &request.after_write_token)?;
+        let mut query = validate::list(request, &self.limits)?;
         self.after(&mut query.after_write_token).await?;
         let page = self.index.list(&tenant, query).await?;
         Ok(Response::new(convert::list_response(&page)))
@@ -580,7 +618,9 @@ impl MemoryService for Gateway {
         let tenant = self.tenant(&request)?;
         let command = validate::update(request.into_inner(), &self.limits)?;
         let outcome = self.ingestion.update(&tenant, command).await?;
-        Ok(Response::new(convert::update_response(&outcome)))
+        let mut response = convert::update_response(&outcome);
+        response.write_token = self.tokens.seal(&tenant, &response.write_token);
+        Ok(Response::new(response))
     }
 
     async fn forget(
@@ -590,7 +630,9 @@ impl MemoryService for Gateway {
         let tenant = self.tenant(&request)?;
         let target = validate::forget(request.into_inner(), &self.limits)?;
         let outcome = self.ingestion.forget(&tenant, target).await?;
-        Ok(Response::new(convert::forget_response(&outcome)))
+        let mut response = convert::forget_response(&outcome);
+        response.write_token = self.tokens.seal(&tenant, &response.write_token);
+        Ok(Response::new(response))
     }
 
     async fn build_context(

@@ -27,7 +27,7 @@ impl Pipeline {
         }
         let previous = turns::previous_texts(&*self.index, tenant, &memories).await?;
         let ops = self
-            .upserts(memories.into_iter().zip(previous).collect())
+            .upserts(tenant, memories.into_iter().zip(previous).collect())
             .await?;
         let outcome = self.index.apply(tenant, IndexWrites { ops, fence }).await?;
         Ok(outcome.upserted)
@@ -35,7 +35,11 @@ impl Pipeline {
 
     /// Upserts of memories, each embedded alone and, for a turn with the text of the turn
     /// before it, in that context too.
-    async fn upserts(&self, memories: Vec<(Memory, Option<String>)>) -> Result<Vec<IndexOp>> {
+    async fn upserts(
+        &self,
+        tenant: &TenantId,
+        memories: Vec<(Memory, Option<String>)>,
+    ) -> Result<Vec<IndexOp>> {
         if memories.is_empty() {
             return Ok(Vec::new());
         }
@@ -46,7 +50,10 @@ impl Pipeline {
                 .filter_map(|(m, p)| p.as_ref().map(|p| turns::in_context(p, &m.text))),
         );
         let wanted = texts.len();
-        let embeddings = self.embedder.embed(texts, Purpose::Document).await?;
+        let embeddings = self
+            .embedder
+            .embed(tenant, texts, Purpose::Document)
+            .await?;
         if embeddings.vectors.len() != wanted {
             return Err(Error::internal(format!(
                 "embedding service returned {} vectors for {wanted} texts",
@@ -102,7 +109,7 @@ impl Pipeline {
             .flatten();
         let mut upserts = vec![(memory.clone(), previous)];
         upserts.extend(following.into_iter().map(|f| (f.turn, f.previous)));
-        let ops = self.upserts(upserts).await?;
+        let ops = self.upserts(tenant, upserts).await?;
         self.index.apply(tenant, IndexWrites { ops, fence }).await?;
         self.history
             .invalidate(tenant, &[stored_scope, memory.scope.clone()])
@@ -135,6 +142,7 @@ impl Pipeline {
                 sessions = forgotten.iter().map(|m| m.scope.clone()).collect();
                 let mut ops = self
                     .upserts(
+                        tenant,
                         following
                             .into_iter()
                             .map(|f| (f.turn, f.previous))
@@ -266,7 +274,10 @@ impl Pipeline {
             texts.sort();
             texts.dedup();
             for chunk in texts.chunks(self.limits.max_batch.max(1)) {
-                removed += self.embedder.forget(chunk.to_vec(), purpose).await?;
+                removed += self
+                    .embedder
+                    .forget(tenant, chunk.to_vec(), purpose)
+                    .await?;
             }
         }
         tracing::debug!(removed, "forgotten texts dropped from the embedding cache");

@@ -65,7 +65,7 @@ pub async fn serve(
             routes,
             &[engram_proto::internal::v1::ingestion_server::SERVICE_NAME],
             listeners.grpc,
-            config.common.drain_grace,
+            &config.common,
             shutdown,
         )
         .await;

@@ -65,7 +65,7 @@ impl Pipeline {
     /// The pipeline `config` describes: clients of the embedding and retrieval services and,
     /// with Redis, the write log.
     pub fn from_config(config: &Config, metrics: &Metrics) -> Result<Self> {
-        let peers = rpc::Peers::new(&config.common, metrics);
+        let peers = rpc::Peers::new(&config.common, metrics)?;
         let embedder = Arc::new(rpc::EmbedderClient::connect(
             &peers,
             engram_domain::settings::env::EMBEDDING_URL,
@@ -146,7 +146,11 @@ impl Pipeline {
         }
         // A text of its own each time, so that no cache answers for the provider.
         let probe = format!("{HEALTH_PROBE} {}", uuid::Uuid::now_v7());
-        let embedded = self.embedder.embed(vec![probe], Purpose::Query).await;
+        let tenant = TenantId::default_tenant();
+        let embedded = self
+            .embedder
+            .embed(&tenant, vec![probe], Purpose::Query)
+            .await;
         embedded.is_ok() && self.index.stats(None).await.is_ok()
     }
 

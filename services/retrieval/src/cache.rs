@@ -23,6 +23,10 @@ use engram_domain::model::TenantId;
 use engram_proto::prost::Message as _;
 use sha2::{Digest as _, Sha256};
 
+/// Largest Recall result cached (encoded): a larger one (large memories, a large `top_k`) is
+/// computed again each time rather than held in the cache's memory and Redis.
+pub const MAX_CACHED_RESULT_BYTES: usize = 256 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct ResultCacheConfig {
     /// Bound on the in-process level, bytes.
@@ -113,9 +117,14 @@ impl ResultCache {
         }
     }
 
+    /// Cache a result, unless it is larger than [`MAX_CACHED_RESULT_BYTES`].
     #[tracing::instrument(name = "cache.store", level = "info", skip_all)]
     pub async fn put(&self, key: String, result: &RecallResult) {
         let bytes = convert::recall_response(result).encode_to_vec();
+        if bytes.len() > MAX_CACHED_RESULT_BYTES {
+            tracing::debug!(bytes = bytes.len(), "a recall result too large to cache");
+            return;
+        }
         self.results.put(key, Bytes::from(bytes)).await;
     }
 

@@ -21,7 +21,7 @@ use engram_domain::api::{
     ApplyOutcome, DuplicateMatch, Embedder, GetQuery, GetResult, Index, IndexStats, IndexWrites,
     ListPage, ListQuery, RecallQuery, RecallResult, Timings, WriteToken,
 };
-use engram_domain::model::{Scope, TenantId, Timestamp};
+use engram_domain::model::{MemoryId, Scope, TenantId, Timestamp};
 use engram_domain::parse_duration;
 use engram_domain::{Error, Result};
 use engram_proto::tonic::service::Routes;
@@ -182,7 +182,7 @@ pub async fn serve(
         ),
     };
     let embedder = Arc::new(rpc::EmbedderClient::connect(
-        &runtime.peers(&config.common),
+        &runtime.peers(&config.common)?,
         engram_domain::settings::env::EMBEDDING_URL,
         &config.embedding_url,
     )?);
@@ -210,7 +210,7 @@ pub async fn serve(
             routes,
             &[engram_proto::internal::v1::index_server::SERVICE_NAME],
             listeners.grpc,
-            config.common.drain_grace,
+            &config.common,
             shutdown,
         )
         .await;
@@ -262,6 +262,48 @@ fn no_write_token(token: Option<WriteToken>) -> Result<()> {
     }
 }
 
+/// Most bytes of memories (text, metadata, tags) in one List page: a page ends before it
+/// would pass this, and its token says where the next one starts.
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Memories read from the store at a time while a page is filled.
+const PAGE_READ: usize = 64;
+
+/// A List page of up to `size` memories from `start`, read a few at a time and ended early
+/// before it passes [`MAX_PAGE_BYTES`] (a page holds at least one memory).
+async fn list_page(
+    store: &dyn VectorStore,
+    selection: &Selection,
+    size: usize,
+    start: Option<MemoryId>,
+) -> Result<ListPage> {
+    let mut memories = Vec::new();
+    let (mut bytes, mut next) = (0, start);
+    while memories.len() < size {
+        let (read, after) = store
+            .list(selection, PAGE_READ.min(size - memories.len()), next)
+            .await?;
+        for memory in read {
+            let weight = memory.weight();
+            if !memories.is_empty() && bytes + weight > MAX_PAGE_BYTES {
+                return Ok(ListPage {
+                    next_page_token: Some(memory.id),
+                    memories,
+                });
+            }
+            bytes += weight;
+            memories.push(memory);
+        }
+        next = after;
+        if next.is_none() {
+            break;
+        }
+    }
+    Ok(ListPage {
+        memories,
+        next_page_token: next,
+    })
+}
+
 #[async_trait]
 impl Index for Retrieval {
     async fn search(&self, tenant: &TenantId, query: RecallQuery) -> Result<RecallResult> {
@@ -310,14 +352,13 @@ impl Index for Retrieval {
             scope: query.scope,
             filter: query.filter,
         };
-        let (memories, next) = self
-            .store
-            .list(&selection, query.page_size as usize, query.page_token)
-            .await?;
-        Ok(ListPage {
-            memories,
-            next_page_token: next,
-        })
+        list_page(
+            &*self.store,
+            &selection,
+            query.page_size as usize,
+            query.page_token,
+        )
+        .await
     }
 
     async fn apply(&self, tenant: &TenantId, writes: IndexWrites) -> Result<ApplyOutcome> {

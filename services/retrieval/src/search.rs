@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use engram_domain::api::{Explanation, Hit, Purpose, RecallQuery, RecallResult, Timings};
 use engram_domain::model::{Filter, MemoryId, SearchMode, TenantId, Timestamp};
 use engram_domain::{Error, Result};
-use engram_store::{ScoredMemory, Selection, StoreQuery};
+use engram_store::{Candidate, Selection, StoreQuery};
 use engram_telemetry::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
@@ -111,7 +111,7 @@ impl Strategy {
 /// One strategy's ranking.
 struct Ranking {
     strategy: Strategy,
-    hits: Vec<ScoredMemory>,
+    hits: Vec<Candidate>,
 }
 
 /// Strategies beyond dense and keyword, each with its narrowed selection.
@@ -183,11 +183,15 @@ async fn distinctive_entities(
 
 /// The query's embedding (through the embedding service and its cache), and how long it took.
 #[tracing::instrument(name = "embed.query", level = "info", skip_all)]
-async fn embed_query(retrieval: &Retrieval, query: &str) -> Result<(Vec<f32>, Duration)> {
+async fn embed_query(
+    retrieval: &Retrieval,
+    tenant: &TenantId,
+    query: &str,
+) -> Result<(Vec<f32>, Duration)> {
     let started = Instant::now();
     let mut embedded = retrieval
         .embedder
-        .embed(vec![query.to_string()], Purpose::Query)
+        .embed(tenant, vec![query.to_string()], Purpose::Query)
         .await?;
     let vector = embedded
         .vectors
@@ -271,7 +275,7 @@ pub(crate) async fn run(
         if !uses_dense {
             return Ok(DenseSide::default());
         }
-        let (vector, embed) = embed_query(retrieval, &query.query).await?;
+        let (vector, embed) = embed_query(retrieval, tenant, &query.query).await?;
         let started = Instant::now();
         let strategies = std::iter::once((Strategy::Dense, &selection))
             .chain(dense_extra.iter().map(|(s, sel)| (*s, sel)))
@@ -306,7 +310,8 @@ pub(crate) async fn run(
     let fusion_started = Instant::now();
     let mut rankings = dense.rankings;
     rankings.extend(keyword);
-    let hits = fuse(query, rankings, &retrieval.weights, candidates, now);
+    let ranked = fuse(query, rankings, &retrieval.weights, candidates, now);
+    let hits = read_whole(retrieval, tenant, ranked).await?;
     Ok(RecallResult {
         hits,
         cache_hit: false,
@@ -320,6 +325,43 @@ pub(crate) async fn run(
     })
 }
 
+/// A candidate that made the cut, before its memory is read.
+#[derive(Debug)]
+struct Ranked {
+    id: MemoryId,
+    score: f32,
+    relevance: f32,
+    explanation: Option<Explanation>,
+}
+
+/// The memories of the ranked candidates, read whole (only these: candidates carry no text),
+/// in rank order; one deleted since the search is left out.
+#[tracing::instrument(name = "store.get", level = "info", skip_all)]
+async fn read_whole(
+    retrieval: &Retrieval,
+    tenant: &TenantId,
+    ranked: Vec<Ranked>,
+) -> Result<Vec<Hit>> {
+    let ids: Vec<MemoryId> = ranked.iter().map(|r| r.id).collect();
+    let mut memories: HashMap<MemoryId, engram_domain::model::Memory> = (retrieval.store)
+        .get(tenant, &ids)
+        .await?
+        .into_iter()
+        .map(|m| (m.id, m))
+        .collect();
+    Ok(ranked
+        .into_iter()
+        .filter_map(|r| {
+            memories.remove(&r.id).map(|memory| Hit {
+                memory,
+                score: r.score,
+                relevance: r.relevance,
+                explanation: r.explanation,
+            })
+        })
+        .collect())
+}
+
 /// Fuse the rankings (normalised scores in HYBRID, the one strategy's score otherwise), apply
 /// recency and importance, estimate relevance, apply `min_score` (to the relevance) and
 /// `top_k`. `candidates` is how many each strategy was asked for.
@@ -329,7 +371,7 @@ fn fuse(
     weights: &FusionWeights,
     candidates: usize,
     now: Timestamp,
-) -> Vec<Hit> {
+) -> Vec<Ranked> {
     let hybrid = query.mode == SearchMode::Hybrid;
     // A score that is not a number says nothing (the engine should never give one).
     let mut rankings = rankings;
@@ -343,7 +385,7 @@ fn fuse(
     let lists: Vec<(Strategy, Vec<(MemoryId, f32)>)> = rankings
         .iter()
         .map(|r| {
-            let hits = r.hits.iter().map(|h| (h.memory.id, h.score)).collect();
+            let hits = r.hits.iter().map(|h| (h.id, h.score)).collect();
             (r.strategy, hits)
         })
         .collect();
@@ -373,23 +415,23 @@ fn fuse(
     let (missing_cosine, missing_bm25) = (missing(Strategy::Dense), missing(Strategy::Keyword));
     let model = fusion::model(query.mode);
 
-    struct Candidate {
-        memory: engram_domain::model::Memory,
+    struct Pooled {
+        found: Candidate,
         explanation: Explanation,
         base: f32,
     }
-    let mut pool: HashMap<MemoryId, Candidate> = HashMap::new();
+    let mut pool: HashMap<MemoryId, Pooled> = HashMap::new();
     for ranking in rankings {
         let strategy = ranking.strategy;
         let brings_candidates = counts(&ranking);
         for (index, scored) in ranking.hits.into_iter().enumerate() {
             let rank = index as u32 + 1;
-            let id = scored.memory.id;
+            let id = scored.id;
             if !brings_candidates && !pool.contains_key(&id) {
                 continue;
             }
-            let candidate = pool.entry(id).or_insert_with(|| Candidate {
-                memory: scored.memory,
+            let candidate = pool.entry(id).or_insert_with(|| Pooled {
+                found: scored,
                 explanation: Explanation::default(),
                 base: if hybrid {
                     fused.get(&id).copied().unwrap_or(0.0)
@@ -407,7 +449,7 @@ fn fuse(
         }
     }
 
-    let mut hits: Vec<Hit> = pool
+    let mut hits: Vec<Ranked> = pool
         .into_values()
         .map(|c| {
             let e = &c.explanation;
@@ -424,11 +466,12 @@ fn fuse(
             };
             let relevance = model.relevance(Evidence { cosine, bm25 });
             let recency_factor = query.recency_half_life.map_or(1.0, |half_life| {
-                let age = c.memory.event_time.elapsed_until(now);
+                let age = c.found.event_time.elapsed_until(now);
                 0.5f64.powf(age.as_secs_f64() / half_life.as_secs_f64()) as f32
             });
-            let importance_factor = 0.75 + c.memory.importance / 2.0;
-            Hit {
+            let importance_factor = 0.75 + c.found.importance / 2.0;
+            Ranked {
+                id: c.found.id,
                 score: c.base * recency_factor * importance_factor,
                 relevance,
                 explanation: query.explain.then_some(Explanation {
@@ -437,7 +480,6 @@ fn fuse(
                     importance_factor,
                     ..c.explanation
                 }),
-                memory: c.memory,
             }
         })
         .filter(|hit| query.min_score.is_none_or(|min| hit.relevance >= min))
@@ -448,7 +490,7 @@ fn fuse(
         b.score
             .total_cmp(&a.score)
             .then(b.relevance.total_cmp(&a.relevance))
-            .then(a.memory.id.cmp(&b.memory.id))
+            .then(a.id.cmp(&b.id))
     });
     hits.truncate(query.top_k as usize);
     hits
@@ -469,16 +511,22 @@ mod tests {
         )
     }
 
+    fn found(m: &Memory, score: f32) -> Candidate {
+        Candidate {
+            id: m.id,
+            score,
+            event_time: m.event_time,
+            importance: m.importance,
+        }
+    }
+
     fn ranking(strategy: Strategy, memories: &[&Memory]) -> Ranking {
         Ranking {
             strategy,
             hits: memories
                 .iter()
                 .enumerate()
-                .map(|(i, m)| ScoredMemory {
-                    memory: (*m).clone(),
-                    score: 1.0 - i as f32 / 10.0,
-                })
+                .map(|(i, m)| found(m, 1.0 - i as f32 / 10.0))
                 .collect(),
         }
     }
@@ -486,13 +534,7 @@ mod tests {
     fn scored(strategy: Strategy, hits: &[(&Memory, f32)]) -> Ranking {
         Ranking {
             strategy,
-            hits: hits
-                .iter()
-                .map(|(m, score)| ScoredMemory {
-                    memory: (*m).clone(),
-                    score: *score,
-                })
-                .collect(),
+            hits: hits.iter().map(|(m, score)| found(m, *score)).collect(),
         }
     }
 
@@ -512,8 +554,8 @@ mod tests {
             30,
             Timestamp::from_micros(2_000_000),
         );
-        let order: Vec<&str> = hits.iter().map(|h| h.memory.text.as_str()).collect();
-        assert_eq!(order, ["b", "c", "a"]);
+        let order: Vec<MemoryId> = hits.iter().map(|h| h.id).collect();
+        assert_eq!(order, [b.id, c.id, a.id]);
         let top = hits[0].explanation.unwrap();
         assert_eq!(
             (top.dense_rank, top.keyword_rank, top.temporal_rank),
@@ -562,7 +604,7 @@ mod tests {
             Timestamp::now(),
         );
         assert_eq!(hits.len(), 1);
-        assert_eq!(hits[0].memory.text, "a");
+        assert_eq!(hits[0].id, a.id);
     }
 
     #[test]
@@ -584,7 +626,7 @@ mod tests {
             Timestamp::now(),
         );
         assert_eq!(hits.len(), 1);
-        assert_eq!(hits[0].memory.text, "a");
+        assert_eq!(hits[0].id, a.id);
     }
 
     #[test]

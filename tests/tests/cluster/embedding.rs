@@ -8,6 +8,7 @@ use engram_cache::{Redis, RedisConfig};
 use engram_cli::redis::{Persistence, RedisProcess};
 use engram_domain::api::{Embedder, Purpose};
 use engram_domain::error::Code;
+use engram_domain::model::TenantId;
 use engram_embedding::EmbeddingService;
 use engram_models::{EmbeddingProvider, OpenAiConfig, OpenAiEmbedder};
 use engram_resilience::{OutboundMetrics, Policy};
@@ -127,13 +128,44 @@ fn sample(metrics: &Metrics, series: &str) -> f64 {
 }
 
 async fn embed(service: &EmbeddingService, texts: &[&str]) -> engram_domain::Result<Vec<Vec<f32>>> {
+    embed_as(service, "acme", texts).await
+}
+
+async fn embed_as(
+    service: &EmbeddingService,
+    tenant: &str,
+    texts: &[&str],
+) -> engram_domain::Result<Vec<Vec<f32>>> {
+    let tenant = TenantId::parse(tenant).unwrap();
     service
         .embed(
+            &tenant,
             texts.iter().map(|t| t.to_string()).collect(),
             Purpose::Document,
         )
         .await
         .map(|e| e.vectors)
+}
+
+#[tokio::test]
+async fn one_tenant_s_cached_vector_never_answers_for_another() {
+    let h = harness(fast_policy(), batching(64, 64, 1), true).await;
+    let text = "the launch code is 4417";
+    embed_as(&h.service, "acme", &[text]).await.unwrap();
+    embed_as(&h.service, "acme", &[text]).await.unwrap();
+    assert_eq!(
+        h.fake.request_count(),
+        1,
+        "the tenant's own second call is cached"
+    );
+    // Another tenant's call with the same text reaches the provider: it cannot learn from the
+    // answer's speed that acme embedded it.
+    embed_as(&h.service, "globex", &[text]).await.unwrap();
+    assert_eq!(h.fake.request_count(), 2, "{:?}", h.fake.requests());
+    // Its vector is cached for it too, under a key that names neither tenant nor text.
+    h.service.clear_local_cache().await;
+    embed_as(&h.service, "globex", &[text]).await.unwrap();
+    assert_eq!(h.fake.request_count(), 2);
 }
 
 #[tokio::test]
@@ -253,7 +285,10 @@ async fn a_text_the_provider_refuses_fails_only_its_own_request() {
         .cloned()
         .map(|texts| {
             let h = h.clone();
-            tokio::spawn(async move { h.service.embed(texts, Purpose::Document).await })
+            tokio::spawn(async move {
+                let tenant = TenantId::default_tenant();
+                h.service.embed(&tenant, texts, Purpose::Document).await
+            })
         })
         .collect();
     for (texts, call) in requests.iter().zip(calls) {

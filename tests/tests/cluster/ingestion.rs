@@ -54,10 +54,6 @@ async fn try_remember(
         .map(|r| r.into_inner())
 }
 
-fn token(encoded: &str) -> WriteToken {
-    WriteToken::decode(encoded).unwrap_or_else(|e| panic!("write token {encoded}: {e}"))
-}
-
 /// The ids of the CREATED results of a write.
 fn created(written: &pb::RememberResponse) -> Vec<String> {
     written
@@ -76,7 +72,7 @@ async fn assert_exactly_once(
     tokens: &[String],
 ) {
     for encoded in tokens {
-        if let t @ WriteToken::Logged { .. } = token(encoded) {
+        if let t @ WriteToken::Logged { .. } = sandbox.write_token(encoded) {
             let state = sandbox
                 .settled(t, Duration::from_secs(120))
                 .await
@@ -134,7 +130,7 @@ async fn an_async_write_is_acknowledged_with_a_token_that_recall_can_wait_for() 
     )
     .await;
     assert!(
-        written.write_token.starts_with("wt1.l"),
+        sandbox.write_token(&written.write_token) != WriteToken::Indexed,
         "{}",
         written.write_token
     );
@@ -246,7 +242,10 @@ async fn with_redis_down_writes_are_indexed_synchronously() {
     let mut client = sandbox.client().await;
     sandbox.redis().kill().await;
     let written = remember(&mut client, "bo", &["I keep bees on the roof".into()]).await;
-    assert_eq!(written.write_token, "wt1.i");
+    assert_eq!(
+        sandbox.write_token(&written.write_token),
+        WriteToken::Indexed
+    );
     assert_eq!(listed(&mut client, "bo", "").await.len(), 1);
     sandbox.redis().restart().await.unwrap();
     sandbox.stop().await;
@@ -371,7 +370,7 @@ fn logged(tokens: &Mutex<Vec<String>>) -> usize {
     tokens
         .lock()
         .iter()
-        .filter(|t| t.starts_with("wt1.l"))
+        .filter(|t| t.starts_with("wt2.l"))
         .count()
 }
 
@@ -419,7 +418,15 @@ async fn redis_killed_during_writes_loses_no_acknowledged_write() {
     sandbox.redis().kill().await;
     eventually("writes during the outage", || {
         let tokens = tokens.clone();
-        async move { (tokens.lock().iter().filter(|t| *t == "wt1.i").count() >= 20).then_some(()) }
+        async move {
+            (tokens
+                .lock()
+                .iter()
+                .filter(|t| t.starts_with("wt2.i."))
+                .count()
+                >= 20)
+                .then_some(())
+        }
     })
     .await;
     sandbox.redis().restart().await.unwrap();
@@ -440,7 +447,7 @@ async fn redis_killed_during_writes_loses_no_acknowledged_write() {
             .or_default()
             .extend(created(&written));
         tokens.lock().push(written.write_token.clone());
-        if written.write_token.starts_with("wt1.l") {
+        if sandbox.write_token(&written.write_token) != WriteToken::Indexed {
             back = true;
             break;
         }
@@ -463,7 +470,7 @@ async fn redis_killed_during_writes_loses_no_acknowledged_write() {
     let tokens = tokens.lock().clone();
     // Some writes were logged before the crash, some indexed synchronously during it.
     assert!(
-        tokens.iter().any(|t| t == "wt1.i"),
+        tokens.iter().any(|t| t.starts_with("wt2.i.")),
         "no write during the outage"
     );
     let acknowledged = acknowledged.lock().clone();
@@ -501,20 +508,17 @@ async fn a_poison_write_is_dead_lettered_while_the_writes_around_it_are_indexed(
         last_token = written.write_token;
     }
     let state = sandbox
-        .settled(token(&last_token), Duration::from_secs(60))
+        .settled(sandbox.write_token(&last_token), Duration::from_secs(60))
         .await
         .unwrap();
     assert_eq!(state, WriteState::Indexed);
 
-    let mut status = ipb::ingestion_client::IngestionClient::connect(format!(
-        "http://{}",
-        sandbox.addrs.ingestion
-    ))
-    .await
-    .unwrap();
+    let mut status = ipb::ingestion_client::IngestionClient::new(
+        sandbox.internal_channel(sandbox.addrs.ingestion).await,
+    );
     let poison = status
         .status(ipb::StatusRequest {
-            write_token: poison_token,
+            write_token: sandbox.write_token(&poison_token).encode(),
         })
         .await
         .unwrap()
@@ -969,13 +973,9 @@ async fn forget_waits_for_the_log_while_redis_is_down_so_older_writes_cannot_ove
     sandbox.stop().await;
 }
 
-/// The hex digest the embedding cache names a text's entry by.
+/// The hex digest the embedding cache names the tenant `default`'s text by.
 fn cache_hash(text: &str) -> String {
-    use sha2::{Digest as _, Sha256};
-    Sha256::digest(text.as_bytes())[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    engram_embedding::text_digest(&engram_domain::model::TenantId::default_tenant(), text)
 }
 
 /// The embedding cache's keys in the sandbox's Redis.

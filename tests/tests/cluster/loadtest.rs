@@ -113,7 +113,11 @@ async fn scripted(delay: Duration, refuse_every: u64, stall_at: u64, stall: Dura
                 routes,
                 &[],
                 listeners.grpc,
-                Duration::from_secs(5),
+                // A stand-in for a public gateway: no cluster credential to check.
+                &engram_runtime::config::CommonArgs {
+                    cluster_secret: None,
+                    ..engram_runtime::config::CommonArgs::for_test()
+                },
                 shutdown,
             )
             .await

@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod adversarial;
 mod conversation;
 mod embedding;
 mod gateway;

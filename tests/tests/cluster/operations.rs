@@ -7,8 +7,7 @@ use std::net::SocketAddr;
 use engram_proto::prost::Message as _;
 use engram_proto::prost_types::FileDescriptorProto;
 
-use engram_proto::tonic::transport::Channel;
-use engram_tests::{Sandbox, http_get, pb};
+use engram_tests::{InternalChannel, Sandbox, http_get, pb};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use tonic_reflection::pb::v1::ServerReflectionRequest;
@@ -16,21 +15,20 @@ use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
 use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
-async fn channel(addr: SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
+/// A channel to one of the sandbox's ports carrying the cluster's credential, as an operator's
+/// tools inside the cluster would (the internal ports refuse reflection without it).
+async fn channel(sandbox: &Sandbox, addr: SocketAddr) -> InternalChannel {
+    sandbox.internal_channel(addr).await
 }
 
-async fn reflect(addr: SocketAddr, request: MessageRequest) -> MessageResponse {
-    try_reflect(addr, request).await.unwrap()
+async fn reflect(sandbox: &Sandbox, addr: SocketAddr, request: MessageRequest) -> MessageResponse {
+    try_reflect(sandbox, addr, request).await.unwrap()
 }
 
 /// A reflection answer, or the status the stream ended with (tonic's reflection answers an
 /// unknown symbol with NOT_FOUND).
 async fn try_reflect(
+    sandbox: &Sandbox,
     addr: SocketAddr,
     request: MessageRequest,
 ) -> Result<MessageResponse, engram_proto::tonic::Status> {
@@ -38,7 +36,7 @@ async fn try_reflect(
         host: String::new(),
         message_request: Some(request),
     };
-    let mut responses = ServerReflectionClient::new(channel(addr).await)
+    let mut responses = ServerReflectionClient::new(channel(sandbox, addr).await)
         .server_reflection_info(tokio_stream::iter(vec![request]))
         .await?
         .into_inner();
@@ -46,8 +44,8 @@ async fn try_reflect(
     Ok(response.message_response.expect("a reflection answer"))
 }
 
-async fn listed_services(addr: SocketAddr) -> BTreeSet<String> {
-    match reflect(addr, MessageRequest::ListServices(String::new())).await {
+async fn listed_services(sandbox: &Sandbox, addr: SocketAddr) -> BTreeSet<String> {
+    match reflect(sandbox, addr, MessageRequest::ListServices(String::new())).await {
         MessageResponse::ListServicesResponse(list) => {
             list.service.into_iter().map(|s| s.name).collect()
         }
@@ -69,14 +67,28 @@ fn files_of(response: MessageResponse) -> Vec<FileDescriptorProto> {
 /// What a client with no built-in descriptors (not even the well-known types) learns of
 /// `service` from the port's reflection alone: the file defining it and, by file name, every
 /// file that imports, transitively. Building the pool fails if any type cannot be resolved.
-async fn reflected_pool(addr: SocketAddr, service: &str) -> prost_reflect::DescriptorPool {
+async fn reflected_pool(
+    sandbox: &Sandbox,
+    addr: SocketAddr,
+    service: &str,
+) -> prost_reflect::DescriptorPool {
     let mut files: BTreeMap<String, FileDescriptorProto> = BTreeMap::new();
-    let mut pending =
-        files_of(reflect(addr, MessageRequest::FileContainingSymbol(service.into())).await);
+    let mut pending = files_of(
+        reflect(
+            sandbox,
+            addr,
+            MessageRequest::FileContainingSymbol(service.into()),
+        )
+        .await,
+    );
     while let Some(file) = pending.pop() {
         for dependency in &file.dependency {
             if !files.contains_key(dependency) && pending.iter().all(|f| f.name() != dependency) {
-                let answer = reflect(addr, MessageRequest::FileByFilename(dependency.clone()));
+                let answer = reflect(
+                    sandbox,
+                    addr,
+                    MessageRequest::FileByFilename(dependency.clone()),
+                );
                 pending.extend(files_of(answer.await));
             }
         }
@@ -145,7 +157,7 @@ async fn every_service_answers_health_reflection_and_metrics() {
     for (grpc, admin, names) in services {
         let name = names[0];
         for name in names {
-            let health = HealthClient::new(channel(grpc).await)
+            let health = HealthClient::new(channel(&sandbox, grpc).await)
                 .check(HealthCheckRequest {
                     service: name.to_string(),
                 })
@@ -156,7 +168,7 @@ async fn every_service_answers_health_reflection_and_metrics() {
         }
         // Reflection lists exactly what the port serves, and every request and response type
         // of each of those services can be built from what it answers.
-        let listed = listed_services(grpc).await;
+        let listed = listed_services(&sandbox, grpc).await;
         let expected: BTreeSet<String> = names
             .iter()
             .copied()
@@ -169,7 +181,7 @@ async fn every_service_answers_health_reflection_and_metrics() {
             .collect();
         assert_eq!(listed, expected, "reflection of the port serving {name}");
         for service in &listed {
-            let pool = reflected_pool(grpc, service).await;
+            let pool = reflected_pool(&sandbox, grpc, service).await;
             let descriptor = pool.get_service_by_name(service).unwrap();
             for method in descriptor.methods() {
                 let (input, output) = (method.input(), method.output());
@@ -194,6 +206,7 @@ async fn every_service_answers_health_reflection_and_metrics() {
     }
     // The public port says nothing of the internal API.
     match try_reflect(
+        &sandbox,
         a.gateway,
         MessageRequest::FileContainingSymbol("engram.internal.v1.Index".into()),
     )
@@ -207,7 +220,7 @@ async fn every_service_answers_health_reflection_and_metrics() {
     }
     // Paths the gateway does not serve, sent without a key, add no series: all count as
     // `unknown`.
-    let mut grpc = engram_proto::tonic::client::Grpc::new(channel(a.gateway).await);
+    let mut grpc = engram_proto::tonic::client::Grpc::new(channel(&sandbox, a.gateway).await);
     for i in 0..20 {
         grpc.ready().await.unwrap();
         let path = format!("/evil{i}.Service/Method{i}").parse().unwrap();

@@ -2,7 +2,6 @@
 //! result cache's freshness, with the real model, real qdrant-edge and a private Redis.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use engram_domain::api::{Index as _, Ingestion as _, RecallQuery, RememberBatch};
 use engram_domain::model::{Filter, NewMemory, Scope, TenantId, WriteMode};
@@ -482,9 +481,8 @@ async fn a_write_through_one_replica_invalidates_the_cache_of_another() {
 #[tokio::test]
 async fn filters_select_alone_and_combined_and_never_cross_tenants_or_users() {
     let sandbox = Sandbox::start().await;
-    let peers = engram_runtime::rpc::Peers::standalone(Duration::from_secs(30));
     let ingestion = IngestionClient::connect(
-        &peers,
+        &sandbox.peers(),
         "ingestion",
         &format!("http://{}", sandbox.addrs.ingestion),
     )
