@@ -129,6 +129,9 @@ def test_forget_by_id_and_by_scope(client):
     )
     scope = client.forget(user=alice)
     assert scope.forgotten == 2
+    # The erasure receipt: the memories, and the vectors cached for their texts.
+    assert scope.receipt.memories == 2 and scope.receipt.facts == 0
+    assert scope.receipt.cached_embeddings >= 2
     assert list(client.list(alice, after_write_token=scope.write_token)) == []
     with pytest.raises(ValueError, match="either ids"):
         client.forget()

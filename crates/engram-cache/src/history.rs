@@ -219,14 +219,15 @@ impl History {
             .await;
     }
 
-    /// Drop the cached lists of these exact scopes (an updated or forgotten turn).
-    pub async fn invalidate(&self, tenant: &TenantId, scopes: &[Scope]) {
+    /// Drop the cached lists of these exact scopes (an updated or forgotten turn); how many
+    /// there were.
+    pub async fn invalidate(&self, tenant: &TenantId, scopes: &[Scope]) -> u64 {
         let Some(redis) = &self.redis else {
-            return;
+            return 0;
         };
         let keys: Vec<String> = scopes.iter().map(|s| key(tenant, s)).collect();
         if keys.is_empty() {
-            return;
+            return 0;
         }
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -235,8 +236,8 @@ impl History {
             pipe.incr(&epoch, 1).ignore();
             pipe.expire(&epoch, self.epoch_ttl()).ignore();
         }
-        pipe.del(keys).ignore();
-        let done: Option<()> = redis
+        pipe.del(keys);
+        let done: Option<(u64,)> = redis
             .best_effort("history.invalidate", |mut conn| async move {
                 pipe.query_async(&mut conn).await
             })
@@ -247,17 +248,18 @@ impl History {
                 self.ttl
             );
         }
+        done.map_or(0, |(dropped,)| dropped)
     }
 
-    /// Drop every cached list of a user (a whole scope forgotten).
-    pub async fn invalidate_user(&self, tenant: &TenantId, user_id: &str) {
+    /// Drop every cached list of a user (a whole scope forgotten); how many there were.
+    pub async fn invalidate_user(&self, tenant: &TenantId, user_id: &str) -> u64 {
         let Some(redis) = &self.redis else {
-            return;
+            return 0;
         };
         let sessions = sessions_key(tenant, user_id);
         let epoch = epoch_key(tenant, user_id);
         let epoch_ttl = self.epoch_ttl();
-        let done: Option<()> = redis
+        let done: Option<u64> = redis
             .best_effort("history.invalidate", |mut conn| async move {
                 redis::pipe()
                     .incr(&epoch, 1)
@@ -266,12 +268,20 @@ impl History {
                     .ignore()
                     .query_async::<()>(&mut conn)
                     .await?;
-                let mut keys: Vec<String> = redis::cmd("SMEMBERS")
+                let lists: Vec<String> = redis::cmd("SMEMBERS")
                     .arg(&sessions)
                     .query_async(&mut conn)
                     .await?;
-                keys.push(sessions);
-                redis::cmd("DEL").arg(keys).query_async(&mut conn).await
+                let dropped: u64 = if lists.is_empty() {
+                    0
+                } else {
+                    redis::cmd("DEL").arg(lists).query_async(&mut conn).await?
+                };
+                redis::cmd("DEL")
+                    .arg(&sessions)
+                    .query_async::<u64>(&mut conn)
+                    .await?;
+                Ok(dropped)
             })
             .await;
         if done.is_none() {
@@ -280,5 +290,6 @@ impl History {
                 self.ttl
             );
         }
+        done.unwrap_or(0)
     }
 }

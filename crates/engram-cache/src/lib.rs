@@ -230,6 +230,67 @@ impl TwoLevelCache {
 
     /// Drop entries from both levels; how many Redis held. Unlike `put`, a Redis failure is
     /// an error: an erasure must not pass for done.
+    /// [`Self::put_many`] of one entry that also joins each of `groups` (a Redis set of keys
+    /// per group, living as long as the entries), so that [`Self::remove_groups`] can drop
+    /// every entry of a group.
+    pub async fn put_in_groups(&self, key: String, value: Bytes, groups: &[String]) {
+        if let Some(redis) = &self.redis {
+            let ttl_ms = u64::try_from(self.config.redis_ttl.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            let mut pipe = ::redis::pipe();
+            for group in groups {
+                let members = self.group_key(group);
+                pipe.sadd(&members, &key).ignore();
+                pipe.cmd("PEXPIRE").arg(&members).arg(ttl_ms).ignore();
+            }
+            let _: Option<()> = redis
+                .best_effort("group", |mut conn| async move {
+                    pipe.query_async(&mut conn).await
+                })
+                .await;
+        }
+        self.put_many(vec![(key, value)]).await;
+    }
+
+    /// Drop every entry of `groups` ([`Self::put_in_groups`]) from Redis and from this
+    /// process; how many Redis held.
+    pub async fn remove_groups(&self, groups: &[String]) -> u64 {
+        let Some(redis) = &self.redis else {
+            return 0;
+        };
+        let mut removed = 0;
+        for group in groups {
+            let members = self.group_key(group);
+            let keys: Vec<String> = redis
+                .best_effort("group", |mut conn| {
+                    let members = members.clone();
+                    async move {
+                        ::redis::cmd("SMEMBERS")
+                            .arg(members)
+                            .query_async(&mut conn)
+                            .await
+                    }
+                })
+                .await
+                .unwrap_or_default();
+            removed += self.remove_many(&keys).await.unwrap_or(0);
+            let _: Option<u64> = redis
+                .best_effort("group", |mut conn| async move {
+                    ::redis::cmd("DEL")
+                        .arg(members)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await;
+        }
+        removed
+    }
+
+    fn group_key(&self, group: &str) -> String {
+        format!("{}group:{group}", self.prefix)
+    }
+
     pub async fn remove_many(&self, keys: &[String]) -> Result<u64, String> {
         for key in keys {
             self.local.invalidate(key).await;

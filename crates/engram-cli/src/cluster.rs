@@ -279,28 +279,41 @@ pub fn stored_secret(dir: &Path) -> Result<engram_domain::ClusterSecret> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = dir.join("cluster.secret");
-    let unreadable = |e: String| {
+    let unusable = |e: String| {
         Error::invalid(
             engram_domain::settings::env::CLUSTER_SECRET,
             format!("{}: {e}", path.display()),
         )
     };
     match std::fs::read_to_string(&path) {
-        Ok(text) => return text.trim().parse().map_err(unreadable),
+        Ok(text) => {
+            let secret: engram_domain::ClusterSecret = match text.parse() {
+                Ok(secret) => secret,
+                Err(never) => match never {},
+            };
+            secret.validate().map_err(|why| {
+                unusable(format!("{why}; delete the file to have a new one made"))
+            })?;
+            return Ok(secret);
+        }
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(unreadable(e.to_string()));
+            return Err(unusable(e.to_string()));
         }
         Err(_) => {}
     }
+    // Written whole under another name, then renamed: a crash leaves no partial secret.
     let secret = engram_runtime::config::new_cluster_secret();
+    let partial = dir.join("cluster.secret.partial");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
-        .open(&path)
-        .map_err(|e| unreadable(e.to_string()))?;
+        .open(&partial)
+        .map_err(|e| unusable(e.to_string()))?;
     file.write_all(secret.expose().as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(|e| unreadable(e.to_string()))?;
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .map_err(|e| unusable(e.to_string()))?;
     Ok(secret)
 }

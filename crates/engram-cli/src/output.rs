@@ -367,7 +367,19 @@ pub fn list(response: &pb::ListResponse, json_output: bool) {
 
 /// A Forget response as `--json` prints it (and the MCP server answers).
 pub fn forget_json(response: &pb::ForgetResponse) -> serde_json::Value {
-    json!({"forgotten": response.forgotten, "write_token": response.write_token})
+    let receipt = response.receipt.unwrap_or_default();
+    json!({
+        "forgotten": response.forgotten,
+        "write_token": response.write_token,
+        "receipt": {
+            "memories": receipt.memories,
+            "facts": receipt.facts,
+            "cached_embeddings": receipt.cached_embeddings,
+            "history_lists": receipt.history_lists,
+            "log_keys": receipt.log_keys,
+            "cached_results": receipt.cached_results,
+        },
+    })
 }
 
 pub fn forget(response: &pb::ForgetResponse, json_output: bool) {

@@ -162,8 +162,8 @@ impl WriteFailure {
 /// What a write log keeps about an applied entry, for [`WriteState`] and forget counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// A Forget, with how many memories it deleted.
-    Forgot(u64),
+    /// A Forget, with what it removed.
+    Forgot(Erasure),
     /// Dead-lettered.
     Failed(WriteFailure),
 }
@@ -402,6 +402,8 @@ pub struct Fence {
 pub struct ApplyOutcome {
     pub upserted: u64,
     pub deleted: u64,
+    /// Cached Recall results a deletion dropped (results that could hold what it deleted).
+    pub cached_results: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -514,6 +516,37 @@ pub enum ForgetTarget {
 pub struct ForgetOutcome {
     pub forgotten: u64,
     pub write_token: WriteToken,
+    /// Everything the Forget removed.
+    pub receipt: Erasure,
+}
+
+/// What a Forget removed: its receipt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Erasure {
+    /// Memories deleted from the index (their points: vectors, keywords and payload).
+    pub memories: u64,
+    /// Of those, facts extracted from messages.
+    pub facts: u64,
+    /// Vectors dropped from the shared (Redis) level of the embedding cache.
+    pub cached_embeddings: u64,
+    /// Cached recent-turn lists dropped.
+    pub history_lists: u64,
+    /// Write-log keys released: de-duplication reservations and where pending writes were.
+    pub log_keys: u64,
+    /// Cached Recall results dropped (every result cached for the users it forgot from).
+    pub cached_results: u64,
+}
+
+impl Erasure {
+    /// Two receipts as one (a Forget applied in parts).
+    pub fn add(&mut self, other: Erasure) {
+        self.memories += other.memories;
+        self.facts += other.facts;
+        self.cached_embeddings += other.cached_embeddings;
+        self.history_lists += other.history_lists;
+        self.log_keys += other.log_keys;
+        self.cached_results += other.cached_results;
+    }
 }
 
 #[async_trait]

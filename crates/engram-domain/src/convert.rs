@@ -9,8 +9,8 @@ use engram_proto::prost_types;
 use engram_proto::v1 as pb;
 
 use crate::api::{
-    Explanation, ForgetOutcome, ForgetTarget, GetQuery, GetResult, Hit, ListPage, ListQuery,
-    RecallQuery, RecallResult, RememberBatch, RememberOutcome, Timings, UpdateCommand,
+    Erasure, Explanation, ForgetOutcome, ForgetTarget, GetQuery, GetResult, Hit, ListPage,
+    ListQuery, RecallQuery, RecallResult, RememberBatch, RememberOutcome, Timings, UpdateCommand,
     UpdateOutcome, WriteResult, WriteStatus, WriteToken,
 };
 use crate::error::{Error, Result};
@@ -89,6 +89,7 @@ pub fn memory(m: &Memory) -> pb::Memory {
         content_hash: m.content_hash.clone(),
         state: state(m.state).into(),
         updated_at: Some(timestamp(m.updated_at)),
+        idempotency_key: m.idempotency_key.clone(),
     }
 }
 
@@ -140,7 +141,7 @@ pub fn memory_from_pb(m: pb::Memory, tenant: &TenantId) -> Result<Memory> {
         event_time: ts(m.event_time, "memory.event_time")?,
         importance: m.importance,
         content_hash: m.content_hash,
-        idempotency_key: String::new(),
+        idempotency_key: m.idempotency_key,
         state,
     })
 }
@@ -483,6 +484,7 @@ pub fn forget_response(o: &ForgetOutcome) -> pb::ForgetResponse {
     pb::ForgetResponse {
         forgotten: o.forgotten,
         write_token: o.write_token.encode(),
+        receipt: Some(receipt(&o.receipt)),
     }
 }
 
@@ -490,7 +492,30 @@ pub fn forget_outcome_from_pb(r: pb::ForgetResponse) -> Result<ForgetOutcome> {
     Ok(ForgetOutcome {
         forgotten: r.forgotten,
         write_token: WriteToken::decode(&r.write_token)?,
+        receipt: r.receipt.map(erasure).unwrap_or_default(),
     })
+}
+
+pub fn receipt(e: &Erasure) -> pb::ErasureReceipt {
+    pb::ErasureReceipt {
+        memories: e.memories,
+        facts: e.facts,
+        cached_embeddings: e.cached_embeddings,
+        history_lists: e.history_lists,
+        log_keys: e.log_keys,
+        cached_results: e.cached_results,
+    }
+}
+
+pub fn erasure(r: pb::ErasureReceipt) -> Erasure {
+    Erasure {
+        memories: r.memories,
+        facts: r.facts,
+        cached_embeddings: r.cached_embeddings,
+        history_lists: r.history_lists,
+        log_keys: r.log_keys,
+        cached_results: r.cached_results,
+    }
 }
 
 #[cfg(test)]

@@ -163,7 +163,15 @@ impl From<Status> for Error {
                 _ => Error::invalid("", message),
             },
             Code::NotFound => Error::NotFound(message),
-            Code::Unauthenticated => Error::Unauthenticated(message),
+            // Between services the only credential is the cluster's: a peer that refuses it is
+            // a deployment whose services do not share one secret (a rotation half done), not a
+            // caller's fault, and it passes when they do.
+            Code::Unauthenticated => Error::Unavailable {
+                reason: format!(
+                    "a peer refused this service's cluster credential ({message}); every service must share ENGRAM_CLUSTER_SECRET"
+                ),
+                retry_after: None,
+            },
             Code::PermissionDenied => Error::PermissionDenied(message),
             Code::ResourceExhausted => Error::ResourceExhausted {
                 reason: message,
@@ -211,6 +219,16 @@ fn retry_after_of(status: &Status) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_refusing_the_cluster_credential_is_an_outage_not_a_caller_s_fault() {
+        let relayed = Error::from(Status::unauthenticated("needs the cluster's credential"));
+        assert_eq!(relayed.code(), Code::Unavailable, "{relayed}");
+        assert!(
+            relayed.to_string().contains("ENGRAM_CLUSTER_SECRET"),
+            "{relayed}"
+        );
+    }
 
     #[test]
     fn invalid_argument_round_trips_with_its_field() {

@@ -107,7 +107,9 @@ impl Outcome {
     /// The protobuf bytes of an `Outcome`.
     pub fn encode(&self) -> Vec<u8> {
         let outcome = match self {
-            Outcome::Forgot(n) => ipb::outcome::Outcome::Forgot(*n),
+            Outcome::Forgot(receipt) => {
+                ipb::outcome::Outcome::Erased(crate::convert::receipt(receipt))
+            }
             Outcome::Failed(failure) => ipb::outcome::Outcome::Failed(ipb::WriteFailure {
                 kind: failure.kind.to_pb().into(),
                 message: failure.message.clone(),
@@ -122,7 +124,13 @@ impl Outcome {
     /// Read an outcome the log holds; `None` if it is not one.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
         match ipb::Outcome::decode(bytes).ok()?.outcome? {
-            ipb::outcome::Outcome::Forgot(n) => Some(Outcome::Forgot(n)),
+            ipb::outcome::Outcome::Forgot(n) => Some(Outcome::Forgot(crate::api::Erasure {
+                memories: n,
+                ..Default::default()
+            })),
+            ipb::outcome::Outcome::Erased(receipt) => {
+                Some(Outcome::Forgot(crate::convert::erasure(receipt)))
+            }
             ipb::outcome::Outcome::Failed(failure) => Some(Outcome::Failed(WriteFailure {
                 kind: FailureKind::from_pb(failure.kind),
                 message: failure.message,
@@ -138,8 +146,15 @@ mod tests {
     #[test]
     fn outcomes_survive_the_round_trip() {
         for outcome in [
-            Outcome::Forgot(0),
-            Outcome::Forgot(12),
+            Outcome::Forgot(crate::api::Erasure::default()),
+            Outcome::Forgot(crate::api::Erasure {
+                memories: 12,
+                facts: 2,
+                cached_embeddings: 30,
+                history_lists: 1,
+                log_keys: 24,
+                cached_results: 3,
+            }),
             Outcome::Failed(WriteFailure {
                 kind: FailureKind::NotFound,
                 message: "memory x not found".into(),

@@ -140,21 +140,30 @@ impl ClusterSecret {
     }
 }
 
-impl std::str::FromStr for ClusterSecret {
-    type Err = String;
-
-    /// The error never quotes the value.
-    fn from_str(value: &str) -> Result<Self, Self::Err> {
-        if value.chars().count() < Self::MIN_LEN {
+impl ClusterSecret {
+    /// Whether the secret is usable: at least [`Self::MIN_LEN`] characters, none of them
+    /// control characters. The error never quotes the value.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.0.chars().count() < Self::MIN_LEN {
             return Err(format!(
                 "must be at least {} characters (`openssl rand -hex 32` makes one)",
                 Self::MIN_LEN
             ));
         }
-        if value.chars().any(char::is_control) {
+        if self.0.chars().any(char::is_control) {
             return Err("must not hold control characters".into());
         }
-        Ok(Self(value.to_string()))
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for ClusterSecret {
+    type Err = std::convert::Infallible;
+
+    /// Never fails, so that a parser's error cannot quote the value; surrounding whitespace (a
+    /// file's last newline) is dropped. [`ClusterSecret::validate`] says whether it is usable.
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self(value.trim().to_string()))
     }
 }
 
@@ -225,9 +234,15 @@ mod tests {
 
     #[test]
     fn a_cluster_secret_is_long_enough_and_never_prints() {
-        let short: Result<ClusterSecret, _> = "hunter2".parse();
-        assert!(!short.unwrap_err().contains("hunter2"));
-        let secret: ClusterSecret = "hunter2-hunter2-hunter2-hunter2-hunter2".parse().unwrap();
+        let short: ClusterSecret = "hunter2".parse().unwrap();
+        assert!(!short.validate().unwrap_err().contains("hunter2"));
+        let control: ClusterSecret = "hunter2\u{7}hunter2-hunter2-hunter2-hunter2"
+            .parse()
+            .unwrap();
+        assert!(!control.validate().unwrap_err().contains("hunter2"));
+        let secret: ClusterSecret = "hunter2-hunter2-hunter2-hunter2-hunter2\n".parse().unwrap();
+        assert_eq!(secret.validate(), Ok(()));
+        assert_eq!(secret.expose(), "hunter2-hunter2-hunter2-hunter2-hunter2");
         assert!(!format!("{secret} {secret:?} {:?}", Some(&secret)).contains("hunter2"));
         assert_ne!(secret.derive("a"), secret.derive("b"));
         assert_eq!(secret.call_credential().len(), 64);

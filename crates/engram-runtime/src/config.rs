@@ -69,13 +69,15 @@ impl CommonArgs {
     /// and tests run the services in one process and make their own.)
     pub fn check_service(&self) -> Result<()> {
         self.check()?;
-        if self.cluster_secret.is_none() {
-            return Err(Error::invalid(
+        match &self.cluster_secret {
+            None => Err(Error::invalid(
                 env::CLUSTER_SECRET,
                 "not set: every service of a cluster needs the same secret of at least 32 characters (`openssl rand -hex 32` makes one); see the README's Security section",
-            ));
+            )),
+            Some(secret) => secret
+                .validate()
+                .map_err(|why| Error::invalid(env::CLUSTER_SECRET, why)),
         }
-        Ok(())
     }
 
     pub fn check(&self) -> Result<()> {
@@ -101,8 +103,10 @@ impl CommonArgs {
 pub fn new_cluster_secret() -> ClusterSecret {
     let bytes: [u8; 32] = rand::random();
     let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    hex.parse()
-        .unwrap_or_else(|e| unreachable!("64 hex digits make a valid secret: {e}"))
+    match hex.parse::<ClusterSecret>() {
+        Ok(secret) => secret,
+        Err(never) => match never {},
+    }
 }
 
 /// The privacy settings every service reads (flattened into `CommonArgs`).

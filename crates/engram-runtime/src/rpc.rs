@@ -445,6 +445,7 @@ impl ipb::index_server::Index for IndexGrpc {
         Ok(Response::new(ipb::ApplyResponse {
             upserted: outcome.upserted,
             deleted: outcome.deleted,
+            cached_results: outcome.cached_results,
         }))
     }
 
@@ -566,6 +567,7 @@ impl Index for IndexClient {
         Ok(ApplyOutcome {
             upserted: response.upserted,
             deleted: response.deleted,
+            cached_results: response.cached_results,
         })
     }
 

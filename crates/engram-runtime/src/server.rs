@@ -152,8 +152,7 @@ impl ServiceRuntime {
     ) -> Result<()> {
         let drain_grace = common.drain_grace;
         let methods = methods(services)?;
-        let public = !services.is_empty() && services.iter().all(|s| s.starts_with(PUBLIC_PACKAGE));
-        let cluster_auth = crate::cluster_auth::ClusterAuthLayer::new(if public {
+        let cluster_auth = crate::cluster_auth::ClusterAuthLayer::new(if is_public(services) {
             None
         } else {
             common.cluster_secret.as_ref()
@@ -281,7 +280,7 @@ fn reflection(
     >,
 )> {
     // A public port's files say nothing of the internal API.
-    let engram = if services.iter().all(|s| s.starts_with(PUBLIC_PACKAGE)) {
+    let engram = if is_public(services) {
         engram_proto::PUBLIC_FILE_DESCRIPTOR_SET
     } else {
         engram_proto::FILE_DESCRIPTOR_SET
@@ -336,8 +335,11 @@ fn methods(services: &[&'static str]) -> Result<Vec<(String, String)>> {
     Ok(methods)
 }
 
-/// The package of the public API: a port serving only its services is the public one.
-const PUBLIC_PACKAGE: &str = "engram.v1.";
+/// Whether a port serving `services` is the public one: it serves some, all of the public
+/// API's package (`engram.v1`).
+fn is_public(services: &[&str]) -> bool {
+    !services.is_empty() && services.iter().all(|s| s.starts_with("engram.v1."))
+}
 
 /// What every port serves beside its own services.
 const ALWAYS_SERVED: [&str; 3] = [

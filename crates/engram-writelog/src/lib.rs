@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use deadpool_redis::{Connection, Pool};
-use engram_domain::api::{EntryId, Outcome, WriteFailure, WriteState, WriteToken};
+use engram_domain::api::{EntryId, Erasure, Outcome, WriteFailure, WriteState, WriteToken};
 use engram_domain::model::{MemoryId, Scope, TenantId};
 use engram_domain::{Error, Result, SecretUrl};
 use redis::Value;
@@ -265,8 +265,8 @@ pub struct Entry {
 #[derive(Debug, Clone)]
 pub enum Done {
     Applied,
-    /// A Forget, with how many memories it deleted.
-    Forgot(u64),
+    /// A Forget, with what it removed.
+    Forgot(Erasure),
     /// Dead-lettered: why.
     Failed(WriteFailure),
 }
@@ -279,7 +279,12 @@ fn read_outcome(bytes: &[u8]) -> Option<Outcome> {
     }
     let text = std::str::from_utf8(bytes).ok()?;
     if let Some(n) = text.strip_prefix("forgot:") {
-        return n.parse().ok().map(Outcome::Forgot);
+        return n.parse().ok().map(|memories| {
+            Outcome::Forgot(Erasure {
+                memories,
+                ..Erasure::default()
+            })
+        });
     }
     text.strip_prefix("failed:").map(|reason| {
         Outcome::Failed(WriteFailure {
@@ -541,8 +546,8 @@ impl WriteLog {
             .await
     }
 
-    /// How many memories the Forget at `entry` deleted, once it is applied.
-    pub async fn forgot(&self, partition: u32, entry: EntryId) -> Result<u64> {
+    /// What the Forget at `entry` removed, once it is applied.
+    pub async fn forgot(&self, partition: u32, entry: EntryId) -> Result<Erasure> {
         let outcome: Option<Vec<u8>> = self
             .run(|mut conn| async move {
                 redis::cmd("HGET")
@@ -553,8 +558,8 @@ impl WriteLog {
             })
             .await?;
         Ok(match outcome.as_deref().and_then(read_outcome) {
-            Some(Outcome::Forgot(n)) => n,
-            _ => 0,
+            Some(Outcome::Forgot(receipt)) => receipt,
+            _ => Erasure::default(),
         })
     }
 
@@ -729,7 +734,7 @@ impl WriteLog {
             .iter()
             .filter_map(|(id, outcome)| match outcome {
                 Done::Applied => None,
-                Done::Forgot(n) => Some((*id, Outcome::Forgot(*n))),
+                Done::Forgot(receipt) => Some((*id, Outcome::Forgot(*receipt))),
                 Done::Failed(failure) => Some((*id, Outcome::Failed(failure.clone()))),
             })
             .collect();

@@ -23,11 +23,15 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use engram_domain::limits::fixed;
+use engram_domain::model::TenantId;
 use engram_domain::{Error, Limits, Result};
 use engram_proto::tonic::Status;
 use engram_proto::tonic::body::Body;
 use engram_proto::tonic::server::NamedService;
+use engram_telemetry::Metrics;
 use http_body_util::BodyExt as _;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// The limit of a method that carries no memory text: a query, a scope, filters, a page.
 pub const MAX_SMALL_MESSAGE_BYTES: usize = 1024 * 1024;
@@ -252,23 +256,53 @@ fn message<'a>(
 /// Bytes inflated between two calls of `hold`.
 const INFLATE_STEP: usize = 64 * 1024;
 
+/// The smallest `ENGRAM_MAX_REQUEST_BYTES` for requests of up to `max_message` bytes: a largest
+/// compressed request holds its bytes and what they inflate to (in steps).
+pub fn min_request_bytes(max_message: usize) -> usize {
+    max_message
+        .saturating_mul(2)
+        .saturating_add(INFLATE_STEP + 5)
+}
+
 /// The request bytes the gateway may hold at once, across calls (`ENGRAM_MAX_REQUEST_BYTES`):
-/// a call holds its message's length from the moment the length prefix arrives (and more as a
-/// compressed message inflates) until its handler has answered. A call whose bytes do not fit
-/// is refused at once (RESOURCE_EXHAUSTED), so concurrent maximal requests cannot together
-/// outgrow the process's memory.
+/// a call holds its bytes as they arrive (and, for a compressed message, as it inflates)
+/// until its handler has answered. A call whose next bytes do not fit is refused at once
+/// (RESOURCE_EXHAUSTED), so concurrent large requests cannot together outgrow the process's
+/// memory; and one tenant may hold all of it but one largest request's worth, so a tenant
+/// that stalls large requests cannot shut every other out.
 #[derive(Clone)]
 pub struct RequestBytes {
     budget: Arc<tokio::sync::Semaphore>,
     total: usize,
+    per_tenant: usize,
+    tenants: Arc<parking_lot::Mutex<HashMap<TenantId, usize>>>,
+    gauge: Gauge,
+    refused: Counter,
 }
 
 impl RequestBytes {
-    pub fn new(total: usize) -> Self {
-        let permits = total.min(tokio::sync::Semaphore::MAX_PERMITS);
+    /// `total` bytes in all, all but `largest` (one largest request) for any one tenant.
+    pub fn new(total: usize, largest: usize, metrics: &Metrics) -> Self {
+        let total = total.min(tokio::sync::Semaphore::MAX_PERMITS);
+        let gauge = Gauge::default();
+        metrics.register(
+            "engram_gateway_request_bytes",
+            "Bytes of public requests the gateway holds now (ENGRAM_MAX_REQUEST_BYTES bounds them)",
+            gauge.clone(),
+        );
+        let refused = Counter::default();
+        metrics.register(
+            "engram_gateway_request_bytes_refused",
+            "Calls refused because their bytes did not fit in ENGRAM_MAX_REQUEST_BYTES or in their tenant's share of it",
+            refused.clone(),
+        );
         Self {
-            budget: Arc::new(tokio::sync::Semaphore::new(permits)),
-            total: permits,
+            budget: Arc::new(tokio::sync::Semaphore::new(total)),
+            total,
+            per_tenant: total.saturating_sub(largest).max(largest),
+            tenants: Arc::default(),
+            gauge,
+            refused,
         }
     }
 
@@ -278,32 +312,80 @@ impl RequestBytes {
     }
 
     /// Add `n` bytes to what `held` holds, or refuse.
-    fn hold(&self, held: &mut Option<tokio::sync::OwnedSemaphorePermit>, n: usize) -> Result<()> {
-        let refused = || {
+    fn hold(&self, held: &mut Held, n: usize) -> Result<()> {
+        let refused = |why: &str| {
+            self.refused.inc();
             Error::ResourceExhausted {
-            reason: "the gateway holds as many request bytes as it may (ENGRAM_MAX_REQUEST_BYTES); retry shortly".into(),
-            retry_after: Some(std::time::Duration::from_millis(100)),
-        }
+                reason: format!("{why} (ENGRAM_MAX_REQUEST_BYTES); retry shortly"),
+                retry_after: Some(std::time::Duration::from_millis(100)),
+            }
         };
-        let n = u32::try_from(n).map_err(|_| refused())?;
-        let permit = Arc::clone(&self.budget)
-            .try_acquire_many_owned(n)
-            .map_err(|_| refused())?;
-        match held {
-            Some(held) => held.merge(permit),
-            None => *held = Some(permit),
+        let mut tenants = self.tenants.lock();
+        let tenant_holds = tenants.get(&held.tenant).copied().unwrap_or(0);
+        if tenant_holds + n > self.per_tenant {
+            return Err(refused(
+                "this tenant's requests hold as many bytes as one tenant may",
+            ));
+        }
+        let permit = u32::try_from(n)
+            .ok()
+            .and_then(|n| Arc::clone(&self.budget).try_acquire_many_owned(n).ok())
+            .ok_or_else(|| refused("the gateway holds as many request bytes as it may"))?;
+        tenants.insert(held.tenant.clone(), tenant_holds + n);
+        drop(tenants);
+        self.gauge.inc_by(n as i64);
+        held.bytes += n;
+        match &mut held.permit {
+            Some(permit_held) => permit_held.merge(permit),
+            None => held.permit = Some(permit),
         }
         Ok(())
     }
 }
 
-/// A unary request's body: at most one frame header and `limit` bytes, its message's length
-/// held in `bytes` as soon as the length prefix has arrived, before the rest is read.
+/// What one call holds of [`RequestBytes`], given back when it is dropped.
+pub struct Held {
+    owner: RequestBytes,
+    tenant: TenantId,
+    bytes: usize,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Held {
+    fn new(owner: &RequestBytes, tenant: TenantId) -> Self {
+        Self {
+            owner: owner.clone(),
+            tenant,
+            bytes: 0,
+            permit: None,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        let mut tenants = self.owner.tenants.lock();
+        if let Some(holds) = tenants.get_mut(&self.tenant) {
+            *holds = holds.saturating_sub(self.bytes);
+            if *holds == 0 {
+                tenants.remove(&self.tenant);
+            }
+        }
+        self.owner.gauge.dec_by(self.bytes as i64);
+    }
+}
+
+/// A unary request's body: one frame of at most `limit` bytes, each chunk held in `held` as it
+/// arrives. Refused as soon as it is larger than its limit or than the message its length
+/// prefix announced.
 async fn read_frame(
     body: Body,
     limit: usize,
     bytes: &RequestBytes,
-    held: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    held: &mut Held,
 ) -> std::result::Result<Bytes, Status> {
     let too_large = || {
         Status::out_of_range(format!(
@@ -312,6 +394,7 @@ async fn read_frame(
     };
     let mut body = http_body_util::Limited::new(body, limit + 5);
     let mut buffer = bytes::BytesMut::new();
+    let mut announced = None;
     while let Some(frame) = body.frame().await {
         let frame = match frame {
             Ok(frame) => frame,
@@ -321,13 +404,19 @@ async fn read_frame(
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        bytes.hold(held, data.len()).map_err(Status::from)?;
         buffer.extend_from_slice(&data);
-        if held.is_none() && buffer.len() >= 5 {
+        if announced.is_none() && buffer.len() >= 5 {
             let length = u32::from_be_bytes([buffer[1], buffer[2], buffer[3], buffer[4]]) as usize;
             if length > limit {
                 return Err(too_large());
             }
-            bytes.hold(held, length + 5).map_err(Status::from)?;
+            announced = Some(length + 5);
+        }
+        if announced.is_some_and(|whole| buffer.len() > whole) {
+            return Err(Status::invalid_argument(
+                "request: a unary request must be exactly one gRPC message",
+            ));
         }
     }
     Ok(buffer.freeze())
@@ -444,7 +533,9 @@ where
         let bytes = self.bytes.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let mut held = None;
+            let tenant = (parts.extensions.get::<crate::Caller>())
+                .map_or_else(TenantId::default_tenant, |caller| caller.tenant.clone());
+            let mut held = Held::new(&bytes, tenant);
             let frame = match read_frame(body, limit, &bytes, &mut held).await {
                 Ok(frame) => frame,
                 Err(refused) => return Ok(refused.into_http()),
@@ -458,22 +549,27 @@ where
                     Some(check) => check(&m[..], &limits).map(|()| m),
                     None => Ok(m),
                 });
-            let frame = match message {
+            let body = match message {
                 Err(refused) => return Ok(Status::from(refused).into_http()),
-                Ok(std::borrow::Cow::Borrowed(_)) => frame.clone(),
+                Ok(std::borrow::Cow::Borrowed(_)) => {
+                    Body::new(http_body_util::Full::new(frame.clone()))
+                }
                 // Handed on as an uncompressed frame (its flag says so; the encoding header
-                // only names what the client may send).
+                // only names what the client may send): a header, then the inflated bytes,
+                // not copied.
                 Ok(std::borrow::Cow::Owned(inflated)) => {
                     let length = u32::try_from(inflated.len()).unwrap_or(u32::MAX);
-                    let mut framed = Vec::with_capacity(inflated.len() + 5);
-                    framed.push(0);
-                    framed.extend_from_slice(&length.to_be_bytes());
-                    framed.extend_from_slice(&inflated);
-                    Bytes::from(framed)
+                    let mut header = vec![0u8];
+                    header.extend_from_slice(&length.to_be_bytes());
+                    let chunks = [Bytes::from(header), Bytes::from(inflated)]
+                        .map(|chunk| Ok::<_, Infallible>(http_body::Frame::data(chunk)));
+                    Body::new(http_body_util::StreamBody::new(futures::stream::iter(
+                        chunks,
+                    )))
                 }
             };
-            let request =
-                http::Request::from_parts(parts, Body::new(http_body_util::Full::new(frame)));
+            drop(frame);
+            let request = http::Request::from_parts(parts, body);
             let response = instance.clone().call(request).await;
             drop(held);
             response
@@ -504,7 +600,8 @@ mod tests {
     #[test]
     fn calls_go_to_the_instance_of_their_method() {
         let table: HashMap<&'static str, usize> = [("Get", 10), ("Remember", 1000)].into();
-        let by = ByMethod::new(&table, 100, |limit| limit, RequestBytes::new(1000));
+        let bytes = RequestBytes::new(1000, 100, &engram_telemetry::Metrics::new());
+        let by = ByMethod::new(&table, 100, |limit| limit, bytes);
         assert_eq!(by.instance("/engram.v1.MemoryService/Get").1, 10);
         assert_eq!(by.instance("/engram.v1.MemoryService/Remember").1, 1000);
         assert_eq!(by.instance("/engram.v1.MemoryService/Recall").1, 100);
@@ -612,8 +709,8 @@ mod tests {
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         gzip.write_all(&[0x12, 0x00].repeat(150_000)).unwrap();
         let large = frame(1, &gzip.finish().unwrap());
-        let bytes = RequestBytes::new(100 * 1024);
-        let mut held = None;
+        let bytes = RequestBytes::new(100 * 1024, 0, &engram_telemetry::Metrics::new());
+        let mut held = Held::new(&bytes, TenantId::default_tenant());
         let refused = message(&large, Some("gzip"), 1 << 20, &mut |n| {
             bytes.hold(&mut held, n)
         });

@@ -138,10 +138,10 @@ pub struct EdgeArgs {
     /// this if larger.
     #[arg(long = "max-message-bytes", env = "ENGRAM_MAX_MESSAGE_BYTES", default_value_t = MAX_PUBLIC_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
-    /// Bytes of requests the gateway holds at once, across calls: a call holds its message's
-    /// length (inflated, if compressed) from the moment its length prefix arrives until its
-    /// handler answers; one that does not fit is refused at once (RESOURCE_EXHAUSTED). At
-    /// least ENGRAM_MAX_MESSAGE_BYTES.
+    /// Bytes of requests the gateway holds at once, across calls: a call holds its bytes as
+    /// they arrive (and what a compressed one inflates to) until its handler answers; one whose
+    /// bytes do not fit, or would take its tenant past all but one largest request's worth, is
+    /// refused at once (RESOURCE_EXHAUSTED). At least twice ENGRAM_MAX_MESSAGE_BYTES and 64 KiB.
     #[arg(long = "max-request-bytes", env = "ENGRAM_MAX_REQUEST_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_request_bytes: usize,
     /// Converse streams one tenant may have open at once; more are refused
@@ -273,10 +273,13 @@ impl EdgeArgs {
         if self.max_in_flight == 0 {
             return Err(Error::invalid("ENGRAM_MAX_IN_FLIGHT", "must be at least 1"));
         }
-        if self.max_request_bytes < self.max_message_bytes {
+        if self.max_request_bytes < bounds::min_request_bytes(self.max_message_bytes) {
             return Err(Error::invalid(
                 "ENGRAM_MAX_REQUEST_BYTES",
-                "must be at least ENGRAM_MAX_MESSAGE_BYTES (one largest request must fit)",
+                format!(
+                    "must be at least {} (twice ENGRAM_MAX_MESSAGE_BYTES and 64 KiB: a largest compressed request holds its bytes and what they inflate to)",
+                    bounds::min_request_bytes(self.max_message_bytes)
+                ),
             ));
         }
         if self.converse_max_streams == 0 {
@@ -449,8 +452,12 @@ pub async fn serve(
         max_duration: config.edge.converse_max_duration,
         tasks: runtime.tasks().clone(),
     });
-    let secret = (config.common.cluster_secret.clone())
-        .unwrap_or_else(engram_runtime::config::new_cluster_secret);
+    let secret = (config.common.cluster_secret.clone()).ok_or_else(|| {
+        Error::invalid(
+            engram_domain::settings::env::CLUSTER_SECRET,
+            "not set: the gateway signs write tokens with it",
+        )
+    })?;
     let gateway = Gateway {
         index,
         ingestion,
@@ -476,7 +483,11 @@ pub async fn serve(
         };
     }
     let gateway = Arc::new(gateway);
-    let request_bytes = bounds::RequestBytes::new(config.edge.max_request_bytes);
+    let request_bytes = bounds::RequestBytes::new(
+        config.edge.max_request_bytes,
+        config.edge.max_message_bytes,
+        runtime.metrics(),
+    );
     let service = ByMethod::checked(
         &method_limits,
         other_methods,

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use engram_domain::api::{
-    ForgetOutcome, ForgetTarget, LogOp, UpdateCommand, UpdateOutcome, WriteState, WriteToken,
+    Erasure, ForgetOutcome, ForgetTarget, LogOp, UpdateCommand, UpdateOutcome, WriteState,
+    WriteToken,
 };
 use engram_domain::model::{Memory, MemoryId, TenantId};
 use engram_domain::{Error, Result};
@@ -46,7 +47,7 @@ fn needs_the_log(reason: &str) -> Error {
 /// What the parts of a Forget came to.
 #[derive(Default)]
 struct Forgotten {
-    count: u64,
+    receipt: Erasure,
     /// The last part's token.
     token: Option<WriteToken>,
 }
@@ -105,10 +106,11 @@ impl Pipeline {
         target: ForgetTarget,
     ) -> Result<ForgetOutcome> {
         let Some(logs) = &self.logs else {
-            let forgotten = self.apply_forget(tenant, target, None).await?;
+            let receipt = self.apply_forget(tenant, target, None).await?;
             return Ok(ForgetOutcome {
-                forgotten,
+                forgotten: receipt.memories,
                 write_token: WriteToken::Indexed,
+                receipt,
             });
         };
         // Forgetting a scope goes to its user's partition; forgetting ids goes to the
@@ -133,8 +135,9 @@ impl Pipeline {
         };
         let forgotten = self.forget_parts(logs, tenant, parts).await?;
         Ok(ForgetOutcome {
-            forgotten: forgotten.count,
+            forgotten: forgotten.receipt.memories,
             write_token: forgotten.token.unwrap_or(WriteToken::Indexed),
+            receipt: forgotten.receipt,
         })
     }
 
@@ -183,7 +186,9 @@ impl Pipeline {
                 Ok(token) => {
                     self.wait(logs, token).await?;
                     if let WriteToken::Logged { partition, entry } = token {
-                        forgotten.count += logs.write.forgot(partition, entry).await?;
+                        forgotten
+                            .receipt
+                            .add(logs.write.forgot(partition, entry).await?);
                     }
                     forgotten.token = Some(token);
                 }

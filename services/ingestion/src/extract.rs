@@ -28,6 +28,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::Pipeline;
 
+/// The metadata key of an extracted fact that names the message it came from.
+pub(crate) const SOURCE_ID: &str = "source_id";
+
 /// Facts one memory may yield at most.
 pub const MAX_FACTS: usize = 20;
 /// A fact this similar to a stored fact of the scope is a duplicate of it.
@@ -168,7 +171,7 @@ impl Pipeline {
                 continue;
             }
             let metadata = BTreeMap::from([
-                ("source_id".to_string(), source.id.to_string()),
+                (SOURCE_ID.to_string(), source.id.to_string()),
                 ("extracted_by".to_string(), chat.model().to_string()),
             ]);
             inputs.push(NewMemory {

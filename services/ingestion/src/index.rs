@@ -6,9 +6,10 @@
 use std::collections::HashSet;
 
 use engram_domain::api::{
-    Fence, ForgetTarget, IndexOp, IndexWrites, IndexedMemory, ListQuery, Purpose, UpdateCommand,
+    Erasure, Fence, ForgetTarget, IndexOp, IndexWrites, IndexedMemory, ListQuery, Purpose,
+    UpdateCommand,
 };
-use engram_domain::model::{Filter, Memory, MemoryId, Scope, TenantId, Timestamp};
+use engram_domain::model::{Filter, Kind, Memory, MemoryId, Scope, TenantId, Timestamp};
 use engram_domain::{Error, Result};
 
 use crate::Pipeline;
@@ -117,17 +118,18 @@ impl Pipeline {
         Ok(memory)
     }
 
-    /// Apply a forget now; how many memories it deleted. Forgetting turns by id embeds the
-    /// turns after them again first, without them (one apply: a retry finds the same turns).
+    /// Apply a forget now; what it removed. Forgetting turns by id embeds the turns after them
+    /// again first, without them (one apply: a retry finds the same turns).
     pub(crate) async fn apply_forget(
         &self,
         tenant: &TenantId,
         target: ForgetTarget,
         fence: Option<Fence>,
-    ) -> Result<u64> {
+    ) -> Result<Erasure> {
         // Whose cached session histories held what is forgotten.
         let mut sessions: Vec<Scope> = Vec::new();
         let mut user = None;
+        let receipt;
         let ops = match target {
             ForgetTarget::Ids(ids) => {
                 let removed: HashSet<MemoryId> = ids.iter().copied().collect();
@@ -137,7 +139,8 @@ impl Pipeline {
                     forgotten.iter().map(|m| (m.clone(), None)).collect();
                 let following = turns::following(&*self.index, tenant, &changed, &removed).await?;
                 let followers: Vec<Memory> = following.iter().map(|f| f.turn.clone()).collect();
-                self.forget_embeddings(tenant, &forgotten, &followers, false)
+                receipt = self
+                    .forget_embeddings(tenant, &forgotten, &followers, false)
                     .await?;
                 sessions = forgotten.iter().map(|m| m.scope.clone()).collect();
                 let mut ops = self
@@ -156,7 +159,8 @@ impl Pipeline {
                 let forgotten = self.listed(tenant, &scope).await?;
                 // Whole sessions when no agent is named: each turn's previous turn is listed too.
                 let whole_sessions = scope.agent_id.is_empty();
-                self.forget_embeddings(tenant, &forgotten, &[], whole_sessions)
+                receipt = self
+                    .forget_embeddings(tenant, &forgotten, &[], whole_sessions)
                     .await?;
                 user = Some(scope.user_id.clone());
                 vec![IndexOp::DeleteScope(scope)]
@@ -165,19 +169,24 @@ impl Pipeline {
         let outcome = self.index.apply(tenant, IndexWrites { ops, fence }).await?;
         // Here, where the deletion is done (the caller's wait may have given up before it): a
         // history rebuilt from the index before the deletion is not cached after it.
-        match user {
+        let history_lists = match user {
             Some(user) => self.history.invalidate_user(tenant, &user).await,
             None => self.history.invalidate(tenant, &sessions).await,
-        }
-        Ok(outcome.deleted)
+        };
+        Ok(Erasure {
+            memories: outcome.deleted,
+            cached_results: outcome.cached_results,
+            history_lists,
+            ..receipt
+        })
     }
 
     /// Drop what the write log still holds about memories being forgotten: their
     /// de-duplication reservations (named by their content hash or idempotency key) and where
     /// their writes were (their pending keys), which would otherwise live a little longer.
-    async fn forget_log_keys(&self, tenant: &TenantId, forgotten: &[Memory]) -> Result<()> {
+    async fn forget_log_keys(&self, tenant: &TenantId, forgotten: &[Memory]) -> Result<u64> {
         let Some(logs) = &self.logs else {
-            return Ok(());
+            return Ok(0);
         };
         let mut keys = Vec::new();
         for memory in forgotten {
@@ -197,10 +206,11 @@ impl Pipeline {
                 ));
             }
         }
+        let mut dropped = 0;
         for chunk in keys.chunks(1000) {
-            logs.write.drop_keys(chunk.to_vec()).await?;
+            dropped += logs.write.drop_keys(chunk.to_vec()).await?;
         }
-        Ok(())
+        Ok(dropped)
     }
 
     /// Every memory of `scope` (empty agent or session: any), oldest first.
@@ -244,7 +254,7 @@ impl Pipeline {
         forgotten: &[Memory],
         followers: &[Memory],
         whole_sessions: bool,
-    ) -> Result<()> {
+    ) -> Result<Erasure> {
         let previous = if whole_sessions {
             turns::previous_texts(&*self.index, tenant, forgotten).await?
         } else {
@@ -267,7 +277,7 @@ impl Pipeline {
         }
         // A memory's own text may have been a query too (a Converse message, a fact's check).
         let queries: Vec<String> = forgotten.iter().map(|m| m.text.clone()).collect();
-        self.forget_log_keys(tenant, forgotten).await?;
+        let log_keys = self.forget_log_keys(tenant, forgotten).await?;
         let mut removed = 0;
         for (purpose, mut texts) in [(Purpose::Document, documents), (Purpose::Query, queries)] {
             texts.retain(|t| t.len() <= self.limits.max_text_bytes);
@@ -281,7 +291,16 @@ impl Pipeline {
             }
         }
         tracing::debug!(removed, "forgotten texts dropped from the embedding cache");
-        Ok(())
+        Ok(Erasure {
+            cached_embeddings: removed,
+            log_keys,
+            facts: (forgotten.iter())
+                .filter(|m| {
+                    m.kind == Kind::Fact && m.metadata.contains_key(crate::extract::SOURCE_ID)
+                })
+                .count() as u64,
+            ..Erasure::default()
+        })
     }
 
     /// For each memory, the text of the turn before it in the index, looked up alone.

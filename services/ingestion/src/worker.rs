@@ -636,11 +636,11 @@ impl PartitionWorker {
                 Ok(vec![Done::Applied])
             }
             (LogOp::Forget(target), 1) => {
-                let n = self
+                let receipt = self
                     .pipeline
                     .apply_forget(tenant, target.clone(), fence)
                     .await?;
-                Ok(vec![Done::Forgot(n)])
+                Ok(vec![Done::Forgot(receipt)])
             }
             (LogOp::Extract(memory), 1) => {
                 let stored = self.pipeline.extract_facts(tenant, memory).await?;

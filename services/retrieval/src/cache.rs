@@ -117,15 +117,38 @@ impl ResultCache {
         }
     }
 
-    /// Cache a result, unless it is larger than [`MAX_CACHED_RESULT_BYTES`].
+    /// Cache `tenant`'s result for `query`, unless it is larger than
+    /// [`MAX_CACHED_RESULT_BYTES`]; its key joins the sets of its tenant and user, so that a
+    /// deletion can drop it ([`Self::drop_results`]).
     #[tracing::instrument(name = "cache.store", level = "info", skip_all)]
-    pub async fn put(&self, key: String, result: &RecallResult) {
-        let bytes = convert::recall_response(result).encode_to_vec();
-        if bytes.len() > MAX_CACHED_RESULT_BYTES {
-            tracing::debug!(bytes = bytes.len(), "a recall result too large to cache");
+    pub async fn put(
+        &self,
+        key: String,
+        tenant: &TenantId,
+        query: &RecallQuery,
+        result: &RecallResult,
+    ) {
+        let response = convert::recall_response(result);
+        let size = response.encoded_len();
+        if size > MAX_CACHED_RESULT_BYTES {
+            tracing::debug!(bytes = size, "a recall result too large to cache");
             return;
         }
-        self.results.put(key, Bytes::from(bytes)).await;
+        let groups = [
+            tenant_generation(tenant),
+            user_generation(tenant, &query.scope.user_id),
+        ];
+        self.results
+            .put_in_groups(key, Bytes::from(response.encode_to_vec()), &groups)
+            .await;
+    }
+
+    /// Drop every result cached under the `touched` generations (a deletion: results that
+    /// could hold what it deleted), from Redis and from this replica's memory; how many Redis
+    /// held. Other replicas' in-process copies are unreachable (the generations moved on) and
+    /// expire with the TTL.
+    pub async fn drop_results(&self, touched: &[String]) -> u64 {
+        self.results.remove_groups(touched).await
     }
 
     /// Make every result that depends on the `touched` generations ([`Self::touched`])

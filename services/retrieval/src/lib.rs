@@ -331,7 +331,7 @@ impl Index for Retrieval {
         let cache_time = started.elapsed();
         let mut result = search::run(self, tenant, &query, now).await?;
         if let (Some(cache), Some(key)) = (cache, key) {
-            cache.put(key, &result).await;
+            cache.put(key, tenant, &query, &result).await;
         }
         result.timings.cache = cache_time;
         result.timings.total = started.elapsed();
@@ -402,9 +402,15 @@ impl Index for Retrieval {
             Some(cache) => cache.invalidate(&touched).await,
             None => true,
         };
-        let applied = applied?;
+        let mut applied = applied?;
         if deletes && !invalidated {
             return Err(stale());
+        }
+        // What was cached for them is unreachable now; a deletion drops it too.
+        if let Some(cache) = &self.results
+            && deletes
+        {
+            applied.cached_results = cache.drop_results(&touched).await;
         }
         Ok(applied)
     }

@@ -214,32 +214,30 @@ fn frame_header(length: u32) -> Bytes {
 }
 
 #[tokio::test]
-async fn request_bytes_held_at_once_are_bounded_across_calls() {
+async fn request_bytes_held_at_once_are_bounded_across_calls_and_tenants() {
     use tower::Service as _;
-    const BUDGET: usize = 2 * 1024 * 1024;
+    const MAX_MESSAGE: usize = 1024 * 1024;
+    let (acme_key, acme) = key("acme-b", "acme", Role::Write, "");
+    let (globex_key, globex) = key("globex-b", "globex", Role::Write, "");
     let sandbox = Sandbox::start_with(
         None,
         Options {
             edge: engram_gateway::EdgeArgs {
-                max_message_bytes: BUDGET,
-                max_request_bytes: BUDGET,
-                ..engram_gateway::EdgeArgs::default()
+                max_message_bytes: MAX_MESSAGE,
+                max_request_bytes: engram_gateway::bounds::min_request_bytes(MAX_MESSAGE),
+                ..keys_edge(&[&acme, &globex])
             },
             ..Options::default()
         },
     )
     .await;
     let gateway = sandbox.addrs.gateway;
-    // A caller announces a Remember of nearly the whole budget, then sends nothing more.
+    // acme announces a Remember of a largest message, sends all of it but its last bytes, and
+    // stalls: what it sent is held.
     let (sender, receiver) = tokio::sync::mpsc::channel::<
         Result<http_body::Frame<Bytes>, engram_proto::tonic::Status>,
-    >(4);
-    sender
-        .send(Ok(http_body::Frame::data(frame_header(
-            (BUDGET - 64 * 1024) as u32,
-        ))))
-        .await
-        .unwrap();
+    >(64);
+    let announced = MAX_MESSAGE - 16;
     let body = engram_proto::tonic::body::Body::new(http_body_util::StreamBody::new(
         tokio_stream::wrappers::ReceiverStream::new(receiver),
     ));
@@ -248,6 +246,7 @@ async fn request_bytes_held_at_once_are_bounded_across_calls() {
         .uri(format!("http://{gateway}/engram.v1.MemoryService/Remember"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
+        .header("authorization", format!("Bearer {acme_key}"))
         .body(body)
         .unwrap();
     let mut channel = plain_channel(gateway).await;
@@ -255,10 +254,24 @@ async fn request_bytes_held_at_once_are_bounded_across_calls() {
         .await
         .unwrap();
     let stalled = tokio::spawn(channel.call(request));
+    sender
+        .send(Ok(http_body::Frame::data(frame_header(announced as u32))))
+        .await
+        .unwrap();
+    for _ in 0..(announced - 1024) / 8192 {
+        let chunk = Bytes::from(vec![0u8; 8192]);
+        sender
+            .send(Ok(http_body::Frame::data(chunk)))
+            .await
+            .unwrap();
+    }
+    let admin = sandbox.addrs.gateway_admin.unwrap();
+    eventually("the stalled request's bytes to be held", || async move {
+        let held = engram_tests::metric(admin, "engram_gateway_request_bytes").await;
+        (held.unwrap_or(0.0) > (MAX_MESSAGE / 2) as f64).then_some(())
+    })
+    .await;
 
-    // While it holds its bytes, a Remember that needs more than what is left is refused at
-    // once; a small Recall still fits.
-    let mut client = sandbox.client().await;
     let remember = || pb::RememberRequest {
         scope: scope("bytes"),
         memories: vec![
@@ -270,32 +283,29 @@ async fn request_bytes_held_at_once_are_bounded_across_calls() {
         ],
         ..Default::default()
     };
-    let refused = eventually("the stalled request to hold its bytes", || {
-        let mut client = client.clone();
-        async move { client.remember(remember()).await.err() }
-    })
-    .await;
+    // acme's own next large request does not fit in its share; globex's still fits in what
+    // is left of the whole.
+    let mut acme_client = sandbox.client_with_key(Some(&acme_key)).await;
+    let mut globex_client = sandbox.client_with_key(Some(&globex_key)).await;
+    let refused = acme_client.remember(remember()).await.unwrap_err();
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
         refused.message().contains("ENGRAM_MAX_REQUEST_BYTES"),
         "{refused:?}"
     );
-    client
-        .recall(pb::RecallRequest {
-            scope: scope("bytes"),
-            query: "anything".into(),
-            top_k: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    // The stalled caller gives up: its bytes are given back and the Remember fits again.
+    globex_client.remember(remember()).await.unwrap();
+    // The stalled caller gives up: its bytes are given back and acme's request fits again.
     drop(sender);
     let ended = stalled.await.unwrap();
     assert!(ended.is_ok(), "{ended:?}");
     eventually("the bytes to be given back", || {
-        let mut client = client.clone();
+        let mut client = acme_client.clone();
         async move { client.remember(remember()).await.ok() }
+    })
+    .await;
+    eventually("every byte to be given back", || async move {
+        let held = engram_tests::metric(admin, "engram_gateway_request_bytes").await;
+        (held == Some(0.0)).then_some(())
     })
     .await;
     sandbox.stop().await;

@@ -20,18 +20,63 @@ fn scope(user: &str, session: &str) -> Option<pb::Scope> {
     })
 }
 
+/// A sandbox whose chat model (`fake`, returned) is down: extractions wait for it.
+async fn chat_down() -> (FakeProvider, Sandbox) {
+    let fake = FakeProvider::start(8).await;
+    let sandbox = Sandbox::start_with(None, Options::with_chat(&fake, fast_policy())).await;
+    fake.set_chat_default(ChatBehavior::Status {
+        status: 503,
+        retry_after: None,
+    });
+    (fake, sandbox)
+}
+
+/// Remember `texts` as `user`'s turns in session `s`, SYNC, with fact extraction.
+async fn remember_extracting(
+    client: &mut Client,
+    user: &str,
+    texts: &[&str],
+) -> pb::RememberResponse {
+    let turns = texts.iter().map(|t| turn("user", t)).collect();
+    remember_in(client, scope(user, "s"), turns, true).await
+}
+
+/// Forget everything of `user`.
+async fn forget_user(client: &mut Client, user: &str) -> pb::ForgetResponse {
+    client
+        .forget(pb::ForgetRequest {
+            target: Some(pb::forget_request::Target::Scope(pb::Scope {
+                user_id: user.into(),
+                ..Default::default()
+            })),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("forget: {s:?}"))
+        .into_inner()
+}
+
 async fn remember_sync(
     client: &mut Client,
     user: &str,
     session: &str,
     memories: Vec<pb::MemoryInput>,
 ) -> pb::RememberResponse {
+    remember_in(client, scope(user, session), memories, false).await
+}
+
+/// Remember `memories` in `scope`, SYNC, with fact extraction or not.
+async fn remember_in(
+    client: &mut Client,
+    scope: Option<pb::Scope>,
+    memories: Vec<pb::MemoryInput>,
+    extract: bool,
+) -> pb::RememberResponse {
     client
         .remember(pb::RememberRequest {
-            scope: scope(user, session),
+            scope,
             memories,
             mode: pb::WriteMode::Sync.into(),
-            extract: false,
+            extract,
             privacy: 0,
         })
         .await
@@ -489,15 +534,7 @@ async fn history_survives_a_redis_flush() {
     let latest = build_context(&mut client, "eli", "s", "turn", 1000).await;
     assert_eq!(texts(&latest).last().map(String::as_str), Some("turn 12"));
     // Forgetting the user empties the history.
-    client
-        .forget(pb::ForgetRequest {
-            target: Some(pb::forget_request::Target::Scope(pb::Scope {
-                user_id: "eli".into(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("forget: {s:?}"));
+    forget_user(&mut client, "eli").await;
     let forgotten = build_context(&mut client, "eli", "s", "turn", 1000).await;
     assert!(forgotten.turns.is_empty(), "{:?}", texts(&forgotten));
     sandbox.stop().await;
@@ -976,40 +1013,17 @@ async fn drained(what: &str, log: engram_writelog::WriteLog) {
 /// apply them after the Forget.
 #[tokio::test]
 async fn facts_of_a_message_forgotten_while_extraction_lags_are_never_stored() {
-    let fake = FakeProvider::start(8).await;
-    let sandbox = Sandbox::start_with(None, Options::with_chat(&fake, fast_policy())).await;
+    let (fake, sandbox) = chat_down().await;
     let mut client = sandbox.client().await;
-    fake.set_chat_default(ChatBehavior::Status {
-        status: 503,
-        retry_after: None,
-    });
-    let written = client
-        .remember(pb::RememberRequest {
-            scope: scope("hal", "s"),
-            memories: vec![turn("user", "I moved to Lisbon with my dog Rex.")],
-            mode: pb::WriteMode::Sync.into(),
-            extract: true,
-            privacy: 0,
-        })
-        .await
-        .unwrap_or_else(|s| panic!("remember: {s:?}"))
-        .into_inner();
+    let written =
+        remember_extracting(&mut client, "hal", &["I moved to Lisbon with my dog Rex."]).await;
     assert_eq!(written.results[0].status(), pb::WriteStatus::Created);
     eventually("an extraction attempt during the outage", || async {
         (!fake.chat_requests().is_empty()).then_some(())
     })
     .await;
 
-    let forgotten = client
-        .forget(pb::ForgetRequest {
-            target: Some(pb::forget_request::Target::Scope(pb::Scope {
-                user_id: "hal".into(),
-                ..Default::default()
-            })),
-        })
-        .await
-        .unwrap_or_else(|s| panic!("forget: {s:?}"))
-        .into_inner();
+    let forgotten = forget_user(&mut client, "hal").await;
     assert_eq!(forgotten.forgotten, 1);
 
     // The model comes back, with facts from the forgotten message for whoever still asks.
@@ -1086,5 +1100,183 @@ async fn a_history_read_before_a_forget_is_not_cached_after_it() {
         history.recent(&tenant, &session, 10).await,
         Some(Vec::new())
     );
+    sandbox.stop().await;
+}
+
+/// Every value Redis holds, rendered as text (strings, lists, sets, hashes, streams), with
+/// its key.
+async fn every_redis_value(sandbox: &Sandbox) -> Vec<(String, String)> {
+    let client = redis::Client::open(sandbox.redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut values = Vec::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let parts: Vec<Vec<u8>> = match kind.as_str() {
+            "string" => vec![
+                redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap(),
+            ],
+            "list" => redis::cmd("LRANGE")
+                .arg(&key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "set" => redis::cmd("SMEMBERS")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "hash" => redis::cmd("HGETALL")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap(),
+            "stream" => {
+                let entries: redis::Value = redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg("-")
+                    .arg("+")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                vec![format!("{entries:?}").into_bytes()]
+            }
+            _ => Vec::new(),
+        };
+        let text: String = parts
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        values.push((key, text));
+    }
+    values
+}
+
+/// A Forget of a user with turns, facts extracted from them, a cached session history and
+/// cached Recall results leaves nothing of them in Redis — no key or value holding their ids,
+/// texts, content hashes or the names of their cached vectors — nor in the index, and its
+/// receipt says what it removed. The chat model is down when the turns are written, so the
+/// extraction lags, and comes back before the Forget.
+#[tokio::test]
+async fn a_forgotten_user_leaves_nothing_in_redis_and_the_receipt_says_what_went() {
+    let (fake, sandbox) = chat_down().await;
+    let mut client = sandbox.client().await;
+    let texts = [
+        "I moved to Lisbon with my dog Rex.",
+        "My sister Ana teaches violin in Porto.",
+    ];
+    remember_extracting(&mut client, "kim", &texts).await;
+    // Someone else's memory, which stays.
+    remember_sync(
+        &mut client,
+        "lee",
+        "s",
+        vec![turn("user", "Lee keeps bees.")],
+    )
+    .await;
+    eventually("an extraction attempt during the outage", || async {
+        (!fake.chat_requests().is_empty()).then_some(())
+    })
+    .await;
+    let facts = ["Kim lives in Lisbon.", "Kim has a dog named Rex."];
+    fake.set_chat_default(ChatBehavior::Text(format!(
+        r#"{{"facts": ["{}", "{}"]}}"#,
+        facts[0], facts[1]
+    )));
+    drained(
+        "the extraction log",
+        sandbox.write_log().with_prefix("engram:extract"),
+    )
+    .await;
+    drained("the write log", sandbox.write_log()).await;
+    let listed = |client: &mut Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .list(pb::ListRequest {
+                    scope: scope("kim", ""),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .memories
+        }
+    };
+    let stored = listed(&mut client).await;
+    assert_eq!(stored.len(), 4, "two turns and two facts: {stored:?}");
+    // A cached history and cached results.
+    client
+        .build_context(pb::BuildContextRequest {
+            scope: scope("kim", "s"),
+            query: "where does Kim live".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for query in ["where does Kim live", "who teaches violin"] {
+        client
+            .recall(pb::RecallRequest {
+                scope: scope("kim", ""),
+                query: query.into(),
+                top_k: 5,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    let forgotten = forget_user(&mut client, "kim").await;
+    let receipt = forgotten.receipt.unwrap();
+    assert_eq!(forgotten.forgotten, 4);
+    assert_eq!((receipt.memories, receipt.facts), (4, 2), "{receipt:?}");
+    assert!(receipt.cached_embeddings >= 4, "{receipt:?}");
+    assert!(receipt.history_lists >= 1, "{receipt:?}");
+    assert!(receipt.cached_results >= 2, "{receipt:?}");
+    assert!(listed(&mut client).await.is_empty());
+
+    // Nothing in Redis names or holds any of it.
+    let tenant = engram_domain::model::TenantId::default_tenant();
+    let mut needles: Vec<String> = Vec::new();
+    for memory in &stored {
+        needles.push(memory.id.clone());
+        needles.push(memory.text.clone());
+        needles.push(memory.content_hash.clone());
+        needles.push(engram_embedding::text_digest(&tenant, &memory.text));
+    }
+    for (key, value) in every_redis_value(&sandbox).await {
+        for needle in needles.iter().filter(|n| !n.is_empty()) {
+            assert!(
+                !key.contains(needle.as_str()) && !value.contains(needle.as_str()),
+                "{key} still holds {needle:?}: {value}"
+            );
+        }
+    }
+    // Lee's memory stays.
+    let lee = client
+        .list(pb::ListRequest {
+            scope: scope("lee", ""),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .memories;
+    assert_eq!(lee.len(), 1);
     sandbox.stop().await;
 }

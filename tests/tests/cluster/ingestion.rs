@@ -769,7 +769,11 @@ async fn a_worker_whose_lease_moved_on_can_neither_apply_nor_finish() {
         ..upsert(second)
     };
     assert_eq!(index.apply(&tenant, forget).await.unwrap().deleted, 1);
-    log.finish(0, second, &[(entry, Done::Forgot(1))], &[])
+    let receipt = engram_domain::api::Erasure {
+        memories: 1,
+        ..Default::default()
+    };
+    log.finish(0, second, &[(entry, Done::Forgot(receipt))], &[])
         .await
         .unwrap();
 
@@ -798,7 +802,11 @@ async fn a_worker_whose_lease_moved_on_can_neither_apply_nor_finish() {
         .await
         .unwrap();
     assert!(found.memories.is_empty(), "the forgotten memory came back");
-    assert_eq!(log.forgot(0, entry).await.unwrap(), 1, "B's outcome stands");
+    assert_eq!(
+        log.forgot(0, entry).await.unwrap(),
+        receipt,
+        "B's outcome stands"
+    );
 
     // The watermark only moves forward, even when an older entry is finished after a newer one.
     let later = match log.append(0, &[append("later")], 1000).await.unwrap()[..] {

@@ -357,13 +357,38 @@ class UpdateResult:
 
 
 @dataclass(frozen=True)
+class ErasureReceipt:
+    """What a Forget removed: index points (extracted facts among them), cached embeddings,
+    cached recent-turn lists, write-log keys and cached Recall results."""
+
+    memories: int
+    facts: int
+    cached_embeddings: int
+    history_lists: int
+    log_keys: int
+    cached_results: int
+
+    @classmethod
+    def from_proto(cls, m: pb.ErasureReceipt) -> "ErasureReceipt":
+        return cls(
+            m.memories,
+            m.facts,
+            m.cached_embeddings,
+            m.history_lists,
+            m.log_keys,
+            m.cached_results,
+        )
+
+
+@dataclass(frozen=True)
 class ForgetResult:
     forgotten: int
     write_token: str
+    receipt: ErasureReceipt
 
     @classmethod
     def from_proto(cls, m: pb.ForgetResponse) -> "ForgetResult":
-        return cls(m.forgotten, m.write_token)
+        return cls(m.forgotten, m.write_token, ErasureReceipt.from_proto(m.receipt))
 
 
 @dataclass(frozen=True)
