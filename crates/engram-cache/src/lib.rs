@@ -238,10 +238,24 @@ impl TwoLevelCache {
             let ttl_ms = u64::try_from(self.config.redis_ttl.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1);
+            // A sorted set per group, each key scored by when its entry expires; members whose
+            // entry has expired are trimmed at every put, so a group holds only live entries.
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
             let mut pipe = ::redis::pipe();
             for group in groups {
                 let members = self.group_key(group);
-                pipe.sadd(&members, &key).ignore();
+                pipe.cmd("ZADD")
+                    .arg(&members)
+                    .arg(now_ms.saturating_add(ttl_ms))
+                    .arg(&key)
+                    .ignore();
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg(&members)
+                    .arg("-inf")
+                    .arg(now_ms)
+                    .ignore();
                 pipe.cmd("PEXPIRE").arg(&members).arg(ttl_ms).ignore();
             }
             let _: Option<()> = redis
@@ -266,15 +280,24 @@ impl TwoLevelCache {
                 .best_effort("group", |mut conn| {
                     let members = members.clone();
                     async move {
-                        ::redis::cmd("SMEMBERS")
+                        ::redis::cmd("ZRANGE")
                             .arg(members)
+                            .arg(0)
+                            .arg(-1)
                             .query_async(&mut conn)
                             .await
                     }
                 })
                 .await
                 .unwrap_or_default();
-            removed += self.remove_many(&keys).await.unwrap_or(0);
+            for chunk in keys.chunks(1000) {
+                match self.remove_many(chunk).await {
+                    Ok(n) => removed += n,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cached entries of a group stay until their TTL (unreachable)")
+                    }
+                }
+            }
             let _: Option<u64> = redis
                 .best_effort("group", |mut conn| async move {
                     ::redis::cmd("DEL")

@@ -69,19 +69,22 @@ impl CommonArgs {
     /// and tests run the services in one process and make their own.)
     pub fn check_service(&self) -> Result<()> {
         self.check()?;
-        match &self.cluster_secret {
-            None => Err(Error::invalid(
+        if self.cluster_secret.is_none() {
+            return Err(Error::invalid(
                 env::CLUSTER_SECRET,
                 "not set: every service of a cluster needs the same secret of at least 32 characters (`openssl rand -hex 32` makes one); see the README's Security section",
-            )),
-            Some(secret) => secret
-                .validate()
-                .map_err(|why| Error::invalid(env::CLUSTER_SECRET, why)),
+            ));
         }
+        Ok(())
     }
 
     pub fn check(&self) -> Result<()> {
         self.limits.check()?;
+        if let Some(secret) = &self.cluster_secret {
+            secret
+                .validate()
+                .map_err(|why| Error::invalid(env::CLUSTER_SECRET, why))?;
+        }
         if self.internal_timeout.is_zero() {
             return Err(Error::invalid(
                 "ENGRAM_INTERNAL_TIMEOUT",
